@@ -1,0 +1,138 @@
+"""The chat model: T5ForConditionalGeneration plus the original project's `my_generate`.
+
+This file is copied into every saved model directory by `save_pretrained` (the class is
+registered for AutoModelForSeq2SeqLM), so a directory loads in any Python process with
+
+    AutoModelForSeq2SeqLM.from_pretrained(dir, trust_remote_code=True)
+
+It must therefore import nothing from this project except its sibling
+configuration_chat_model.py (which is copied along with it).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import GenerationConfig, T5ForConditionalGeneration
+from transformers.modeling_outputs import BaseModelOutput
+
+from .configuration_chat_model import TextToTextModelConfig
+
+SEARCH_TYPES = ("greedy", "beam", "sampling", "contrastive")
+
+# The original project's decoding settings.
+CONTRASTIVE_PENALTY_ALPHA = 0.5
+CONTRASTIVE_TOP_K = 50
+
+
+class TextToTextModel(T5ForConditionalGeneration):
+    config_class = TextToTextModelConfig
+
+    def generation_config_for(self, search_type: str, max_seq_len: int) -> GenerationConfig:
+        """The original's decoding settings for greedy, beam and sampling."""
+        if search_type not in SEARCH_TYPES:
+            raise ValueError(f"search_type must be one of {SEARCH_TYPES}, got {search_type!r}")
+        gc = GenerationConfig(
+            eos_token_id=1, pad_token_id=0,
+            decoder_start_token_id=self.config.decoder_start_token_id,
+            max_new_tokens=max_seq_len, remove_invalid_values=True,
+        )
+        if search_type == "beam":
+            # beam-search multinomial sampling, as the original
+            gc.num_beams = 5
+            gc.do_sample = True
+            gc.top_k = 50
+            gc.top_p = 0.95
+            gc.no_repeat_ngram_size = 4
+            gc.length_penalty = -2.0
+            gc.early_stopping = True
+        elif search_type == "sampling":
+            gc.num_beams = 1
+            gc.do_sample = True
+            gc.top_k = 50
+            gc.top_p = 0.8
+            gc.temperature = 0.98
+            gc.no_repeat_ngram_size = 4
+        else:  # greedy (contrastive uses its own loop below)
+            gc.num_beams = 1
+            gc.do_sample = False
+        return gc
+
+    @torch.no_grad()
+    def my_generate(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
+                    max_seq_len: int = 256, search_type: str = "beam", streamer=None) -> torch.LongTensor:
+        """Generate answers; returns decoder token ids (starting with the start token)."""
+        if search_type == "contrastive":
+            return contrastive_search(self, input_ids, attention_mask, max_new_tokens=max_seq_len,
+                                      penalty_alpha=CONTRASTIVE_PENALTY_ALPHA,
+                                      top_k=CONTRASTIVE_TOP_K, streamer=streamer)
+        gc = self.generation_config_for(search_type, max_seq_len)
+        return self.generate(inputs=input_ids, attention_mask=attention_mask,
+                             generation_config=gc, streamer=streamer)
+
+
+def degeneration_scores(top_probs: torch.Tensor, cand_hidden: torch.Tensor,
+                        ctx_hidden: torch.Tensor, penalty_alpha: float) -> torch.Tensor:
+    """Contrastive-search score of each candidate token (Su et al., 2022).
+
+    top_probs (B, K): model confidence of the K candidates; cand_hidden (B, K, D): the
+    decoder's last hidden state after each candidate; ctx_hidden (B, T, D): hidden states of
+    the tokens generated so far. score = (1 - alpha) * p - alpha * max cosine(cand, ctx).
+    """
+    cand = F.normalize(cand_hidden.float(), dim=-1)
+    ctx = F.normalize(ctx_hidden.float(), dim=-1)
+    degeneration = torch.einsum("bkd,btd->bkt", cand, ctx).max(dim=-1).values
+    return (1.0 - penalty_alpha) * top_probs.float() - penalty_alpha * degeneration
+
+
+@torch.no_grad()
+def contrastive_search(model: T5ForConditionalGeneration, input_ids: torch.LongTensor,
+                       attention_mask: torch.LongTensor, max_new_tokens: int,
+                       penalty_alpha: float, top_k: int, streamer=None) -> torch.LongTensor:
+    """Contrastive search for an encoder-decoder model.
+
+    Written here because transformers 5 moved contrastive search out of the library into a
+    hub repository that `generate` downloads at run time, which cannot work offline.
+    Each step runs the decoder once over all K candidate continuations (without a KV
+    cache: simple and exact, fine for chat-length answers); the winning row also yields the
+    next step's logits and the context hidden states, so no extra forward pass is needed.
+    """
+    cfg = model.config
+    eos, pad = cfg.eos_token_id, cfg.pad_token_id
+    batch = input_ids.size(0)
+    encoder_hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    seq = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
+    if streamer is not None:
+        streamer.put(seq.cpu())
+    out = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden), attention_mask=attention_mask,
+                decoder_input_ids=seq, output_hidden_states=True, use_cache=False)
+    logits = out.logits[:, -1]
+    ctx_hidden = out.decoder_hidden_states[-1]
+    enc_k = encoder_hidden.repeat_interleave(top_k, dim=0)
+    mask_k = attention_mask.repeat_interleave(top_k, dim=0)
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    rows = torch.arange(batch, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        top_probs, top_ids = logits.float().softmax(dim=-1).topk(top_k, dim=-1)  # (B, K)
+        cand_seq = torch.cat([seq.repeat_interleave(top_k, dim=0), top_ids.reshape(-1, 1)], dim=1)
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_k), attention_mask=mask_k,
+                    decoder_input_ids=cand_seq, output_hidden_states=True, use_cache=False)
+        hidden = out.decoder_hidden_states[-1].view(batch, top_k, cand_seq.size(1), -1)
+        scores = degeneration_scores(top_probs, hidden[:, :, -1], ctx_hidden, penalty_alpha)
+        best = scores.argmax(dim=-1)  # (B,)
+        next_tokens = top_ids[rows, best]
+        next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
+        seq = torch.cat([seq, next_tokens[:, None]], dim=1)
+        ctx_hidden = hidden[rows, best]
+        logits = out.logits.view(batch, top_k, cand_seq.size(1), -1)[rows, best, -1]
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        finished |= next_tokens == eos
+        if bool(finished.all()):
+            break
+    if streamer is not None:
+        streamer.end()
+    return seq
+
+
+TextToTextModelConfig.register_for_auto_class()
+TextToTextModel.register_for_auto_class("AutoModelForSeq2SeqLM")

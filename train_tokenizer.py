@@ -1,0 +1,34 @@
+"""Train the tokenizer: HF tokenizers BPE (char or byte level) or sentencepiece BPE.
+
+    python train_tokenizer.py --corpus_file data/demo/corpus.txt --vocab_size 8192 \
+        --token_type char --library hf --output_dir model_save/tokenizer
+
+The corpus is a UTF-8 text file, one document or sentence per line, streamed from disk
+(`python -m utils.raw_data_process to_text` writes one from a parquet dataset).
+"""
+from dataclasses import dataclass
+
+from config import PROJECT_ROOT
+from utils.cli import parse_config, run_cli
+
+
+@dataclass
+class TokenizerTrainConfig:
+    corpus_file: str = str(PROJECT_ROOT / "data" / "corpus.txt")
+    vocab_size: int = 40960
+    token_type: str = "char"  # char | byte
+    library: str = "hf"  # hf | sentencepiece
+    output_dir: str = str(PROJECT_ROOT / "model_save" / "tokenizer")
+
+
+def main() -> None:
+    from model.tokenizer import save_tokenizer, train_tokenizer
+
+    _, cfg = parse_config(TokenizerTrainConfig, description=__doc__)
+    tokenizer = train_tokenizer(cfg.corpus_file, cfg.vocab_size, cfg.token_type, cfg.library)
+    out = save_tokenizer(tokenizer, cfg.output_dir)
+    print(f"saved {cfg.library} {cfg.token_type}-level tokenizer with {len(tokenizer)} tokens to {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,1 @@
+"""Shared helpers of the stage scripts: command line, files, data processing."""

@@ -1,0 +1,75 @@
+"""The one command-line mechanism of the project.
+
+Every root script is `main()` wrapped in `run_cli`, and reads its settings with
+`parse_config(SomeConfig)`: each dataclass field becomes `--field value` (`--field=value`
+works too, booleans accept True/False/yes/no/1/0), `--help` lists every field with its
+default. transformers' HfArgumentParser does the parsing; this module adds the optional
+leading sub-command (`train.py train`, `dpo_train.py merge`) and the rule that bad input
+ends in one line on stderr and exit status 2, never in a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """Bad input a user can fix (missing file, malformed config...). Printed as one line."""
+
+
+def parse_config(config_cls: type[T], argv: Sequence[str] | None = None,
+                 commands: Sequence[str] | None = None, default_command: str | None = None,
+                 description: str | None = None) -> tuple[str | None, T]:
+    """Parse `[command] --field value ...` into (command, config_cls instance).
+
+    Unknown flags are an error (a typo must not silently train with a default).
+    """
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = default_command
+    if commands:
+        if argv and not argv[0].startswith("-"):
+            command = argv.pop(0)
+            if command not in commands:
+                raise UserError(f"unknown command {command!r}; expected one of: {', '.join(commands)}")
+    parser = HfArgumentParser(config_cls, description=description)
+    if commands:
+        parser.usage = f"%(prog)s [{'|'.join(commands)}] [--field value ...]"
+    try:
+        (cfg,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except SystemExit as exc:  # argparse already printed its one-line message (or --help)
+        raise SystemExit(exc.code)
+    return command, cfg
+
+
+def config_fields(config_cls) -> list[str]:
+    return [f.name for f in fields(config_cls)]
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    """Return `path` as a Path if it is an existing, non-empty file, else a UserError."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise UserError(f"{what} is a directory, expected a file: {p}")
+    if p.stat().st_size == 0:
+        raise UserError(f"{what} is empty: {p}")
+    return p
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main(); turn UserError (and Ctrl+C) into a one-line exit."""
+    try:
+        main()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
