@@ -1,0 +1,114 @@
+"""Convert DuIE-style JSON lines into the prompt/response parquet the fine-tuning scripts read.
+
+    python finetune_examples/info_extract/data_process.py \
+        --input_file duie_train.json --output_file data/duie_train.parquet
+
+Each input line is an object with `text` and `spo_list`, a list of
+{"subject": ..., "predicate": ..., "object": ...}. In DuIE 2.0 `object` is a dict
+({"@value": "...", ...} for the main value); in DuIE 1.0 it is a string: both are read.
+Each line becomes one row in the original project's form:
+
+    prompt   请抽取出给定句子中的所有三元组。给定句子：<text>
+    response [(subject,predicate,object),(subject,predicate,object)]
+
+Triples repeated within a sentence are written once. Lines without `spo_list` (the DuIE
+test set) get an empty response `[]`. A malformed line stops the conversion with its line
+number; nothing is written then. The output is written atomically.
+"""
+import json
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+# Run as a file from any directory: make the project's packages (config, model, utils) importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from utils.cli import UserError, parse_config, require_file, run_cli  # noqa: E402
+from utils.metrics import format_tuples, parse_tuples  # noqa: E402
+
+PROMPT = "请抽取出给定句子中的所有三元组。给定句子："
+
+
+@dataclass
+class DuIEProcessConfig:
+    input_file: str = ""  # DuIE JSON lines (duie_train.json, duie_dev.json, ...)
+    output_file: str = ""  # parquet with prompt and response columns
+    max_rows: int = -1  # > 0: stop after this many sentences
+
+
+def _text(value, where: str) -> str:
+    if isinstance(value, dict):  # DuIE 2.0: {"@value": main value, other slots...}
+        value = value.get("@value")
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(f"{where}: expected non-empty text, got {value!r}")
+    return value.strip()
+
+
+def convert_record(record, where: str) -> dict:
+    """One DuIE object -> {"prompt", "response"}."""
+    if not isinstance(record, dict) or "text" not in record:
+        raise UserError(f"{where}: expected an object with a 'text' field")
+    text = _text(record["text"], f"{where} text")
+    spo_list = record.get("spo_list") or []
+    if not isinstance(spo_list, list):
+        raise UserError(f"{where}: spo_list must be a list")
+    triples = []
+    for i, spo in enumerate(spo_list):
+        if not isinstance(spo, dict) or any(k not in spo for k in ("subject", "predicate", "object")):
+            raise UserError(f"{where} spo_list[{i}]: expected subject, predicate and object")
+        triples.append(tuple(_text(spo[k], f"{where} spo_list[{i}].{k}")
+                             for k in ("subject", "predicate", "object")))
+    return {"prompt": PROMPT + text, "response": format_tuples(list(dict.fromkeys(triples)))}
+
+
+def convert_file(input_file, max_rows: int = -1) -> list[dict]:
+    path = require_file(input_file, "DuIE input file")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+            rows.append(convert_record(record, f"{path} line {line_no}"))
+            if 0 < max_rows <= len(rows):
+                break
+    if not rows:
+        raise UserError(f"no sentences in {path}")
+    return rows
+
+
+def write_parquet(rows: list[dict], output_file) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = Path(output_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    table = pa.table({"prompt": pa.array([r["prompt"] for r in rows], pa.string()),
+                      "response": pa.array([r["response"] for r in rows], pa.string())})
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+def main() -> None:
+    _, cfg = parse_config(DuIEProcessConfig, description=__doc__)
+    if not cfg.output_file:
+        raise UserError("--output_file is required (a .parquet path)")
+    rows = convert_file(cfg.input_file, cfg.max_rows)
+    out = write_parquet(rows, cfg.output_file)
+    n_triples = sum(len(parse_tuples(r["response"], 3)) for r in rows)
+    print(f"wrote {len(rows)} sentences ({n_triples} triples) to {out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
