@@ -122,19 +122,24 @@ class DpoConfig:
 
 @dataclass
 class InferConfig:
-    """Chat CLI and HTTP API."""
-    max_seq_len: int = 320
-    mixed_precision: str = "bf16"
-    model_dir: str = _p("model_save", "final")
+    """Chat CLI (cli_demo.py) and HTTP API (api_demo.py)."""
+    max_seq_len: int = 320  # default number of new tokens of an answer
+    mixed_precision: str = "bf16"  # on a GPU: "bf16" (fp16 where bf16 is unsupported) | "fp16" | "no"; CPU: fp32
+    model_dir: str = _p("model_save", "final")  # a model directory, .safetensors or legacy .bin file
+    tokenizer_dir: str = ""  # "": the model directory (or the directory holding the model file)
+    device: str = "auto"  # "auto" (CUDA, then MPS, then CPU) | "cuda" | "cuda:1" | "mps" | "cpu"
+    stream: bool = True  # cli_demo: stream the answer; False waits for it behind a spinner
+    search_type: str = "greedy"  # non-streamed answers (cli --stream False, /api/chat): greedy|beam|sampling|contrastive
     api_key: str = ""  # non-empty: requests need "Authorization: Bearer <api_key>"
     host: str = "127.0.0.1"
     port: int = 8812
     reload: bool = False
-    workers: int = 1
+    workers: int = 1  # > 1: each worker process loads its own copy of the model
     log_level: str = "info"
-    max_input_chars: int = 2048
-    max_new_tokens_cap: int = 1024
-    max_body_bytes: int = 65536
+    model_name: str = "chatlm-mini-chinese"  # the model id the OpenAI-compatible API reports
+    max_input_chars: int = 2048  # longer questions get 400
+    max_new_tokens_cap: int = 1024  # larger max_tokens gets 400
+    max_body_bytes: int = 65536  # larger request bodies get 413
 
 
 @dataclass
