@@ -1,0 +1,541 @@
+"""The project's own accelerate trainer: text-to-text pretraining and `--is_finetune` SFT.
+
+Used by train.py (`python train.py train|test`, `accelerate launch ./train.py train`,
+`torchrun --nproc_per_node 2 train.py train`). What it adds over a plain loop:
+
+- data from model/dataset.py in memory or streamed, each rank its own share, optional
+  length grouping; throughput counted in real (non-padding) tokens;
+- Adafactor (transformers) or AdamW, OneCycleLR from learn_rate to learn_rate*div_factor,
+  gradient accumulation, clipping at 1.0, mixed precision on GPU (fp32 on CPU);
+- rich progress bars, a log file, a CSV of losses, a PNG loss curve;
+- evaluation each epoch: validation loss and corpus BLEU-4 of greedy generations over the
+  whole validation set (gathered from every rank), best model by BLEU at <output_dir>/best;
+- checkpoints every save_steps, at each epoch end and on Ctrl+C/SIGTERM (model/checkpoint.py)
+  and an exact resume (`is_keep_training`): model, optimiser, scheduler, random states and
+  the position in the data, mid-epoch included.
+
+transformers' Trainer is the other path (pre_train.py); this loop exists because the
+original project trained with its own accelerate loop and because a stateless per-epoch
+data order (model/dataset.py) is what makes its resume exact.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from utils.cli import UserError, require_file
+
+from . import checkpoint as ckpt_io
+from .chat_model import build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model
+from .dataset import Collator, TokenizedPairs, check_parquet, open_training_data
+
+LOSS_CSV = "train_loss.csv"
+EVAL_CSV = "eval.csv"
+LOSS_FIELDS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
+EVAL_FIELDS = ["step", "epoch", "valid_loss", "bleu4", "n_samples"]
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adafactor", "adamw")
+
+
+def validate_config(cfg) -> None:
+    """Settings that cannot work, as a one-line UserError before anything is loaded."""
+    for name in ("batch_size_per_gpu", "gradient_accumulation_steps", "epochs", "logging_steps",
+                 "save_steps", "max_seq_len", "keep_latest_n_ckp"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    if cfg.max_seq_len < 2:
+        raise UserError(f"--max_seq_len must be at least 2, got {cfg.max_seq_len}")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise UserError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {cfg.mixed_precision!r}")
+    if cfg.learn_rate <= 0 or cfg.div_factor < 1:
+        raise UserError("--learn_rate must be positive and --div_factor at least 1")
+    if cfg.streaming not in ("auto", "yes", "no"):
+        raise UserError(f"--streaming must be auto, yes or no, got {cfg.streaming!r}")
+
+
+def freeze_embedding_and_encoder(model) -> None:
+    """SFT setting of the original: only the decoder learns (the tied LM head is the embedding)."""
+    for p in model.shared.parameters():
+        p.requires_grad_(False)
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+
+
+def make_optimizer(cfg, params):
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.learn_rate)
+    from transformers.optimization import Adafactor
+
+    # fixed learning rate driven by our scheduler, as the original
+    return Adafactor(params, lr=cfg.learn_rate, scale_parameter=False, relative_step=False, warmup_init=False)
+
+
+def make_scheduler(cfg, optimizer, total_steps: int):
+    # OneCycleLR starts at max_lr / div_factor: the original's 1e-4 -> 5e-3 with the defaults.
+    pct_start = min(0.5, max(cfg.warmup_steps, 1) / max(total_steps, 1))
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.learn_rate * cfg.div_factor, total_steps=max(total_steps, 2),
+        pct_start=pct_start, div_factor=cfg.div_factor, cycle_momentum=False)
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks at optimiser-step boundaries."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum:  # second signal: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _device_batch(batch: dict, device) -> dict:
+    return {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class ChatTrainer:
+    """One training (or test) run of TrainConfig `cfg`.
+
+    `callbacks` are called as fn(trainer, step) after every optimiser step (on every rank);
+    they may stop a run the way a signal does, e.g. os.kill(os.getpid(), signal.SIGTERM).
+    """
+
+    def __init__(self, cfg, callbacks: list[Callable] | None = None):
+        validate_config(cfg)
+        self.cfg = cfg
+        self.callbacks = list(callbacks or [])
+        self.out = Path(cfg.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+
+    # ----------------------------------------------------------------------------- setup
+    def _accelerator(self):
+        from accelerate import Accelerator
+
+        # bf16/fp16 only where there is a GPU: on CPU bf16 matmuls are hundreds of times slower
+        mp = self.cfg.mixed_precision if torch.cuda.is_available() else "no"
+        acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=self.cfg.gradient_accumulation_steps)
+        return acc
+
+    def _logger(self, accelerator) -> logging.Logger:
+        log = logging.getLogger(f"chatlm.trainer.{id(self)}")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        self.out.mkdir(parents=True, exist_ok=True)
+        name = "train.log" if accelerator.is_main_process else f"train-rank{accelerator.process_index}.log"
+        handler = logging.FileHandler(self.out / name, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        return log
+
+    def _check_inputs(self, tokenizer, model_config) -> None:
+        cfg = self.cfg
+        check_parquet(cfg.train_file, "training data (--train_file)")
+        check_parquet(cfg.validation_file, "validation data (--validation_file)")
+        check_vocab(tokenizer, model_config, "--tokenizer_dir vs the model")
+
+    def _resume_dir(self) -> Path:
+        if self.cfg.train_state_dir:
+            d = Path(self.cfg.train_state_dir)
+            ckpt_io.read_state(d)  # a clear error if it is not a checkpoint
+            return d
+        d = ckpt_io.latest_checkpoint(self.ckpt_root)
+        if d is None:
+            raise UserError(f"--is_keep_training: no checkpoint under {self.ckpt_root} (and no --train_state_dir)")
+        return d
+
+    # ----------------------------------------------------------------------------- train
+    def train(self) -> dict:
+        cfg = self.cfg
+        resume = self._resume_dir() if cfg.is_keep_training else None
+        tokenizer = load_tokenizer(cfg.tokenizer_dir)
+        if resume is not None:
+            model_source = resume / "model"
+            model_config = load_model_config(model_source / "config.json")
+        elif cfg.is_finetune:
+            model_source = Path(cfg.finetune_from_ckp_file)
+            if not model_source.exists():
+                raise UserError(f"--finetune_from_ckp_file not found: {model_source}")
+            model_config = load_model_config(model_source / "config.json") if model_source.is_dir() else None
+        else:
+            model_source = None
+            model_config = load_model_config(require_file(cfg.model_config_file, "--model_config_file"))
+        if model_config is not None:
+            self._check_inputs(tokenizer, model_config)
+
+        accelerator = self._accelerator()
+        self.accelerator = accelerator
+        rank, world = accelerator.process_index, accelerator.num_processes
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+        model = build_model(cfg.model_config_file) if model_source is None else load_model(model_source)
+        if model_config is None:
+            self._check_inputs(tokenizer, model.config)
+        if cfg.is_finetune:
+            freeze_embedding_and_encoder(model)
+
+        source = open_training_data(cfg.train_file, tokenizer, cfg.max_seq_len, cfg.batch_size_per_gpu, cfg.seed,
+                                    cfg.streaming, cfg.dataloader_buffer_size, rank, world, cfg.group_by_length)
+        valid = TokenizedPairs(cfg.validation_file, tokenizer, cfg.max_seq_len,
+                               max_rows=cfg.eval_max_samples if cfg.eval_max_samples > 0 else None)
+        collate = Collator(tokenizer.pad_token_id, tokenizer, cfg.max_seq_len)
+        ga = cfg.gradient_accumulation_steps
+        batches_per_epoch = source.num_batches()
+        steps_per_epoch = math.ceil(batches_per_epoch / ga)
+        total_steps = cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * steps_per_epoch
+        n_epochs = math.ceil(total_steps / steps_per_epoch)
+
+        optimizer = make_optimizer(cfg, model.parameters())
+        scheduler = make_scheduler(cfg, optimizer, total_steps)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        state = {"global_step": 0, "epoch": 0, "batch_in_epoch": 0, "best_bleu": -1.0, "last_eval_step": -1,
+                 "world_size": world, "batch_size_per_gpu": cfg.batch_size_per_gpu, "gradient_accumulation_steps": ga,
+                 "seed": cfg.seed, "total_steps": total_steps, "streaming": type(source).__name__,
+                 "group_by_length": cfg.group_by_length, "train_file": str(cfg.train_file)}
+        log = self._logger(accelerator)
+        log.info("rank %d of world_size=%d distributed_type=%s device=%s mixed_precision=%s data=%s rows_batches=%d",
+                 rank, world, accelerator.distributed_type, accelerator.device, accelerator.mixed_precision,
+                 type(source).__name__, batches_per_epoch)
+        if resume is not None:
+            saved = ckpt_io.read_state(resume)
+            for key in ("world_size", "batch_size_per_gpu", "gradient_accumulation_steps", "seed", "streaming",
+                        "group_by_length"):
+                if saved.get(key) != state[key]:
+                    raise UserError(f"cannot resume {resume} exactly: it was trained with {key}={saved.get(key)}, "
+                                    f"this run has {key}={state[key]}")
+            ckpt_io.load_optimizer_and_scheduler(accelerator, resume, optimizer, scheduler)
+            state.update({k: saved[k] for k in ("global_step", "epoch", "batch_in_epoch", "best_bleu",
+                                                 "last_eval_step")})
+            if saved["total_steps"] != total_steps:
+                log.warning("resuming with total_steps %d, the checkpoint's schedule has %d",
+                            total_steps, saved["total_steps"])
+            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["global_step"],
+                     state["epoch"], state["batch_in_epoch"])
+        if accelerator.is_main_process:
+            self._trim_csv(self.out / LOSS_CSV, LOSS_FIELDS, state["global_step"] if resume else 0)
+            self._trim_csv(self.out / EVAL_CSV, EVAL_FIELDS, state["global_step"] if resume else 0)
+        if resume is not None:
+            ckpt_io.load_rng(accelerator, resume)  # last: nothing may draw random numbers after this
+
+        self.model, self.optimizer, self.scheduler, self.tokenizer = model, optimizer, scheduler, tokenizer
+        self.state, self.log = state, log
+        summary = self._loop(source, valid, collate, n_epochs, total_steps, batches_per_epoch)
+        for h in list(log.handlers):
+            h.close()
+            log.removeHandler(h)
+        return summary
+
+    def _trim_csv(self, path: Path, fields: list[str], upto_step: int) -> None:
+        """Start the CSV fresh, or (resuming) drop rows logged after the checkpoint."""
+        rows = []
+        if upto_step and path.is_file():
+            with open(path, newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= upto_step]
+        with open(path.with_name(f".{path.name}.tmp"), "w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(path.with_name(f".{path.name}.tmp"), path)
+
+    def _append_csv(self, name: str, fields: list[str], row: dict) -> None:
+        with open(self.out / name, "a", newline="", encoding="utf-8") as fh:
+            csv.DictWriter(fh, fieldnames=fields).writerow(row)
+
+    def _progress(self):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                        disable=not self.accelerator.is_main_process)
+
+    def _checkpoint(self) -> Path:
+        acc = self.accelerator
+        path = ckpt_io.save_checkpoint(acc, self.ckpt_root, self.state["global_step"], self.model, self.tokenizer,
+                                       self.optimizer, self.scheduler, dict(self.state), self.cfg.keep_latest_n_ckp)
+        self.log.info("checkpoint saved: %s", path)
+        return path
+
+    def _should_stop(self, stop: _StopRequest) -> int:
+        """The signal number if any rank was asked to stop (all ranks must agree), else 0."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return stop.signum
+        flag = torch.tensor([stop.signum], device=acc.device)
+        anyone = int(acc.reduce(flag, reduction="sum").item())
+        return stop.signum or (int(signal.SIGTERM) if anyone else 0)
+
+    def _confirm_save(self) -> bool:
+        """Ask as the original did, but only when someone can answer (stdin is a terminal)."""
+        from accelerate.utils import broadcast_object_list
+
+        answer = [True]
+        if self.accelerator.is_main_process and sys.stdin is not None and sys.stdin.isatty():
+            try:
+                answer[0] = input("\nsave a checkpoint before exiting? [y/n] ").strip().lower() not in ("n", "no")
+            except EOFError:
+                answer[0] = True
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(answer)
+        return answer[0]
+
+    def _loop(self, source, valid, collate, n_epochs: int, total_steps: int, batches_per_epoch: int) -> dict:
+        cfg, acc, model, optimizer, scheduler, state = (self.cfg, self.accelerator, self.model, self.optimizer,
+                                                        self.scheduler, self.state)
+        ga = cfg.gradient_accumulation_steps
+        world = acc.num_processes
+        check_every = 1 if world == 1 else min(cfg.logging_steps, 10)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        pending_losses: list[torch.Tensor] = []
+        tokens_since_log, tokens_total, train_time = 0, 0, 0.0
+        seen_rows: list[int] = []
+        model.train()
+        with _StopRequest() as stop, self._progress() as progress:
+            ep_task = progress.add_task("epoch", total=n_epochs, completed=state["epoch"], info="")
+            step_task = progress.add_task("steps", total=total_steps, completed=state["global_step"], info="")
+            t_log = time.perf_counter()
+            while state["epoch"] < n_epochs and state["global_step"] < total_steps:
+                epoch, skip = state["epoch"], state["batch_in_epoch"]
+                step_loss = None
+                t0 = time.perf_counter()
+                for bi, rows in enumerate(source.batches(epoch, skip), start=skip):
+                    batch = collate(rows)
+                    seen_rows.extend(batch["index"])
+                    group_start = bi - bi % ga
+                    group_len = min(ga, batches_per_epoch - group_start)
+                    last = bi - group_start == group_len - 1
+                    sync = contextlib.nullcontext() if last else acc.no_sync(model)
+                    with sync:
+                        with acc.autocast():
+                            loss = model(**_device_batch(batch, acc.device)).loss
+                        # accelerate divides by gradient_accumulation_steps; a short last group
+                        # of an epoch must still average over its own micro-batches
+                        acc.backward(loss * (ga / group_len))
+                    step_loss = loss.detach() / group_len if step_loss is None else step_loss + loss.detach() / group_len
+                    tokens_since_log += batch["n_tokens"]
+                    if not last:
+                        continue
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(trainable, 1.0)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    state["global_step"] += 1
+                    state["batch_in_epoch"] = bi + 1
+                    pending_losses.append(step_loss)
+                    step_loss = None
+                    progress.update(step_task, advance=1)
+                    for fn in self.callbacks:
+                        fn(self, state["global_step"])
+                    gs = state["global_step"]
+                    if gs % cfg.logging_steps == 0 or gs == total_steps:
+                        now = time.perf_counter()
+                        train_time += now - t0
+                        t0 = now
+                        losses = torch.stack(pending_losses).float().cpu().tolist()  # the only sync per log
+                        tps = tokens_since_log * world / max(now - t_log, 1e-9)
+                        tokens_total += tokens_since_log
+                        lr = scheduler.get_last_lr()[0]
+                        if acc.is_main_process:
+                            for k, value in enumerate(losses):
+                                self._append_csv(LOSS_CSV, LOSS_FIELDS, {
+                                    "step": gs - len(losses) + 1 + k, "epoch": epoch, "loss": repr(value),
+                                    "lr": f"{lr:.6g}", "tokens_per_s": f"{tps:.1f}"})
+                        mean = sum(losses) / len(losses)
+                        self.log.info("step %d epoch %d loss %.4f lr %.3g tokens/s %.0f", gs, epoch, mean, lr, tps)
+                        progress.update(step_task, info=f"loss {mean:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
+                        pending_losses, tokens_since_log, t_log = [], 0, now
+                    if gs % check_every == 0 or gs == total_steps:
+                        signum = self._should_stop(stop)
+                        if signum:
+                            return self._interrupted(signum, pending_losses)
+                    if gs % cfg.save_steps == 0:
+                        self._checkpoint()
+                    if gs >= total_steps:
+                        break
+                train_time += time.perf_counter() - t0
+                tokens_total += tokens_since_log
+                tokens_since_log = 0
+                if state["batch_in_epoch"] >= batches_per_epoch:
+                    state["epoch"] += 1
+                    state["batch_in_epoch"] = 0
+                    progress.update(ep_task, advance=1)
+                    self._evaluate_and_keep_best(valid, collate, progress, epoch)
+                    self._checkpoint()
+            if state["last_eval_step"] != state["global_step"]:  # stopped by max_steps mid-epoch
+                self._evaluate_and_keep_best(valid, collate, progress, state["epoch"])
+                self._checkpoint()
+        return self._finish(train_time, tokens_total, seen_rows)
+
+    def _interrupted(self, signum: int, pending_losses) -> dict:
+        name = signal.Signals(signum).name if signum in (2, 15) else str(signum)
+        if pending_losses and self.accelerator.is_main_process:  # keep the CSV complete up to the checkpoint
+            gs = self.state["global_step"]
+            losses = torch.stack(pending_losses).float().cpu().tolist()
+            for k, value in enumerate(losses):
+                self._append_csv(LOSS_CSV, LOSS_FIELDS, {"step": gs - len(losses) + 1 + k, "epoch": self.state["epoch"],
+                                                         "loss": repr(value), "lr": "", "tokens_per_s": ""})
+        if self._confirm_save():
+            path = self._checkpoint()
+            msg = f"stopped by {name} at step {self.state['global_step']}; checkpoint saved to {path}"
+        else:
+            msg = f"stopped by {name} at step {self.state['global_step']} without saving"
+        self.log.info(msg)
+        if self.accelerator.is_main_process:
+            print(msg, file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    def _finish(self, train_time: float, tokens_local: int, seen_rows: list[int]) -> dict:
+        import hashlib
+
+        acc = self.accelerator
+        unwrapped = acc.unwrap_model(self.model)
+        # proof for the multi-process test (and a sanity line for users): what this rank
+        # saw and a checksum of its final weights, which DDP keeps identical on all ranks
+        h = hashlib.sha256()
+        for name, p in sorted(unwrapped.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        rows_hash = hashlib.sha256(",".join(map(str, seen_rows)).encode()).hexdigest()[:16]
+        self.log.info("rank %d world_size=%d rows_seen=%d rows_hash=%s weights_sha256=%s", acc.process_index,
+                      acc.num_processes, len(seen_rows), rows_hash, h.hexdigest())
+        tokens = int(acc.reduce(torch.tensor([tokens_local], device=acc.device), reduction="sum").item())
+        summary = {"global_step": self.state["global_step"], "train_runtime_s": round(train_time, 3),
+                   "non_padding_tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
+                   "best_bleu4": self.state["best_bleu"], "best_model_dir": str(self.out / "best"),
+                   "world_size": acc.num_processes}
+        if acc.is_main_process:
+            from utils.plot import plot_loss_curve
+
+            _atomic_write(self.out / "train_summary.json", json.dumps(summary, indent=2))
+            plot_loss_curve(self.out / LOSS_CSV, self.out / "loss_curve.png", self.out / EVAL_CSV)
+            print(f"trained {summary['global_step']} steps, {summary['tokens_per_s']:.0f} tokens/s; best BLEU-4 "
+                  f"{summary['best_bleu4']:.4f} at {summary['best_model_dir']}")
+        acc.wait_for_everyone()
+        return summary
+
+    # ----------------------------------------------------------------------------- eval
+    def _evaluate_and_keep_best(self, valid, collate, progress, epoch: int) -> dict:
+        result = evaluate(self.accelerator, self.model, self.tokenizer, valid, collate, self.cfg.batch_size_per_gpu,
+                          self.cfg.max_seq_len, progress)
+        self.model.train()
+        st = self.state
+        st["last_eval_step"] = st["global_step"]
+        improved = result["bleu4"] > st["best_bleu"]
+        if improved:
+            st["best_bleu"] = result["bleu4"]
+        if self.accelerator.is_main_process:
+            self._append_csv(EVAL_CSV, EVAL_FIELDS, {"step": st["global_step"], "epoch": epoch,
+                                                     "valid_loss": repr(result["loss"]), "bleu4": repr(result["bleu4"]),
+                                                     "n_samples": result["n_samples"]})
+            if improved:
+                save_model(self.accelerator.unwrap_model(self.model), self.out / "best", self.tokenizer)
+        self.accelerator.wait_for_everyone()
+        self.log.info("eval epoch %d step %d: valid loss %.4f BLEU-4 %.4f (%d samples)%s", epoch, st["global_step"],
+                      result["loss"], result["bleu4"], result["n_samples"], " new best" if improved else "")
+        if self.accelerator.is_main_process:
+            progress.console.print(f"epoch {epoch}: valid loss {result['loss']:.4f}, BLEU-4 {result['bleu4']:.4f}"
+                                   f"{' (best, saved)' if improved else ''}")
+        return result
+
+    # ----------------------------------------------------------------------------- test
+    def test(self) -> dict:
+        cfg = self.cfg
+        model_dir = Path(cfg.test_model_dir) if cfg.test_model_dir else self.out / "best"
+        if not model_dir.exists():
+            raise UserError(f"model to test not found: {model_dir} (set --test_model_dir)")
+        check_parquet(cfg.test_file, "test data (--test_file)")
+        tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() else Path(cfg.tokenizer_dir)
+        tokenizer = load_tokenizer(tok_dir)
+        model = load_model(model_dir)
+        check_vocab(tokenizer, model.config, str(model_dir))
+        self.accelerator = acc = self._accelerator()
+        data = TokenizedPairs(cfg.test_file, tokenizer, cfg.max_seq_len,
+                              max_rows=cfg.eval_max_samples if cfg.eval_max_samples > 0 else None)
+        model = acc.prepare(model)
+        with self._progress() as progress:
+            result = evaluate(acc, model, tokenizer, data, Collator(tokenizer.pad_token_id), cfg.batch_size_per_gpu,
+                              cfg.max_seq_len, progress)
+        result.update({"model_dir": str(model_dir), "test_file": str(cfg.test_file)})
+        if acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.out / "test_results.json", json.dumps(result, ensure_ascii=False, indent=2))
+            print(f"test BLEU-4 {result['bleu4']:.4f}  loss {result['loss']:.4f}  ({result['n_samples']} samples, "
+                  f"{model_dir}) -> {self.out / 'test_results.json'}")
+        return result
+
+
+@torch.no_grad()
+def evaluate(accelerator, model, tokenizer, data: TokenizedPairs, collate, batch_size: int, max_new_tokens: int,
+             progress=None) -> dict:
+    """Token-averaged loss and corpus BLEU-4 of greedy generations over ALL of `data`.
+
+    Each rank scores rows rank, rank+world, ...; the hypotheses and references of every
+    rank are gathered and BLEU is computed once over the whole set.
+    """
+    from accelerate.utils import gather_object
+
+    from utils.metrics import corpus_bleu4
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+    mine = list(range(rank, len(data), world))
+    mine.sort(key=lambda i: int(data.lengths[i]))  # similar lengths per batch: less padding
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.eval()
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
+    hyps, refs, order = [], [], []
+    task = progress.add_task("eval", total=math.ceil(len(mine) / batch_size), info="") if progress else None
+    for start in range(0, len(mine), batch_size):
+        idx = mine[start:start + batch_size]
+        batch = _device_batch(collate([data[i] for i in idx]), accelerator.device)
+        with accelerator.autocast():
+            out = unwrapped(**batch)
+            n = (batch["labels"] != -100).sum()
+            loss_sum += torch.stack([out.loss.double() * n, n.double()])
+            gen = unwrapped.my_generate(batch["input_ids"], batch["attention_mask"], max_seq_len=max_new_tokens,
+                                        search_type="greedy")
+        hyps.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
+        refs.extend(data.texts_response[i] for i in idx)
+        order.extend(idx)
+        if task is not None:
+            progress.update(task, advance=1)
+    if task is not None:
+        progress.remove_task(task)
+    loss_sum = accelerator.reduce(loss_sum, reduction="sum")
+    triples = gather_object(list(zip(order, hyps, refs))) if world > 1 else list(zip(order, hyps, refs))
+    triples.sort(key=lambda t: t[0])
+    bleu = corpus_bleu4([t[1] for t in triples], [t[2] for t in triples])
+    return {"loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), "bleu4": bleu, "n_samples": len(triples)}
