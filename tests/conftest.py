@@ -72,3 +72,86 @@ def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny_model"
     save_model(model, out, load_tokenizer(tokenizer_dir))
     return out
+
+
+def _edit_embeddings(src: Path, dst: Path, edit) -> Path:
+    """Copy model dir `src` to `dst` with `edit(shared_embedding)` applied in place."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(dst / "model.safetensors"))
+    edit(state["shared.weight"])
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="session")
+def chatty_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """tiny_model_dir whose special tokens can never win: greedy answers are printable gibberish
+    exactly max_new_tokens long (no [EOS]). With tied embeddings a zero row gives logit 0,
+    while the residual stream makes the previous token's own logit large and positive."""
+    return _edit_embeddings(tiny_model_dir, tmp_path_factory.mktemp("chatty") / "model",
+                            lambda emb: emb[:7].zero_())
+
+
+@pytest.fixture(scope="session")
+def silent_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """tiny_model_dir that always answers [PAD] (decoded: nothing): its [PAD] row dominates."""
+    return _edit_embeddings(tiny_model_dir, tmp_path_factory.mktemp("silent") / "model",
+                            lambda emb: emb[0].mul_(50.0))
+
+
+@pytest.fixture(scope="session")
+def live_api(tmp_path_factory, chatty_model_dir):
+    """`python api_demo.py` serving chatty_model_dir on 127.0.0.1: port 8812 (the README's)
+    when free, else a free port. Yields (base_url, port)."""
+    import socket
+    import subprocess
+    import time
+
+    import httpx
+
+    def free(port: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    port = 8812
+    if not free(port):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # a tiny model is fastest on one thread
+    log_path = tmp_path_factory.mktemp("live_api") / "server.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "api_demo.py"), "--model_dir", str(chatty_model_dir),
+                             "--max_seq_len", "24", "--port", str(port), "--log_level", "warning"],
+                            cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"api_demo.py exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("api_demo.py did not answer /health within 120 s")
+            time.sleep(0.3)
+        yield base, port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

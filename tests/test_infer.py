@@ -1,0 +1,139 @@
+"""ChatBot (model/infer.py): loading every model format, streaming, batch answers, stop, fallback."""
+import shutil
+
+import pytest
+import torch
+
+from config import InferConfig
+from model.chat_model import SEARCH_TYPES, load_tokenizer
+from model.dataset import encode_texts
+from model.infer import FALLBACK_ANSWER, ChatBot, pick_dtype
+from utils.cli import UserError
+
+MAX_NEW = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # A tiny model is fastest on one thread, and the test machine's cores are shared.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def bot(chatty_model_dir):
+    return ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=MAX_NEW))
+
+
+def test_loads_on_cpu_in_fp32(bot):
+    assert bot.device.type == "cpu" and bot.dtype == torch.float32
+    assert next(bot.model.parameters()).dtype == torch.float32
+
+
+def test_half_precision_on_gpus():
+    assert pick_dtype(torch.device("cuda"), "fp16") == torch.float16
+    assert pick_dtype(torch.device("mps"), "bf16") == torch.float16
+    assert pick_dtype(torch.device("cuda"), "no") == torch.float32
+    assert pick_dtype(torch.device("cpu"), "bf16") == torch.float32
+    with pytest.raises(UserError, match="mixed_precision"):
+        pick_dtype(torch.device("cpu"), "fp8")
+
+
+def test_question_gets_eos_appended_like_training(bot):
+    ids = bot.encode(["感冒了要怎么办"])["input_ids"][0].tolist()
+    assert ids[-1] == bot.tokenizer.eos_token_id
+    assert ids == encode_texts(bot.tokenizer, ["感冒了要怎么办"], bot.config.max_seq_len)[0]
+
+
+def test_stream_matches_greedy_chat(bot):
+    stream = bot.stream_chat("你好")
+    pieces = list(stream)
+    assert len(pieces) > 1, "the answer must arrive in several pieces"
+    assert "".join(pieces) == bot.chat("你好", search_type="greedy")
+    assert stream.answer.finish_reason == "length" and stream.answer.completion_tokens == MAX_NEW
+    assert stream.answer.text == "".join(pieces)
+
+
+def test_batch_chat_answers_each_question(bot):
+    questions = ["你好", "感冒了要怎么办"]
+    answers = bot.chat(questions)
+    assert isinstance(answers, list) and len(answers) == 2
+    assert answers == [bot.chat(q) for q in questions]  # padding does not change a greedy answer
+    assert all(a and a != FALLBACK_ANSWER for a in answers)
+
+
+@pytest.mark.parametrize("search_type", SEARCH_TYPES)
+def test_every_search_type_answers(bot, search_type):
+    answer = bot.chat("今天天气怎么样", search_type=search_type, max_new_tokens=6)
+    assert isinstance(answer, str) and answer.strip()
+
+
+def test_sampling_follows_temperature_and_top_p(bot):
+    torch.manual_seed(1)
+    a = bot.answer("你好", max_new_tokens=8, temperature=1.5, top_p=0.95)
+    torch.manual_seed(1)
+    b = bot.answer("你好", max_new_tokens=8, temperature=1.5, top_p=0.95)
+    assert a.text == b.text and a.completion_tokens == 8  # seeded sampling is reproducible
+    greedy = bot.answer("你好", max_new_tokens=8)
+    assert greedy.text == bot.chat("你好", max_new_tokens=8)
+
+
+def test_stop_ends_a_long_generation_early(bot):
+    before = bot.tokens_generated
+    stream = bot.stream_chat("你好", max_new_tokens=1024)
+    it = iter(stream)
+    next(it), next(it)
+    stream.stop()
+    assert stream.join(timeout=30)
+    assert stream.answer.finish_reason == "cancelled"
+    assert stream.answer.completion_tokens < 1024
+    assert bot.tokens_generated - before < 1024
+
+
+def test_empty_generation_gets_the_original_fallback(silent_model_dir):
+    silent = ChatBot(InferConfig(model_dir=str(silent_model_dir), max_seq_len=6))
+    assert silent.chat("你好") == FALLBACK_ANSWER
+    assert silent.chat(["你好", "再见"]) == [FALLBACK_ANSWER, FALLBACK_ANSWER]
+    assert list(silent.stream_chat("你好")) == [FALLBACK_ANSWER]
+    assert silent.answer("你好").text == FALLBACK_ANSWER
+
+
+def test_loads_safetensors_file_and_legacy_bin(bot, chatty_model_dir, tmp_path):
+    expected = bot.chat("你好")
+    from_file = ChatBot(InferConfig(model_dir=str(chatty_model_dir / "model.safetensors"), max_seq_len=MAX_NEW))
+    assert from_file.chat("你好") == expected
+    # A legacy checkpoint: a pickled state dict with the original wrapper's "model." prefix,
+    # next to the config and tokenizer; read with weights_only=True.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for f in chatty_model_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, legacy / f.name)
+    torch.save({f"model.{k}": v for k, v in bot.model.state_dict().items()}, legacy / "chat_small_t5.bin")
+    from_bin = ChatBot(InferConfig(model_dir=str(legacy / "chat_small_t5.bin"), max_seq_len=MAX_NEW))
+    assert from_bin.chat("你好") == expected
+
+
+def test_separate_tokenizer_dir(chatty_model_dir, tokenizer_dir, tmp_path):
+    weights_only = tmp_path / "weights"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(chatty_model_dir / name, weights_only / name)
+    with pytest.raises(UserError, match="no tokenizer"):
+        ChatBot(InferConfig(model_dir=str(weights_only)))
+    ok = ChatBot(InferConfig(model_dir=str(weights_only), tokenizer_dir=str(tokenizer_dir), max_seq_len=4))
+    assert len(ok.tokenizer) == len(load_tokenizer(tokenizer_dir))
+
+
+def test_bad_settings_are_one_line_errors(chatty_model_dir, tmp_path):
+    with pytest.raises(UserError, match="model not found"):
+        ChatBot(InferConfig(model_dir=str(tmp_path / "nope")))
+    with pytest.raises(UserError, match="device"):
+        ChatBot(InferConfig(model_dir=str(chatty_model_dir), device="tpu"))
+    with pytest.raises(UserError, match="search_type"):
+        ChatBot(InferConfig(model_dir=str(chatty_model_dir), search_type="best"))
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            ChatBot(InferConfig(model_dir=str(chatty_model_dir), device="cuda"))
