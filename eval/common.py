@@ -1,8 +1,6 @@
-"""Helpers shared by the evaluation scripts: loading a model directory, batching, writing results."""
+"""Helpers shared by the evaluation scripts: loading a model directory, batching, reading results."""
 from __future__ import annotations
 
-import os
-import uuid
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -30,20 +28,6 @@ def pad_inputs(tokenizer, ids: list[list[int]], device) -> tuple[torch.Tensor, t
     """Right-pad token id lists with the tokenizer's [PAD]; (input_ids, attention_mask)."""
     enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
     return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` to a temporary sibling, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def read_rows(path: str | Path, columns: Sequence[str], what: str = "file") -> list[dict]:

@@ -314,7 +314,9 @@ def run(bench: Benchmark, cfg: MultipleChoiceConfig, scorer=None) -> list[Catego
 
     `scorer` defaults to a ModelScorer over cfg.model_dir.
     """
-    from .common import load_model_and_tokenizer, write_text_atomic
+    from utils.parquet_io import atomic_write_text
+
+    from .common import load_model_and_tokenizer
 
     split = cfg.split or bench.default_split
     if cfg.n_shot < 0:
@@ -339,7 +341,7 @@ def run(bench: Benchmark, cfg: MultipleChoiceConfig, scorer=None) -> list[Catego
     stem = f"{bench.name}_{split}_{cfg.n_shot}shot"
     print_table(f"{bench.title} {split}, {cfg.n_shot}-shot, {len(by_subject)} subjects", rows)
     out_dir = Path(cfg.output_dir)
-    table_file = write_text_atomic(out_dir / f"{stem}.csv", table_csv(rows))
-    write_text_atomic(out_dir / f"{stem}_predictions.csv", predictions_csv(questions, predictions))
+    table_file = atomic_write_text(out_dir / f"{stem}.csv", table_csv(rows))
+    atomic_write_text(out_dir / f"{stem}_predictions.csv", predictions_csv(questions, predictions))
     print(f"wrote {table_file} and {stem}_predictions.csv")
     return rows

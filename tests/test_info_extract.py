@@ -73,7 +73,8 @@ def test_data_process_reads_both_duie_versions(tmp_path):
         "[]",  # no spo_list (test set)
     ]
     assert rows[0]["prompt"] == "请抽取出给定句子中的所有三元组。给定句子：《邪少兵王》是冰火未央写的网络小说连载于旗峰天下"
-    out = dp.write_parquet(rows, tmp_path / "out" / "duie.parquet")
+    out = tmp_path / "out" / "duie.parquet"
+    dp.write_pairs(out, ((r["prompt"], r["response"]) for r in rows))
     table = pq.read_table(out)
     assert table.column_names == ["prompt", "response"] and table.num_rows == 5
 
@@ -89,7 +90,8 @@ def test_data_process_reads_both_duie_versions(tmp_path):
 
 def test_evaluate_script_on_jsonl_and_parquet(tmp_path, monkeypatch, capsys):
     dp = _load("data_process")
-    gold = dp.write_parquet(dp.convert_file(EXAMPLE / "sample_duie.json"), tmp_path / "gold.parquet")
+    gold = tmp_path / "gold.parquet"
+    dp.write_pairs(gold, ((r["prompt"], r["response"]) for r in dp.convert_file(EXAMPLE / "sample_duie.json")))
     preds = ["[(邪少兵王,作者,冰火未央)]", "[（神雕侠侣，作者，金庸）,(神雕侠侣,作者,金庸)]",
              "[(周杰伦,出生地,台湾省新北市),(周杰伦,国籍,中国", "[(喜剧之王,导演,吴孟达)]", "[]"]
     pred_file = tmp_path / "preds.jsonl"

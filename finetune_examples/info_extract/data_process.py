@@ -16,9 +16,7 @@ test set) get an empty response `[]`. A malformed line stops the conversion with
 number; nothing is written then. The output is written atomically.
 """
 import json
-import os
 import sys
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from utils.cli import UserError, parse_config, require_file, run_cli  # noqa: E402
 from utils.metrics import format_tuples, parse_tuples  # noqa: E402
+from utils.parquet_io import write_pairs  # noqa: E402
 
 PROMPT = "请抽取出给定句子中的所有三元组。给定句子："
 
@@ -82,32 +81,14 @@ def convert_file(input_file, max_rows: int = -1) -> list[dict]:
     return rows
 
 
-def write_parquet(rows: list[dict], output_file) -> Path:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    out = Path(output_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    table = pa.table({"prompt": pa.array([r["prompt"] for r in rows], pa.string()),
-                      "response": pa.array([r["response"] for r in rows], pa.string())})
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
-
-
 def main() -> None:
     _, cfg = parse_config(DuIEProcessConfig, description=__doc__)
     if not cfg.output_file:
         raise UserError("--output_file is required (a .parquet path)")
     rows = convert_file(cfg.input_file, cfg.max_rows)
-    out = write_parquet(rows, cfg.output_file)
+    write_pairs(cfg.output_file, ((r["prompt"], r["response"]) for r in rows))
     n_triples = sum(len(parse_tuples(r["response"], 3)) for r in rows)
-    print(f"wrote {len(rows)} sentences ({n_triples} triples) to {out}")
+    print(f"wrote {len(rows)} sentences ({n_triples} triples) to {cfg.output_file}")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,10 @@ from pathlib import Path
 # Run as a file from any directory: make the project's packages (config, model, utils, eval) importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from eval.common import read_rows, write_text_atomic  # noqa: E402
+from eval.common import read_rows  # noqa: E402
 from utils.cli import UserError, parse_config, run_cli  # noqa: E402
 from utils.metrics import tuple_prf  # noqa: E402
+from utils.parquet_io import atomic_write_text  # noqa: E402
 
 
 @dataclass
@@ -47,7 +48,7 @@ def main() -> None:
         raise UserError("--pred_file and --gold_file are required")
     metrics = evaluate(cfg.pred_file, cfg.gold_file, cfg.arity)
     out = Path(cfg.output_json) if cfg.output_json else Path(cfg.pred_file).with_suffix(".metrics.json")
-    write_text_atomic(out, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     print(f"F1 {metrics['f1']:.4f}  precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  "
           f"({metrics['true_positives']} correct of {metrics['predicted']} predicted, "
           f"{metrics['reference']} reference tuples, {metrics['rows']} rows)")
