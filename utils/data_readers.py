@@ -1,6 +1,6 @@
 """Readers for the raw corpora the original project builds from, as (prompt, response) pairs.
 
-Formats (`--format` of `python -m utils.raw_data_process clean`; "auto" guesses):
+Formats (`--input_format` of `python -m utils.raw_data_process clean`; "auto" guesses):
 - belle:        JSON lines with instruction / input / output (BELLE). prompt = instruction
                 (+ newline + input), response = output.
 - wiki:         WikiExtractor output of a zhwiki dump, `<doc ... title="T">` blocks or its
@@ -291,8 +291,8 @@ def detect_format(path: str | Path) -> str:
             if keys <= obj.keys():
                 return fmt
         raise UserError(f"cannot tell the format of {path} from its keys ({', '.join(list(obj)[:10])}); "
-                        f"pass --format, one of: {', '.join(FORMATS[1:])}")
-    raise UserError(f"cannot tell the format of {path}; pass --format, one of: {', '.join(FORMATS[1:])}")
+                        f"pass --input_format, one of: {', '.join(FORMATS[1:])}")
+    raise UserError(f"cannot tell the format of {path}; pass --input_format, one of: {', '.join(FORMATS[1:])}")
 
 
 def read_pairs(path: str | Path, fmt: str = "auto", bad: BadRows | None = None,

@@ -6,33 +6,48 @@ are computed together (`MinHash.generator` reuses one set of permutations), then
 is queried against everything kept so far and inserted if new, so the first row of each
 cluster is kept, also within a group.
 
-Memory: the input streams, but the index keeps an 8-byte hash per kept row and the LSH
-band keys (datasketch's in-memory storage), so it grows with the number of distinct rows
-(see benchmarks/bench_data_pipeline.py for the measured figure), not with their length.
+Memory: the input streams; what grows is the index of kept rows, one 8-byte exact hash
+and one band digest per LSH band per kept row (about 1.3 KB a row, measured by
+benchmarks/bench_data_pipeline.py), independent of the rows' length.
 """
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections import Counter
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 
-def _crc32(shingle: str) -> int:
-    # Stable across runs (Python's hash() is salted), fast, and 32-bit as MinHash expects.
-    return zlib.crc32(shingle.encode("utf-8"))
+_MASK32 = np.uint64(0xFFFFFFFF)
+_MULT = np.uint64(1_000_003)
 
 
-def shingles(text: str, ngram: int) -> set[str]:
-    """Character n-grams: Chinese has no spaces to split words on."""
-    text = "".join(text.split())
-    if len(text) <= ngram:
-        return {text}
-    return {text[i:i + ngram] for i in range(len(text) - ngram + 1)}
+def shingle_hashes(text: str, ngram: int) -> np.ndarray:
+    """32-bit hashes of the distinct character n-grams of `text` (whitespace ignored).
+
+    Characters, not words: Chinese has no spaces to split on. Hashing the code points
+    with numpy is stable across runs (unlike Python's salted hash()) and several times
+    faster than hashing each n-gram string in Python, which dominated the run time.
+    """
+    codes = np.frombuffer("".join(text.split()).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    n = min(ngram, len(codes))  # a text shorter than n-gram is one shingle
+    if n == 0:
+        return np.zeros(1, dtype=np.uint64)
+    h = np.zeros(len(codes) - n + 1, dtype=np.uint64)
+    for i in range(n):
+        h = ((h * _MULT) ^ codes[i:len(codes) - n + 1 + i]) & _MASK32
+    return np.unique(h)
 
 
 class Deduplicator:
-    """Decide for each text, in order, whether it repeats an earlier one."""
+    """Decide for each text, in order, whether it repeats an earlier one.
+
+    datasketch computes the MinHash sketches and the LSH banding (b bands of r values,
+    chosen by MinHashLSH for the threshold). The band index itself is a set of band
+    digests per band rather than MinHashLSH's storage: that keeps a dict of sets plus a
+    key table, ~5 KB per row, where de-duplication only asks "does any kept row share a
+    band?" — the same candidate rule as MinHashLSH.query, in about a sixth of the memory.
+    """
 
     def __init__(self, threshold: float = 0.85, num_perm: int = 256, ngram: int = 3, seed: int = 1):
         from datasketch import MinHash, MinHashLSH
@@ -41,11 +56,13 @@ class Deduplicator:
             from utils.cli import UserError
             raise UserError(f"dedup threshold must be in (0, 1], got {threshold}")
         self.threshold, self.num_perm, self.ngram = threshold, num_perm, ngram
-        self._minhash_kwargs = dict(num_perm=num_perm, seed=seed, hashfunc=_crc32)
+        # The inputs are already 32-bit hashes (shingle_hashes); MinHash only has to mix them.
+        self._minhash_kwargs = dict(num_perm=num_perm, seed=seed, hashfunc=int)
         self._MinHash = MinHash
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        self.bands = [(i * lsh.r, (i + 1) * lsh.r) for i in range(lsh.b)]
+        self._band_sets: list[set[int]] = [set() for _ in self.bands]
         self._seen: set[bytes] = set()
-        self._next_key = 0
         self.removed: Counter = Counter()
         self.kept = 0
 
@@ -64,13 +81,18 @@ class Deduplicator:
             else:
                 self._seen.add(key)
                 fresh.append(i)
-        sketches = self._MinHash.generator((shingles(texts[i], self.ngram) for i in fresh), **self._minhash_kwargs)
+        sketches = self._MinHash.generator((shingle_hashes(texts[i], self.ngram) for i in fresh),
+                                           **self._minhash_kwargs)
         for i, sketch in zip(fresh, sketches):
-            if self.lsh.query(sketch):
+            hv = sketch.hashvalues
+            # hash() of bytes is salted per process, which only changes which (astronomically
+            # rare) 64-bit collisions occur, never the de-duplication rule.
+            keys = [hash(hv[s:e].tobytes()) for s, e in self.bands]
+            if any(k in band for k, band in zip(keys, self._band_sets)):
                 verdicts[i] = "near"
             else:
-                self.lsh.insert(self._next_key, sketch, check_duplication=False)
-                self._next_key += 1
+                for k, band in zip(keys, self._band_sets):
+                    band.add(k)
         for v in verdicts:
             if v is None:
                 self.kept += 1

@@ -142,6 +142,8 @@ def cmd_split(cfg: DataProcessConfig) -> None:
     names = [s.strip() for s in cfg.split_names.split(",")]
     if len(names) != 3 or not all(names):
         raise UserError(f"--split_names needs three comma-separated names, got {cfg.split_names!r}")
+    if cfg.shuffle_bucket_mb <= 0:
+        raise UserError(f"--shuffle_bucket_mb must be > 0, got {cfg.shuffle_bucket_mb}")
     pairs, bad, path = _inputs(cfg, "split")
     out_dir = Path(cfg.output_dir) if cfg.output_dir else DATA_DIR
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,132 @@
+"""The embedded corpus: People's Daily tag parsing, and a small `demo` build's contract files."""
+import json
+import re
+
+import pyarrow.parquet as pq
+import pytest
+
+from model.dataset import check_parquet
+from utils.embedded_corpus import (ENTITY_PROMPT, SENTIMENT_PROMPT, entity_rows, parse_entity_response,
+                                   parse_tagged_line, pretrain_rows)
+from utils.metrics import parse_tuples
+from utils.raw_data_process import main
+
+PARQUETS = ("pretrain_train", "pretrain_valid", "pretrain_test", "sft_train", "sft_valid",
+            "sentiment_test", "entity_test")
+
+
+def test_parse_tagged_line_entities():
+    line = ("１２月/t  ３１日/t  ，/w  中共中央/nt  总书记/n  江/nr  泽民/nr  通过/p  "
+            "[中央/n  人民/n  广播/vn  电台/n]nt  向/p  香港/ns  同胞/n  和/c  克林顿/nr  致意/v  。/w  "
+            "新华社/nt  记者/n  兰/nr  红光/nr  摄/Vg  ！/w")
+    par = parse_tagged_line(line)
+    assert par.text == "１２月３１日，中共中央总书记江泽民通过中央人民广播电台向香港同胞和克林顿致意。新华社记者兰红光摄！"
+    assert [(par.text[s:e], k) for s, e, k in par.entities] == [
+        ("中共中央", "机构名"), ("江泽民", "人名"), ("中央人民广播电台", "机构名"), ("香港", "地名"),
+        ("克林顿", "人名"), ("新华社", "机构名"), ("兰红光", "人名")]
+    rows = list(entity_rows(par))
+    assert rows == [
+        (ENTITY_PROMPT.format("12月31日，中共中央总书记江泽民通过中央人民广播电台向香港同胞和克林顿致意。"),
+         "[(中共中央,机构名),(江泽民,人名),(中央人民广播电台,机构名),(香港,地名),(克林顿,人名)]"),
+        (ENTITY_PROMPT.format("新华社记者兰红光摄！"), "[(新华社,机构名),(兰红光,人名)]"),
+    ]
+
+
+def test_entity_rows_skip_sentences_without_entities_and_dedup_names():
+    par = parse_tagged_line("今天/t  天气/n  很/d  好/a  。/w  北京/ns  和/c  北京/ns  都/d  在/p  下雪/v  。/w")
+    assert list(entity_rows(par)) == [(ENTITY_PROMPT.format("北京和北京都在下雪。"), "[(北京,地名)]")]
+
+
+def test_pretrain_rows_split_opening_and_continuation():
+    text = "这是第一句话，讲的是一件事情。这是第二句话，继续讲这件事情。第三句话把事情讲完了。"
+    (prompt, response), = pretrain_rows(text)
+    assert prompt + response == text
+    assert 0.2 * len(text) <= len(prompt) <= 0.6 * len(text)
+    long_text = "。".join(["很长的一段文字内容"] * 120) + "。"
+    rows = list(pretrain_rows(long_text))
+    assert len(rows) > 1 and all(len(p) + len(r) <= 400 for p, r in rows)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    main(["demo", "--output_dir", str(out), "--max_rows", "150", "--seed", "5"])
+    return out
+
+
+def _rows(path):
+    t = pq.read_table(path)
+    return list(zip(t.column("prompt").to_pylist(), t.column("response").to_pylist()))
+
+
+def test_demo_writes_contract_files(demo_dir):
+    for name in PARQUETS:
+        path = demo_dir / f"{name}.parquet"
+        check_parquet(path, name)
+        assert pq.ParquetFile(path).schema_arrow.names == ["prompt", "response"]
+    stats = json.loads((demo_dir / "stats.json").read_text(encoding="utf-8"))["files"]
+    for name in PARQUETS:
+        rows = _rows(demo_dir / f"{name}.parquet")
+        assert stats[f"{name}.parquet"] == {"rows": len(rows), "chars": sum(len(p) + len(r) for p, r in rows)}
+    lines = (demo_dir / "corpus.txt").read_text(encoding="utf-8").splitlines()
+    train = _rows(demo_dir / "pretrain_train.parquet") + _rows(demo_dir / "sft_train.parquet")
+    assert len(lines) == stats["corpus.txt"]["rows"] == 2 * len(train)
+    assert lines[:2] == list(train[0])
+
+
+def test_demo_task_formats(demo_dir):
+    sentiment = _rows(demo_dir / "sentiment_test.parquet")
+    prefix = SENTIMENT_PROMPT.format("")
+    assert sentiment and all(p.startswith(prefix) and len(p) > len(prefix) for p, _ in sentiment)
+    assert {r for _, r in sentiment} <= {"积极", "消极"}
+    entity = _rows(demo_dir / "entity_test.parquet")
+    eprefix = ENTITY_PROMPT.format("")
+    assert entity
+    for prompt, response in entity:
+        assert prompt.startswith(eprefix)
+        sentence = prompt[len(eprefix):]
+        found = parse_entity_response(response)
+        assert found and response == "[" + ",".join(f"({n},{k})" for n, k in found) + "]"
+        assert found == parse_tuples(response, arity=2)  # the project's tuple metric reads it the same way
+        assert len({n for n, _ in found}) == len(found)
+        positions = [sentence.find(n) for n, _ in found]
+        assert all(p >= 0 for p in positions) and positions == sorted(positions)
+    sft = _rows(demo_dir / "sft_train.parquet")
+    kinds = {"sentiment" if p.startswith(prefix) else "entity" if p.startswith(eprefix) else "other" for p, _ in sft}
+    assert kinds == {"sentiment", "entity"}
+    first = ["sentiment" if p.startswith(prefix) else "entity" for p, _ in sft[:40]]
+    assert len(set(first)) == 2  # mixed, not one task after the other
+    pre = _rows(demo_dir / "pretrain_train.parquet")
+    assert all(not re.search(r"/[a-zA-Z]+\b", p + r) for p, r in pre)  # part-of-speech tags stripped
+
+
+def test_demo_held_out_sets_disjoint_from_training(demo_dir):
+    def texts(name, strip=True):
+        out = set()
+        for p, r in _rows(demo_dir / f"{name}.parquet"):
+            for prefix in (SENTIMENT_PROMPT.format(""), ENTITY_PROMPT.format("")):
+                if strip and p.startswith(prefix):
+                    p = p[len(prefix):]
+            out.add(p)
+        return out
+
+    train_prompts = texts("sft_train") | texts("pretrain_train")
+    train_text = "".join(p + r for p, r in _rows(demo_dir / "pretrain_train.parquet") + _rows(demo_dir / "sft_train.parquet"))
+    for held_out in ("sft_valid", "sentiment_test", "entity_test", "pretrain_valid", "pretrain_test"):
+        items = texts(held_out)
+        assert items and not items & train_prompts, held_out
+    # Test sentences and reviews do not occur anywhere inside the training text either.
+    assert not [s for s in texts("entity_test") | texts("sentiment_test") if len(s) >= 12 and s in train_text]
+
+
+def test_demo_is_reproducible(demo_dir, tmp_path):
+    main(["demo", "--output_dir", str(tmp_path), "--max_rows", "150", "--seed", "5"])
+    assert _rows(tmp_path / "sft_train.parquet") == _rows(demo_dir / "sft_train.parquet")
+
+
+def test_demo_too_few_rows_is_an_error(tmp_path):
+    from utils.cli import UserError
+
+    with pytest.raises(UserError, match="raise --max_rows"):
+        main(["demo", "--output_dir", str(tmp_path), "--max_rows", "2"])
+    assert not list(tmp_path.glob("*.parquet"))
