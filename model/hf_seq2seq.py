@@ -1,0 +1,508 @@
+"""The Hugging Face Trainer path: text-to-text training with transformers' Seq2SeqTrainer.
+
+Used by two thin scripts (the logic lives here once):
+
+    python pre_train.py  [--field value ...]   # pretraining from scratch (TrainConfig)
+    python sft_train.py  [--field value ...]   # instruction fine-tuning (SFTconfig)
+
+Data: parquet files of `prompt`/`response` strings (SFT also reads JSON / JSON lines with
+those keys), read with `datasets`, tokenised by `model.dataset.encode_batch` ([EOS]
+appended, truncated to `max_seq_len`) and padded per batch by `DataCollatorForSeq2Seq`
+(label padding -100). Evaluation, when an eval file is given, computes the loss and,
+through `predict_with_generate`, greedy generations scored with corpus BLEU-4.
+
+Outputs under `<output_dir>` (the hand-off convention of config.py):
+- `checkpoints/checkpoint-N/`: the Trainer's resumable checkpoints (model, optimiser,
+  scheduler, RNG states, trainer_state.json). `--resume_from_checkpoint last` (SFT) or
+  `--is_keep_training True` (pretraining) continues from the newest complete one.
+- `best/`: the model for the next stage (best eval loss when there is an eval set, else
+  the last), written atomically through `model.chat_model.save_model`, with the tokenizer.
+- `runs/`: tensorboard logs (`tensorboard --logdir <output_dir>/runs`).
+- `train_summary.json`: steps, non-padding tokens, tokens/s, final losses, timings.
+
+Ctrl+C or SIGTERM stops after the current optimiser step with a checkpoint saved.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from utils.cli import UserError, require_file
+
+from .dataset import REQUIRED_COLUMNS, check_parquet, encode_batch
+
+CHECKPOINT_PREFIX = "checkpoint-"
+PRECISIONS = ("no", "fp16", "bf16")
+OPTIMIZERS = {"adafactor": "adafactor", "adamw": "adamw_torch"}
+SUMMARY_FILE = "train_summary.json"
+
+
+@dataclass
+class Seq2SeqJob:
+    """What one Seq2SeqTrainer run needs; built from TrainConfig or SFTconfig below."""
+    stage: str
+    output_dir: str
+    tokenizer_dir: str
+    train_file: str
+    eval_file: str
+    max_seq_len: int
+    batch_size: int
+    gradient_accumulation_steps: int
+    learning_rate: float
+    warmup_steps: int
+    num_train_epochs: float
+    max_steps: int
+    logging_steps: int
+    save_steps: int
+    save_total_limit: int
+    seed: int
+    mixed_precision: str
+    optimizer: str = "adamw"
+    logging_first_step: bool = True
+    group_by_length: bool = False
+    eval_max_samples: int = -1
+    resume_from_checkpoint: str = ""  # "" | "last" | a checkpoint dir
+    allow_json: bool = False
+    model_config_file: str = ""  # pretraining: build a fresh model from this config
+    init_model_dir: str = ""  # fine-tuning: load this model (strictly)
+
+
+def job_from_train_config(cfg) -> Seq2SeqJob:
+    """Pretraining settings from TrainConfig (the fields train.py reads too).
+
+    TrainConfig describes a OneCycle schedule that peaks at learn_rate * div_factor; the
+    Trainer's linear warm-up/decay schedule is given the same peak so both trainers train
+    the same model at comparable rates. is_keep_training resumes from train_state_dir when
+    that is set, else from the newest checkpoint under <output_dir>/checkpoints.
+    """
+    resume = ""
+    if cfg.is_keep_training:
+        resume = cfg.train_state_dir or "last"
+    return Seq2SeqJob(
+        stage="pretrain", output_dir=cfg.output_dir, tokenizer_dir=cfg.tokenizer_dir,
+        train_file=cfg.train_file, eval_file=cfg.validation_file, max_seq_len=cfg.max_seq_len,
+        batch_size=cfg.batch_size_per_gpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learn_rate * cfg.div_factor, warmup_steps=cfg.warmup_steps,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps, save_total_limit=cfg.keep_latest_n_ckp, seed=cfg.seed,
+        mixed_precision=cfg.mixed_precision, optimizer=cfg.optimizer, group_by_length=cfg.group_by_length,
+        eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=resume,
+        model_config_file=cfg.model_config_file)
+
+
+def job_from_sft_config(cfg) -> Seq2SeqJob:
+    return Seq2SeqJob(
+        stage="sft", output_dir=cfg.output_dir, tokenizer_dir=cfg.tokenizer_dir,
+        train_file=cfg.sft_train_file, eval_file=cfg.sft_eval_file, max_seq_len=cfg.max_seq_len,
+        batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
+        optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step,
+        eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
+        allow_json=True, init_model_dir=cfg.finetune_from_ckp_file)
+
+
+# --- checks that run before anything heavy is imported ----------------------------------
+
+def check_job(job: Seq2SeqJob) -> None:
+    """Every setting and input file that can be checked without loading a model."""
+    for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+        if getattr(job, name) <= 0:
+            raise UserError(f"{name} must be at least 1, got {getattr(job, name)}")
+    if job.max_seq_len < 2:
+        raise UserError(f"max_seq_len must be at least 2 (one token plus [EOS]), got {job.max_seq_len}")
+    if job.max_steps <= 0 and job.num_train_epochs <= 0:
+        raise UserError("nothing to train: set max_steps > 0 or a positive number of epochs")
+    if job.learning_rate <= 0:
+        raise UserError(f"the learning rate must be positive, got {job.learning_rate}")
+    if job.mixed_precision not in PRECISIONS:
+        raise UserError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {job.mixed_precision!r}")
+    if job.optimizer not in OPTIMIZERS:
+        raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {job.optimizer!r}")
+    check_pairs_file(job.train_file, "train", job.allow_json)
+    if job.eval_file:
+        check_pairs_file(job.eval_file, "eval", job.allow_json)
+    if job.model_config_file:
+        require_file(job.model_config_file, "model config file")
+    if job.init_model_dir and not Path(job.init_model_dir).exists():
+        raise UserError(f"model to fine-tune not found: {job.init_model_dir}")
+    tok = Path(job.tokenizer_dir)
+    if not (tok / "tokenizer.json").is_file() and not (tok / "tokenizer_config.json").is_file():
+        raise UserError(f"no tokenizer found in {tok} (train one with train_tokenizer.py)")
+
+
+def _is_json(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in (".json", ".jsonl")
+
+
+def check_pairs_file(path: str | Path, what: str, allow_json: bool) -> Path:
+    """A parquet file checked by model.dataset.check_parquet, or (SFT) an existing JSON file.
+
+    JSON content is checked when it is loaded (load_pairs): reading it here would mean
+    parsing it twice.
+    """
+    if _is_json(path):
+        if not allow_json:
+            raise UserError(f"{what} file must be parquet (prompt/response columns): {path}")
+        return require_file(path, f"{what} file")
+    if Path(path).suffix.lower() != ".parquet" and Path(path).is_file():
+        raise UserError(f"{what} file must be .parquet{' or .json/.jsonl' if allow_json else ''}: {path}")
+    return check_parquet(path, what)
+
+
+def resolve_checkpoint(spec: str, checkpoints_dir: Path) -> str | None:
+    """`""` -> None; `"last"` -> the newest complete checkpoint; a dir -> itself, checked.
+
+    A checkpoint is complete once trainer_state.json exists: the Trainer writes it after
+    the weights, optimiser and RNG states, so a kill during a save leaves a directory
+    without it, which is skipped here and the previous checkpoint is used instead.
+    """
+    if not spec:
+        return None
+    if spec == "last":
+        found = complete_checkpoints(checkpoints_dir)
+        if not found:
+            raise UserError(f"no complete checkpoint to resume from in {checkpoints_dir}")
+        return str(found[-1])
+    path = Path(spec)
+    if not path.is_dir():
+        raise UserError(f"checkpoint to resume from not found: {path}")
+    if not (path / "trainer_state.json").is_file():
+        raise UserError(f"not a complete Trainer checkpoint (no trainer_state.json): {path}")
+    return str(path)
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """checkpoint-N directories holding trainer_state.json, oldest step first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for d in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        step = d.name[len(CHECKPOINT_PREFIX):]
+        if step.isdigit() and (d / "trainer_state.json").is_file() \
+                and not (d / "checkpoint-is-incomplete.txt").exists():
+            found.append((int(step), d))
+    return [d for _, d in sorted(found)]
+
+
+# --- data ---------------------------------------------------------------------------------
+
+def load_pairs(path: str | Path, what: str):
+    """A datasets.Dataset with string `prompt` and `response` columns (nothing else)."""
+    import datasets
+    import pyarrow as pa
+
+    path = str(path)
+    if _is_json(path):
+        try:
+            ds = datasets.Dataset.from_json(path)
+        except Exception as exc:  # datasets raises several types for malformed JSON
+            raise UserError(f"{what} file is not readable JSON / JSON lines: {path} "
+                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        for col in REQUIRED_COLUMNS:
+            if col not in ds.column_names:
+                raise UserError(f"{what} file {path} has no '{col}' field "
+                                f"(fields: {', '.join(ds.column_names) or 'none'})")
+            if not pa.types.is_string(ds.data.schema.field(col).type) \
+                    and not pa.types.is_large_string(ds.data.schema.field(col).type):
+                raise UserError(f"{what} file {path}: field '{col}' is {ds.data.schema.field(col).type}, "
+                                "expected strings")
+        if len(ds) == 0:
+            raise UserError(f"{what} file has no rows: {path}")
+    else:
+        ds = datasets.Dataset.from_parquet(path, columns=list(REQUIRED_COLUMNS))
+    ds = ds.select_columns(list(REQUIRED_COLUMNS))
+    for col in REQUIRED_COLUMNS:
+        column = ds.data.column(col)
+        if column.null_count:
+            first = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
+            raise UserError(f"{what} file {path}: {column.null_count} rows have no '{col}' (first: row {first})")
+    return ds
+
+
+def tokenize_pairs(ds, tokenizer, max_seq_len: int, what: str):
+    return ds.map(lambda b: encode_batch(tokenizer, b["prompt"], b["response"], max_seq_len),
+                  batched=True, remove_columns=ds.column_names, desc=f"tokenising {what}")
+
+
+# --- Trainer pieces -------------------------------------------------------------------------
+
+def _precision_flags(mixed_precision: str) -> dict:
+    """bf16/fp16 only on CUDA: bf16 matrix products on CPUs run far slower than fp32."""
+    import torch
+
+    if not torch.cuda.is_available() or mixed_precision == "no":
+        return {"bf16": False, "fp16": False}
+    if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
+        return {"bf16": False, "fp16": True}
+    return {"bf16": mixed_precision == "bf16", "fp16": mixed_precision == "fp16"}
+
+
+def _make_callbacks():
+    from transformers import TrainerCallback
+
+    class ThroughputCallback(TrainerCallback):
+        """Time spent on training steps only (data, forward, backward, optimiser).
+
+        Evaluation (with generation), checkpoint saves and logging happen between one
+        step's end and the next step's start; they are excluded so that tokens/s measures
+        training and can be compared with train.py's.
+        """
+
+        def __init__(self):
+            self.seconds = 0.0
+            self._mark = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self._mark = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            self.seconds += now - self._mark
+            self._mark = now
+            # a training loss for the last steps, whatever logging_steps is
+            if state.global_step >= state.max_steps:
+                control.should_log = True
+
+        def _skip(self, *args, **kwargs):
+            self._mark = time.perf_counter()
+
+        on_evaluate = on_save = on_log = _skip
+
+    class StopOnSignal(TrainerCallback):
+        """Ctrl+C / SIGTERM: finish the current optimiser step, save a checkpoint, stop.
+
+        transformers' own enable_jit_checkpoint handles SIGTERM only and saves before the
+        optimiser step; this keeps both signals and the Trainer's normal checkpoint path.
+        A second signal gets the default behaviour (immediate stop).
+        """
+
+        def __init__(self):
+            self.signal_name = None
+            self._previous = {}
+
+        def _handler(self, signum, frame):
+            self.signal_name = signal.Signals(signum).name
+            for sig, prev in self._previous.items():
+                signal.signal(sig, prev)
+            print(f"\n{self.signal_name}: saving a checkpoint after this step (again to stop at once)", flush=True)
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.signal_name:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            for sig, prev in self._previous.items():
+                signal.signal(sig, prev)
+            self._previous = {}
+
+    return ThroughputCallback(), StopOnSignal()
+
+
+def _make_trainer_class():
+    from transformers import Seq2SeqTrainer
+
+    class CountingSeq2SeqTrainer(Seq2SeqTrainer):
+        """Seq2SeqTrainer that counts the non-padding tokens it trains on.
+
+        Encoder tokens (attention mask) plus decoder tokens (labels other than -100): the
+        Trainer's own include_num_input_tokens_seen counts the encoder side only.
+        """
+        trained_tokens = 0
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # T5's forward takes **kwargs, so the Trainer assumes it normalises its loss by
+            # num_items_in_batch and skips the division by gradient_accumulation_steps; it
+            # does not (it returns the batch mean), which would scale the logged loss and
+            # the gradients by the number of accumulation steps.
+            self.model_accepts_loss_kwargs = False
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            self.trained_tokens += int(inputs["attention_mask"].sum()) + int((inputs["labels"] != -100).sum())
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    return CountingSeq2SeqTrainer
+
+
+def _bleu_metric(tokenizer):
+    import numpy as np
+
+    from utils.metrics import corpus_bleu4
+
+    pad = tokenizer.pad_token_id
+
+    def compute_metrics(pred):
+        preds = np.where(pred.predictions < 0, pad, pred.predictions)
+        labels = np.where(pred.label_ids < 0, pad, pred.label_ids)
+        hyps = tokenizer.batch_decode(preds, skip_special_tokens=True)
+        refs = tokenizer.batch_decode(labels, skip_special_tokens=True)
+        return {"bleu4": corpus_bleu4(hyps, refs)}
+
+    return compute_metrics
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _last(history: list[dict], key: str):
+    return next((h[key] for h in reversed(history) if key in h), None)
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def run(job: Seq2SeqJob) -> dict:
+    """Train, write `<output_dir>/best` and the summary; returns the summary dict."""
+    wall_start = time.perf_counter()
+    check_job(job)
+    out = Path(job.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume = resolve_checkpoint(job.resume_from_checkpoint, ckpt_dir)
+    if resume is None and complete_checkpoints(ckpt_dir):
+        # A fresh run would mix its checkpoints with these and rotate them away.
+        raise UserError(f"{ckpt_dir} already holds checkpoints of an earlier run: continue it with "
+                        f"{'--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'},"
+                        " or choose another --output_dir")
+
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, set_seed
+    from transformers.integrations import TensorBoardCallback
+
+    from .chat_model import build_model, check_vocab, count_parameters, load_model, load_tokenizer, save_model
+
+    tokenizer = load_tokenizer(job.tokenizer_dir)
+    set_seed(job.seed)  # the fresh model's initial weights depend on it
+    if job.init_model_dir:
+        model = load_model(job.init_model_dir)
+        check_vocab(tokenizer, model.config, job.init_model_dir)
+    else:
+        model = build_model(job.model_config_file)
+        check_vocab(tokenizer, model.config, job.model_config_file)
+
+    train_ds = tokenize_pairs(load_pairs(job.train_file, "train"), tokenizer, job.max_seq_len, "train")
+    eval_ds = None
+    if job.eval_file:
+        eval_ds = load_pairs(job.eval_file, "eval")
+        if job.eval_max_samples > 0:
+            eval_ds = eval_ds.select(range(min(job.eval_max_samples, len(eval_ds))))
+        eval_ds = tokenize_pairs(eval_ds, tokenizer, job.max_seq_len, "eval")
+
+    precision = _precision_flags(job.mixed_precision)
+    if job.mixed_precision != "no" and not any(precision.values()):
+        print(f"no CUDA device: training in fp32 instead of {job.mixed_precision}")
+    has_eval = eval_ds is not None
+    # Eval answers: greedy, as the project's default decoding; max_length rather than
+    # max_new_tokens, which the Trainer would combine with the default max_length (20).
+    eval_generation = model.generation_config_for("greedy", job.max_seq_len)
+    eval_generation.max_new_tokens = None
+    eval_generation.max_length = job.max_seq_len + 1  # + the decoder start token
+    # Seq2SeqTrainer installs the eval config on the model; the saved model keeps its own.
+    model_generation = model.generation_config
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(ckpt_dir),
+        per_device_train_batch_size=job.batch_size, per_device_eval_batch_size=job.batch_size,
+        gradient_accumulation_steps=job.gradient_accumulation_steps,
+        learning_rate=job.learning_rate, warmup_steps=job.warmup_steps, optim=OPTIMIZERS[job.optimizer],
+        max_grad_norm=1.0, num_train_epochs=job.num_train_epochs, max_steps=job.max_steps,
+        logging_steps=job.logging_steps, logging_first_step=job.logging_first_step,
+        save_strategy="steps", save_steps=job.save_steps, save_total_limit=job.save_total_limit or None,
+        eval_strategy="steps" if has_eval else "no", eval_steps=job.save_steps if has_eval else None,
+        load_best_model_at_end=has_eval, metric_for_best_model="eval_loss", greater_is_better=False,
+        predict_with_generate=has_eval,
+        generation_config=eval_generation,
+        train_sampling_strategy="group_by_length" if job.group_by_length else "random",
+        seed=job.seed, report_to="none", dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(), **precision)
+
+    tensorboard = TensorBoardCallback()
+    tensorboard.logging_dir = str(out / "runs")
+    throughput, stop_on_signal = _make_callbacks()
+    trainer = _make_trainer_class()(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        compute_metrics=_bleu_metric(tokenizer) if has_eval else None,
+        callbacks=[tensorboard, throughput, stop_on_signal])
+
+    print(f"{job.stage}: {count_parameters(model):,} parameters, {len(train_ds):,} training pairs"
+          f"{f', {len(eval_ds):,} eval pairs' if has_eval else ''}, device {args.device}"
+          f"{f', resuming from {resume}' if resume else ''}")
+    start_step = 0
+    if resume:
+        start_step = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+    result = trainer.train(resume_from_checkpoint=resume)
+    state = trainer.state
+
+    tokens = torch.tensor(trainer.trained_tokens, device=args.device)
+    tokens = int(trainer.accelerator.reduce(tokens, reduction="sum"))
+    if not trainer.is_world_process_zero():
+        return {}
+    if stop_on_signal.signal_name:
+        print(f"stopped by {stop_on_signal.signal_name} at step {state.global_step}; checkpoint in {ckpt_dir}; "
+              f"continue with {'--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'}")
+        raise SystemExit(130)
+
+    trainer.model.generation_config = model_generation
+    best_dir = save_model(trainer.model, out / "best", tokenizer)
+    history = state.log_history
+    best_eval = state.best_metric if has_eval else None
+    best_entry = next((h for h in history if "eval_loss" in h and h.get("step") == state.best_global_step), {})
+    summary = {
+        "stage": job.stage,
+        "steps": state.global_step,
+        "steps_this_run": state.global_step - start_step,
+        "resumed_from": resume,
+        "train_tokens": tokens,
+        "train_seconds": round(throughput.seconds, 3),
+        "tokens_per_sec": round(tokens / throughput.seconds, 1) if throughput.seconds > 0 else None,
+        "final_train_loss": _last(history, "loss"),
+        "mean_train_loss_this_run": result.training_loss,
+        "final_eval_loss": best_eval,
+        "last_eval_loss": _last(history, "eval_loss"),
+        "eval_bleu4": best_entry.get("eval_bleu4"),
+        "best_checkpoint": state.best_model_checkpoint,
+        "device": str(args.device),
+        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "parameters": count_parameters(trainer.model),
+        "batch_size": job.batch_size,
+        "gradient_accumulation_steps": job.gradient_accumulation_steps,
+        "model_dir": str(best_dir),
+        "wall_seconds": round(time.perf_counter() - wall_start, 3),
+        "job": asdict(job),
+    }
+    _atomic_write_json(out / SUMMARY_FILE, summary)
+    _print_summary(summary, out)
+    return summary
+
+
+def _fmt(x, spec=".4f"):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    which = "best eval loss" if s["final_eval_loss"] is not None else "last step"
+    print(f"\n{s['stage']} done: {s['steps']} steps ({s['steps_this_run']} this run), "
+          f"{s['train_tokens']:,} non-padding tokens in {s['train_seconds']:.1f} s of training "
+          f"= {_fmt(s['tokens_per_sec'], ',.0f')} tokens/s ({s['device']}, {s['precision']})")
+    print(f"  final train loss {_fmt(s['final_train_loss'])}, eval loss {_fmt(s['final_eval_loss'])}"
+          f", BLEU-4 {_fmt(s['eval_bleu4'])}")
+    print(f"  model ({which}) -> {s['model_dir']}")
+    print(f"  checkpoints -> {out / 'checkpoints'}, tensorboard -> {out / 'runs'}, summary -> {out / SUMMARY_FILE}")
+    print(f"  total wall time {s['wall_seconds']:.1f} s")
