@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import uuid
 from pathlib import Path
@@ -90,7 +91,11 @@ def load_model(path: str | Path, config_file: str | Path | None = None,
     if path.suffix == ".safetensors":
         state = load_safetensors(str(path))
     elif path.suffix == ".bin":
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UserError(f"{path} holds pickled objects other than tensors; refusing to unpickle it "
+                            f"({str(exc).splitlines()[0]})") from None
     else:
         raise UserError(f"unknown model file type {path.suffix!r} (expected a directory, .safetensors or .bin): {path}")
     state = {k.removeprefix("model."): v for k, v in state.items()}  # original wrapper's prefix

@@ -1,0 +1,219 @@
+"""The chat model: published size, the saved file set, fresh-process loading through the
+Auto classes with the original README's snippet, every search type, strict loading."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_CONFIG
+from model.chat_model import (MODEL_FILES, TextToTextModel, build_model, count_parameters, load_model,
+                              load_model_config, load_tokenizer, save_model)
+from model.modeling_chat_model import SEARCH_TYPES, contrastive_search, degeneration_scores
+from utils.cli import UserError
+
+
+def test_published_config_has_the_published_size():
+    config = load_model_config(ROOT / "model_config.json")
+    with torch.device("meta"):
+        model = TextToTextModel(config)
+    assert (config.d_model, config.d_ff, config.num_heads, config.d_kv) == (768, 3072, 12, 64)
+    assert (config.num_layers, config.num_decoder_layers, config.vocab_size) == (10, 10, 29298)
+    assert model.lm_head.weight is model.shared.weight
+    assert count_parameters(model) == 187_692_288
+    assert count_parameters(model) + model.lm_head.weight.numel() == 210_193_152
+
+
+def test_saved_directory_has_the_original_file_set(tiny_model_dir):
+    names = set(os.listdir(tiny_model_dir))
+    expected = set(MODEL_FILES) | {"special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"}
+    assert expected <= names
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_chat_model.TextToTextModel"
+    assert config["auto_map"]["AutoConfig"] == "configuration_chat_model.TextToTextModelConfig"
+
+
+ORIGINAL_SNIPPET = textwrap.dedent("""
+    from transformers import AutoTokenizer, AutoModelForSeq2SeqLM
+    import torch
+
+    model_id = MODEL_DIR
+    device = torch.device('cuda') if torch.cuda.is_available() else torch.device('cpu')
+
+    tokenizer = AutoTokenizer.from_pretrained(model_id)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_id, trust_remote_code=True).to(device)
+
+    txt = '如何评价Apple这家公司？'
+
+    encode_ids = tokenizer([txt])
+    input_ids, attention_mask = torch.LongTensor(encode_ids['input_ids']), torch.LongTensor(encode_ids['attention_mask'])
+
+    outs = model.my_generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        max_seq_len=256,
+        search_type='beam',
+    )
+
+    outs_txt = tokenizer.batch_decode(outs.cpu().numpy(), skip_special_tokens=True, clean_up_tokenization_spaces=True)
+    print(outs_txt[0])
+""")
+
+
+def test_original_readme_snippet_runs_in_a_fresh_process(tiny_model_dir, tmp_path):
+    """The original README's usage code, unchanged but for the model id, in a process that
+    cannot import this project (other cwd, no PYTHONPATH)."""
+    # A random model rarely emits [EOS], so the snippet's 256-token beam search would run to
+    # the end; a large [EOS] embedding makes its logit dominate (with either sign) and the
+    # answer end after a few tokens. Behaviour under test is loading, not answer quality.
+    model = load_model(tiny_model_dir)
+    with torch.no_grad():
+        model.shared.weight[1] *= 200.0
+    model_dir = tmp_path / "eos_prone_model"
+    save_model(model, model_dir, load_tokenizer(tiny_model_dir))
+    check = ORIGINAL_SNIPPET + textwrap.dedent("""
+        import sys
+        assert 'model' not in sys.modules and 'config' not in sys.modules
+        assert type(model).__name__ == 'TextToTextModel', type(model)
+        for search_type in ['greedy', 'beam', 'sampling', 'contrastive']:
+            o = model.my_generate(input_ids=input_ids, attention_mask=attention_mask, max_seq_len=6, search_type=search_type)
+            assert o.shape[0] == 1 and 2 <= o.shape[1] <= 7 and o[0, 0].item() == 0, (search_type, o)
+        print('SNIPPET-OK')
+    """)
+    script = tmp_path / "snippet.py"
+    script.write_text(f"MODEL_DIR = {str(model_dir)!r}\n" + check)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # a fresh module cache: the .py files must come from the dir
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "SNIPPET-OK" in res.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = build_model(TINY_CONFIG).eval()
+    ids = torch.randint(10, 8000, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    return model, ids, mask
+
+
+@pytest.mark.parametrize("search_type", SEARCH_TYPES)
+def test_my_generate_every_search_type(tiny, search_type):
+    model, ids, mask = tiny
+    torch.manual_seed(1)
+    out = model.my_generate(ids, mask, max_seq_len=8, search_type=search_type)
+    assert out.shape[0] == 2 and 2 <= out.shape[1] <= 9
+    assert (out[:, 0] == model.config.decoder_start_token_id).all()
+    assert ((out >= 0) & (out < model.config.vocab_size)).all()
+
+
+def test_unknown_search_type_is_rejected(tiny):
+    model, ids, mask = tiny
+    with pytest.raises(ValueError, match="search_type"):
+        model.my_generate(ids, mask, max_seq_len=4, search_type="nucleus")
+
+
+def test_degeneration_scores_by_hand():
+    # Two candidates; context holds one vector e1 = (1, 0).
+    # cand A = (1, 0): cos 1   -> 0.5 * 0.6 - 0.5 * 1.0 = -0.2
+    # cand B = (0, 1): cos 0   -> 0.5 * 0.4 - 0.5 * 0.0 =  0.2   (B wins despite lower p)
+    top_probs = torch.tensor([[0.6, 0.4]])
+    cand = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])
+    ctx = torch.tensor([[[3.0, 0.0]]])
+    scores = degeneration_scores(top_probs, cand, ctx, penalty_alpha=0.5)
+    assert torch.allclose(scores, torch.tensor([[-0.2, 0.2]]), atol=1e-6)
+    # alpha 0 is plain model confidence
+    assert torch.allclose(degeneration_scores(top_probs, cand, ctx, 0.0), top_probs)
+
+
+def test_contrastive_with_alpha_zero_is_greedy(tiny):
+    model, ids, mask = tiny
+    greedy = model.my_generate(ids, mask, max_seq_len=7, search_type="greedy")
+    contrastive = contrastive_search(model, ids, mask, max_new_tokens=7, penalty_alpha=0.0, top_k=5)
+    n = min(greedy.shape[1], contrastive.shape[1])
+    assert torch.equal(greedy[:, :n], contrastive[:, :n])
+
+
+def test_contrastive_penalty_changes_choice_when_context_repeats(tiny):
+    """With a strong penalty the search must avoid re-emitting tokens whose hidden state
+    repeats the context; the result differs from greedy on a random model that loops."""
+    model, ids, mask = tiny
+    greedy = model.my_generate(ids, mask, max_seq_len=10, search_type="greedy")
+    strong = contrastive_search(model, ids, mask, max_new_tokens=10, penalty_alpha=0.9, top_k=8)
+    assert not torch.equal(greedy[:, : strong.shape[1]], strong[:, : greedy.shape[1]])
+
+
+def test_streamer_gets_the_same_text(tiny_model_dir):
+    from transformers import TextIteratorStreamer
+    import threading
+
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir).eval()
+    enc = tok(["今天天气很好"], return_tensors="pt")
+    for search_type in ("greedy", "contrastive"):
+        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(out=model.my_generate(
+            enc["input_ids"], enc["attention_mask"], max_seq_len=6, search_type=search_type, streamer=streamer)))
+        thread.start()
+        streamed = "".join(streamer)
+        thread.join()
+        assert streamed == tok.decode(result["out"][0], skip_special_tokens=True)
+
+
+def test_load_legacy_bin_and_safetensors_file(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir).eval()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}  # the original wrapper's prefix
+    torch.save(state, tmp_path / "chat_small_t5.best.bin")
+    legacy = load_model(tmp_path / "chat_small_t5.best.bin", config_file=tiny_model_dir / "config.json").eval()
+    from_file = load_model(tiny_model_dir / "model.safetensors").eval()
+    ids = torch.tensor([[5, 6, 7, 1]])
+    ref = model(input_ids=ids, decoder_input_ids=ids).logits
+    for other in (legacy, from_file):
+        assert torch.equal(other(input_ids=ids, decoder_input_ids=ids).logits, ref)
+
+
+def test_legacy_bin_with_pickled_objects_is_refused(tmp_path, tiny_model_dir):
+    import argparse
+
+    torch.save({"shared.weight": argparse.Namespace(x=1)}, tmp_path / "evil.bin")
+    with pytest.raises(UserError, match="refusing to unpickle"):
+        load_model(tmp_path / "evil.bin", config_file=tiny_model_dir / "config.json")
+
+
+def test_loading_is_strict(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("decoder.block.1")}
+    torch.save(state, tmp_path / "partial.bin")
+    with pytest.raises(UserError, match="missing.*decoder.block.1"):
+        load_model(tmp_path / "partial.bin", config_file=tiny_model_dir / "config.json")
+    with pytest.raises(UserError, match="model not found"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_model(tmp_path / "empty_dir")
+
+
+def test_save_is_atomic(tiny_model_dir, tmp_path):
+    model = load_model(tiny_model_dir)
+    out = tmp_path / "out"
+    save_model(model, out, load_tokenizer(tiny_model_dir))
+    before = (out / "model.safetensors").read_bytes()
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with torch.no_grad():
+        model.shared.weight.add_(1.0)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(model, out, BrokenTokenizer())
+    assert (out / "model.safetensors").read_bytes() == before  # the previous copy is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left behind
