@@ -5,6 +5,7 @@ text; the end-of-sequence token is appended here, to prompt and response alike.
 """
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Sequence
 
@@ -281,33 +282,34 @@ class StreamingBatches:
             starts.append(acc)
             acc += pf.metadata.row_group(g).num_rows
         groups = list(range(pf.metadata.num_row_groups))
-        rng = epoch_rng(self.seed, epoch, 20_000 + self.rank)
+        # the stdlib generator: one draw per row, numpy's per-call overhead would dominate
+        rng = random.Random(f"{self.seed}-{epoch}-{self.rank}")
         if self.shuffle:
             groups = [groups[i] for i in epoch_rng(self.seed, epoch).permutation(len(groups))]
         limit = self.rows_per_rank * self.world
         buffer: list = []
         for g in groups:
-            rb = pf.read_row_group(g, columns=list(REQUIRED_COLUMNS))
-            prompts, responses = _column_texts(rb, self.path)
             first = starts[g]
-            begin = (self.rank - first) % self.world
-            for j in range(begin, len(prompts), self.world):
-                if first + j >= limit:
-                    break
-                row = (first + j, prompts[j], responses[j])
-                if not self.shuffle:
-                    yield row
-                    continue
-                if len(buffer) < self.buffer_size:
-                    buffer.append(row)
-                    continue
-                k = int(rng.integers(len(buffer)))
-                yield buffer[k]
-                buffer[k] = row
-            del rb, prompts, responses
-        if buffer:
-            for k in rng.permutation(len(buffer)):
-                yield buffer[k]
+            # record batches of a row group: Python strings exist for 4096 rows at a time
+            for rb in pf.iter_batches(batch_size=4096, row_groups=[g], columns=list(REQUIRED_COLUMNS)):
+                prompts, responses = _column_texts(rb, self.path)
+                begin = (self.rank - first) % self.world
+                for j in range(begin, len(prompts), self.world):
+                    if first + j >= limit:
+                        break
+                    row = (first + j, prompts[j], responses[j])
+                    if not self.shuffle:
+                        yield row
+                        continue
+                    if len(buffer) < self.buffer_size:
+                        buffer.append(row)
+                        continue
+                    k = rng.randrange(len(buffer))
+                    yield buffer[k]
+                    buffer[k] = row
+                first += len(prompts)
+        rng.shuffle(buffer)
+        yield from buffer
 
     def batches(self, epoch: int, skip: int = 0):
         window = self.batch_size * (_MEGABATCH_MULT if self.group else 1)

@@ -87,9 +87,12 @@ def make_optimizer(cfg, params):
 
 def make_scheduler(cfg, optimizer, total_steps: int):
     # OneCycleLR starts at max_lr / div_factor: the original's 1e-4 -> 5e-3 with the defaults.
-    pct_start = min(0.5, max(cfg.warmup_steps, 1) / max(total_steps, 1))
+    # OneCycleLR divides by (pct_start * total - 1): the warm-up must span 2+ steps, so a
+    # run shorter than 4 steps simply ends before its schedule does
+    total_steps = max(total_steps, 4)
+    pct_start = min(0.5, max(cfg.warmup_steps, 2) / total_steps)
     return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=cfg.learn_rate * cfg.div_factor, total_steps=max(total_steps, 2),
+        optimizer, max_lr=cfg.learn_rate * cfg.div_factor, total_steps=total_steps,
         pct_start=pct_start, div_factor=cfg.div_factor, cycle_momentum=False)
 
 
@@ -145,8 +148,11 @@ class ChatTrainer:
         from accelerate import Accelerator
 
         # bf16/fp16 only where there is a GPU: on CPU bf16 matmuls are hundreds of times slower
-        mp = self.cfg.mixed_precision if torch.cuda.is_available() else "no"
-        acc = Accelerator(mixed_precision=mp, gradient_accumulation_steps=self.cfg.gradient_accumulation_steps)
+        gpu = torch.cuda.is_available()
+        mp = self.cfg.mixed_precision if gpu else "no"
+        # cpu=True is what makes accelerate read torchrun's WORLD_SIZE as MULTI_CPU (gloo)
+        acc = Accelerator(cpu=not gpu, mixed_precision=mp,
+                          gradient_accumulation_steps=self.cfg.gradient_accumulation_steps)
         return acc
 
     def _logger(self, accelerator) -> logging.Logger:

