@@ -32,6 +32,7 @@ _FULLWIDTH = {ord(c): ord(c) - 0xFEE0 for c in
               "ａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ"}
 _FULLWIDTH[0x3000] = 0x20  # ideographic space
 
+_EN_PUNCT = frozenset(",;:?!().")
 _EN2ZH = {",": "，", ";": "；", ":": "：", "?": "？", "!": "！", "(": "（", ")": "）"}
 # An English mark touching a Chinese character on either side is Chinese punctuation;
 # "1,000", "a, b" and "3.14" are left alone.
@@ -101,12 +102,14 @@ def clean_text(text: str) -> str:
         return text
     text = to_simplified(text)
     text = _REPEAT_PUNCT_RE.sub(r"\1", text)
-    if _CJK_RE.search(text):
+    # Each regex pass costs a scan of the text; skip those whose characters are absent.
+    if not _EN_PUNCT.isdisjoint(text) and _CJK_RE.search(text):
         text = _PUNCT_AFTER_CJK_RE.sub(lambda m: _EN2ZH[m.group(1)], text)
         text = _PUNCT_BEFORE_CJK_RE.sub(lambda m: _EN2ZH[m.group(1)], text)
         text = _PERIOD_RE.sub("。", text)
-        text = _SPACE_NEAR_ZH_PUNCT_RE.sub("", text)
         text = _REPEAT_PUNCT_RE.sub(r"\1", text)  # "，," became "，，"
+    if " " in text:
+        text = _REPEAT_PUNCT_RE.sub(r"\1", _SPACE_NEAR_ZH_PUNCT_RE.sub("", text))  # "， ，" -> "，"
     return text.strip()
 
 

