@@ -119,27 +119,26 @@ def train_sentencepiece(corpus_file, vocab_size: int, token_type: str = "char"):
     and the same Metaspace scheme as the char-level tokenizer, so round trips are exact.
     `token_type=byte` turns on sentencepiece's byte fallback for unseen characters.
     """
-    import sentencepiece as spm
     from tokenizers import Tokenizer, models
 
     if token_type not in ("char", "byte"):
         raise UserError(f"--token_type must be 'char' or 'byte', got {token_type!r}")
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "spm")
-        try:
-            spm.SentencePieceTrainer.train(
-            sentence_iterator=(unicodedata.normalize("NFKC", s) for s in iter_corpus(corpus_file)),
-            model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-                character_coverage=0.9995, byte_fallback=token_type == "byte",
-                pad_id=0, eos_id=1, bos_id=3, unk_id=6,
-                pad_piece="[PAD]", eos_piece="[EOS]", bos_piece="[BOS]", unk_piece="[UNK]",
-                user_defined_symbols=["[SEP]", "[CLS]", "[MASK]", "\t", "\n"],
-                normalization_rule_name="identity", add_dummy_prefix=False,
-                remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
-                minloglevel=2,
-            )
-        except RuntimeError as exc:  # sentencepiece reports bad settings as RuntimeError
-            raise UserError(f"sentencepiece training failed: {str(exc).splitlines()[-1]}") from None
+        # Full character coverage keeps every character of the corpus (exact round trips);
+        # a corpus with more distinct characters than the vocabulary falls back to the
+        # usual 0.9995 for CJK, rare characters then becoming [UNK] (or bytes).
+        for coverage in (1.0, 0.9995):
+            try:
+                _train_spm(corpus_file, prefix, vocab_size, token_type, coverage)
+                break
+            except RuntimeError as exc:  # sentencepiece reports bad settings as RuntimeError
+                message = str(exc).splitlines()[-1]
+                if coverage == 1.0 and "required_chars" in message:
+                    print(f"note: more distinct characters than --vocab_size {vocab_size}; "
+                          "using character_coverage 0.9995")
+                    continue
+                raise UserError(f"sentencepiece training failed: {message}") from None
         vocab, merges = _spm_bpe_vocab_and_merges(prefix + ".model")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]",
                                byte_fallback=token_type == "byte", fuse_unk=True))
@@ -148,6 +147,23 @@ def train_sentencepiece(corpus_file, vocab_size: int, token_type: str = "char"):
         from tokenizers import decoders
         tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="never")])
     return _wrap(tok)
+
+
+def _train_spm(corpus_file, prefix: str, vocab_size: int, token_type: str, coverage: float) -> None:
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(unicodedata.normalize("NFKC", s) for s in iter_corpus(corpus_file)),
+        model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=coverage, byte_fallback=token_type == "byte",
+        pad_id=0, eos_id=1, bos_id=3, unk_id=6,
+        pad_piece="[PAD]", eos_piece="[EOS]", bos_piece="[BOS]", unk_piece="[UNK]",
+        user_defined_symbols=["[SEP]", "[CLS]", "[MASK]", "\t", "\n"],
+        normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
+        # the default (4192 bytes) silently skips longer lines, and their characters with them
+        max_sentence_length=1 << 20, minloglevel=2,
+    )
 
 
 def _spm_bpe_vocab_and_merges(model_file: str):

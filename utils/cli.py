@@ -9,6 +9,7 @@ ends in one line on stderr and exit status 2, never in a traceback.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -37,13 +38,19 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None,
             command = argv.pop(0)
             if command not in commands:
                 raise UserError(f"unknown command {command!r}; expected one of: {', '.join(commands)}")
-    parser = HfArgumentParser(config_cls, description=description)
+    # allow_abbrev=False: argparse would otherwise accept "--epoch" for "--epochs", and a
+    # misspelt flag must fail rather than silently match a different field.
+    parser = HfArgumentParser(config_cls, description=description, allow_abbrev=False,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    for action in parser._actions:
+        if action.dest != "help" and not action.help:
+            action.help = "(default: %(default)s)"
     if commands:
         parser.usage = f"%(prog)s [{'|'.join(commands)}] [--field value ...]"
     try:
         (cfg,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except SystemExit as exc:  # argparse already printed its one-line message (or --help)
-        raise SystemExit(exc.code)
+    except ValueError as exc:  # unknown flags
+        raise UserError(str(exc)) from None
     return command, cfg
 
 
