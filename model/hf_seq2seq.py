@@ -197,9 +197,19 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
 def load_pairs(path: str | Path, what: str):
     """A datasets.Dataset with string `prompt` and `response` columns (nothing else)."""
     import datasets
+
+    # Quiet while reading, so that a bad file ends in one line on stderr.
+    datasets.disable_progress_bars()
+    try:
+        return _load_pairs(str(path), what)
+    finally:
+        datasets.enable_progress_bars()
+
+
+def _load_pairs(path: str, what: str):
+    import datasets
     import pyarrow as pa
 
-    path = str(path)
     if _is_json(path):
         try:
             ds = datasets.Dataset.from_json(path)
@@ -210,10 +220,9 @@ def load_pairs(path: str | Path, what: str):
             if col not in ds.column_names:
                 raise UserError(f"{what} file {path} has no '{col}' field "
                                 f"(fields: {', '.join(ds.column_names) or 'none'})")
-            if not pa.types.is_string(ds.data.schema.field(col).type) \
-                    and not pa.types.is_large_string(ds.data.schema.field(col).type):
-                raise UserError(f"{what} file {path}: field '{col}' is {ds.data.schema.field(col).type}, "
-                                "expected strings")
+            kind = ds.data.schema.field(col).type
+            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+                raise UserError(f"{what} file {path}: field '{col}' is {kind}, expected strings")
         if len(ds) == 0:
             raise UserError(f"{what} file has no rows: {path}")
     else:
@@ -222,7 +231,7 @@ def load_pairs(path: str | Path, what: str):
     for col in REQUIRED_COLUMNS:
         column = ds.data.column(col)
         if column.null_count:
-            first = next(i for i, v in enumerate(column.is_null().to_pylist()) if v)
+            first = column.is_null().to_pylist().index(True)
             raise UserError(f"{what} file {path}: {column.null_count} rows have no '{col}' (first: row {first})")
     return ds
 
@@ -388,6 +397,11 @@ def run(job: Seq2SeqJob) -> dict:
 
     from .chat_model import build_model, check_vocab, count_parameters, load_model, load_tokenizer, save_model
 
+    # Everything a user can get wrong is checked before the model is built or loaded.
+    train_ds = load_pairs(job.train_file, "train")
+    eval_ds = load_pairs(job.eval_file, "eval") if job.eval_file else None
+    if eval_ds is not None and job.eval_max_samples > 0:
+        eval_ds = eval_ds.select(range(min(job.eval_max_samples, len(eval_ds))))
     tokenizer = load_tokenizer(job.tokenizer_dir)
     set_seed(job.seed)  # the fresh model's initial weights depend on it
     if job.init_model_dir:
@@ -397,12 +411,8 @@ def run(job: Seq2SeqJob) -> dict:
         model = build_model(job.model_config_file)
         check_vocab(tokenizer, model.config, job.model_config_file)
 
-    train_ds = tokenize_pairs(load_pairs(job.train_file, "train"), tokenizer, job.max_seq_len, "train")
-    eval_ds = None
-    if job.eval_file:
-        eval_ds = load_pairs(job.eval_file, "eval")
-        if job.eval_max_samples > 0:
-            eval_ds = eval_ds.select(range(min(job.eval_max_samples, len(eval_ds))))
+    train_ds = tokenize_pairs(train_ds, tokenizer, job.max_seq_len, "train")
+    if eval_ds is not None:
         eval_ds = tokenize_pairs(eval_ds, tokenizer, job.max_seq_len, "eval")
 
     precision = _precision_flags(job.mixed_precision)
