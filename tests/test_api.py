@@ -1,0 +1,222 @@
+"""The HTTP API in process (utils/api_app.py through starlette's TestClient): auth, limits,
+malformed bodies, response shapes of /api/chat and the OpenAI-compatible endpoints."""
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from config import InferConfig
+from model.infer import ChatBot
+from utils.api_app import create_app
+
+KEY = "s3cret-key"
+MAX_NEW = 6
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def bot(chatty_model_dir):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model is fastest on one thread; the machine's cores are shared
+    yield ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=MAX_NEW))
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def client(bot):
+    config = InferConfig(model_dir=bot.config.model_dir, max_seq_len=MAX_NEW, api_key=KEY, max_input_chars=50,
+                         max_new_tokens_cap=32, max_body_bytes=4096)
+    with TestClient(create_app(config, bot)) as c:
+        yield c
+
+
+def completion(client, content="你好", headers=AUTH, **extra):
+    return client.post("/v1/chat/completions", headers=headers,
+                       json={"model": "x", "messages": [{"role": "user", "content": content}], **extra})
+
+
+def sse_events(text: str) -> list:
+    """The `data:` payloads of an SSE body; [DONE] kept as a string."""
+    events = []
+    for block in text.split("\n\n"):
+        if block.strip():
+            assert block.startswith("data: "), block
+            data = block[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+# ---- the original endpoint ------------------------------------------------------------------
+def test_api_chat_answers_like_the_original(client, bot):
+    r = client.post("/api/chat", headers=AUTH, json={"input_txt": "感冒了要怎么办"})
+    assert r.status_code == 200
+    assert r.json() == {"response": bot.chat("感冒了要怎么办")}
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_api_chat_empty_input_is_refused(client, text):
+    r = client.post("/api/chat", headers=AUTH, json={"input_txt": text})
+    assert r.status_code == 406
+    assert "input_txt must not be empty" in r.json()["detail"]
+
+
+# ---- auth -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method,path,body", [
+    ("post", "/api/chat", {"input_txt": "你好"}),
+    ("post", "/v1/chat/completions", {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 2}),
+    ("get", "/v1/models", None),
+])
+def test_api_key_none_wrong_right(client, method, path, body):
+    kwargs = {"json": body} if body is not None else {}
+    none = getattr(client, method)(path, **kwargs)
+    assert none.status_code == 401 and none.headers["www-authenticate"] == "Bearer"
+    assert "missing API key" in none.text
+    for bad in ("Bearer wrong", f"Bearer {KEY}x", f"Basic {KEY}", KEY):
+        wrong = getattr(client, method)(path, headers={"Authorization": bad}, **kwargs)
+        assert wrong.status_code == 401, bad
+    right = getattr(client, method)(path, headers=AUTH, **kwargs)
+    assert right.status_code == 200
+    if path.startswith("/v1/"):
+        assert none.json()["error"]["type"] == "authentication_error"
+
+
+def test_auth_is_checked_before_the_body_is_parsed(client):
+    r = client.post("/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 401
+
+
+def test_health_and_page_need_no_key(client):
+    health = client.get("/health")
+    assert health.status_code == 200
+    body = health.json()
+    assert body["status"] == "ok" and body["device"] == "cpu" and body["dtype"] == "float32"
+    assert isinstance(body["tokens_generated"], int) and body["active_requests"] == 0
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<script src="/static/chat.js">' in page.text
+    js = client.get("/static/chat.js")
+    assert js.status_code == 200 and "/v1/chat/completions" in js.text
+
+
+# ---- OpenAI-compatible ----------------------------------------------------------------------
+def test_models_lists_the_served_model(client):
+    body = client.get("/v1/models", headers=AUTH).json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["chatlm-mini-chinese"]
+
+
+def test_chat_completion_object(client, bot):
+    r = completion(client, "你好", max_tokens=5)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == bot.chat("你好", max_new_tokens=5)
+    assert choice["finish_reason"] == "length"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 5 and usage["prompt_tokens"] == 3  # 你, 好, [EOS]
+    assert usage["total_tokens"] == 8
+
+
+def test_last_user_message_is_the_question(client, bot):
+    r = client.post("/v1/chat/completions", headers=AUTH, json={"max_tokens": 4, "messages": [
+        {"role": "system", "content": "你是助手"}, {"role": "user", "content": "早上好"},
+        {"role": "assistant", "content": "早"}, {"role": "user", "content": [{"type": "text", "text": "你好"}]}]})
+    assert r.json()["choices"][0]["message"]["content"] == bot.chat("你好", max_new_tokens=4)
+
+
+def test_streamed_chat_completion_chunks(client, bot):
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+            "messages": [{"role": "user", "content": "你好"}], "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r.read().decode())
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    contents = [c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]]
+    assert sum(1 for x in contents if x) == 5  # one chunk per generated character
+    assert "".join(contents) == bot.chat("你好", max_new_tokens=5)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+def test_temperature_samples(client):
+    r = completion(client, "你好", max_tokens=4, temperature=1.0, top_p=0.9)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+
+
+# ---- limits -----------------------------------------------------------------------------------
+def test_input_length_limit(client):
+    r = client.post("/api/chat", headers=AUTH, json={"input_txt": "问" * 51})
+    assert r.status_code == 400 and "limit is 50" in r.json()["detail"]
+    r = completion(client, "问" * 51)
+    assert r.status_code == 400 and "limit is 50" in r.json()["error"]["message"]
+    assert completion(client, "问" * 50, max_tokens=1).status_code == 200
+
+
+def test_max_tokens_limit(client):
+    r = completion(client, max_tokens=33)
+    assert r.status_code == 400 and "max_tokens is 33; the limit is 32" in r.json()["error"]["message"]
+    assert completion(client, max_completion_tokens=33).status_code == 400
+    assert completion(client, max_tokens=0).status_code == 422
+
+
+def test_body_size_limit(client):
+    big = json.dumps({"input_txt": "a" * 5000}).encode()
+    r = client.post("/api/chat", headers={**AUTH, "Content-Type": "application/json"}, content=big)
+    assert r.status_code == 413 and "limit is 4096 bytes" in r.json()["detail"]
+
+    def chunked():  # no Content-Length: the limit must hold while the body streams in
+        for i in range(0, len(big), 1000):
+            yield big[i:i + 1000]
+
+    r = client.post("/v1/chat/completions", headers={**AUTH, "Content-Type": "application/json"}, content=chunked())
+    assert r.status_code == 413 and "limit is 4096 bytes" in r.json()["error"]["message"]
+
+
+# ---- malformed bodies: 422 with a message, never 500 -----------------------------------------
+@pytest.mark.parametrize("path,body", [
+    ("/api/chat", b"{\"input_txt\": "),
+    ("/api/chat", b"not json at all"),
+    ("/api/chat", b"[\"input_txt\"]"),
+    ("/api/chat", b"{\"input_txt\": 5}"),
+    ("/api/chat", b"{\"input_txt\": null}"),
+    ("/api/chat", b"{}"),
+    ("/api/chat", b"\xff\xfe\x00garbage"),
+    ("/api/chat", b"[" * 3000),
+    ("/api/chat", b""),
+    ("/v1/chat/completions", b"{\"messages\": []}"),
+    ("/v1/chat/completions", b"{\"messages\": \"hi\"}"),
+    ("/v1/chat/completions", b"{\"messages\": [{\"role\": \"alien\", \"content\": \"hi\"}]}"),
+    ("/v1/chat/completions", b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"temperature\": 5}"),
+    ("/v1/chat/completions", b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": \"many\"}"),
+    ("/v1/chat/completions", b"{\"messages\": [{\"role\": \"user\""),
+])
+def test_malformed_bodies_get_422(client, path, body):
+    r = client.post(path, headers={**AUTH, "Content-Type": "application/json"}, content=body)
+    assert r.status_code == 422, r.text
+    message = r.json()["error"]["message"] if path.startswith("/v1/") else r.json()["detail"]
+    assert message.startswith("invalid request body")
+
+
+@pytest.mark.parametrize("messages,expected", [
+    ([{"role": "system", "content": "你是助手"}], "must contain a user message"),
+    ([{"role": "user", "content": "  "}], "last user message is empty"),
+])
+def test_unanswerable_conversations_get_400(client, messages, expected):
+    r = client.post("/v1/chat/completions", headers=AUTH, json={"messages": messages})
+    assert r.status_code == 400 and expected in r.json()["error"]["message"]
+
+
+def test_only_one_choice(client):
+    assert completion(client, n=2).status_code == 400
+
+
+def test_unknown_v1_path_uses_openai_error_shape(client):
+    r = client.get("/v1/nothing", headers=AUTH)
+    assert r.status_code == 404 and "message" in r.json()["error"]

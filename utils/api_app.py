@@ -1,0 +1,371 @@
+"""The HTTP API of api_demo.py: the original's /api/chat, an OpenAI-compatible API and a chat page.
+
+Run it with `python api_demo.py [--model_dir DIR] [--port 8812] [--api_key KEY]`, then:
+
+    curl -s -X POST http://127.0.0.1:8812/api/chat -H "Content-Type: application/json" -d '{"input_txt": "感冒了要怎么办"}'
+
+Endpoints (those under /api and /v1 need `Authorization: Bearer KEY` when an api_key is set;
+the key is compared in constant time):
+
+- POST /api/chat            {"input_txt": "..."} -> {"response": "..."}, as the original (an
+                            empty input_txt gets 406, its status code).
+- POST /v1/chat/completions OpenAI's chat.completion; `stream: true` gives server-sent
+                            chat.completion.chunk events ending with `data: [DONE]`. The model
+                            answers single questions: the last user message is the question.
+                            temperature > 0 samples (with top_p), otherwise greedy (the default).
+- GET  /v1/models, GET /health, GET / (the chat page, utils/static/chat.html).
+
+Limits (InferConfig): max_input_chars and max_new_tokens_cap give 400, max_body_bytes gives
+413, a body that is not valid JSON for the endpoint gives 422. Errors under /v1 use OpenAI's
+{"error": {...}} shape so its clients show the message; the others use FastAPI's {"detail"}.
+
+Generation runs in worker threads, one at a time on the model (ChatBot's lock), so the event
+loop keeps serving while requests queue; a streaming client that disconnects stops its
+generation within one decoding step.
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from config import InferConfig
+from utils.cli import UserError
+
+# The README's example request, run verbatim by tests/test_api_live.py against a live server.
+CURL_EXAMPLE = ("curl -s -X POST http://127.0.0.1:8812/api/chat -H \"Content-Type: application/json\" "
+                "-d '{\"input_txt\": \"感冒了要怎么办\"}'")
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+PROTECTED_PREFIXES = ("/api/", "/v1/")
+CONFIG_ENV = "CHATLM_INFER_CONFIG"  # hands the parsed config to uvicorn's worker processes
+log = logging.getLogger("chatlm.api")
+
+
+# ---- request bodies --------------------------------------------------------------------------
+class ChatInput(BaseModel):
+    input_txt: str
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: str
+    text: str = ""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content if p.type == "text")
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # Clients send many optional fields (user, seed, stop, ...): accepted and ignored.
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # newer clients' name for max_tokens
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+# ---- errors ----------------------------------------------------------------------------------
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                406: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error"}
+
+
+def error_response(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    if path.startswith("/v1/"):
+        body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
+                          "param": None, "code": None}}
+    else:
+        body = {"detail": message}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            parts.append(f"malformed JSON at character {loc[-1] if loc else '?'}{': ' + detail if detail else ''}")
+        else:
+            parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+    return "invalid request body: " + "; ".join(parts)
+
+
+class Guard:
+    """ASGI middleware: the API key, then the body size limit, before FastAPI sees the request.
+
+    As middleware (not a FastAPI dependency) so a request without the key is refused before
+    its body is read or parsed, and an oversized body is never buffered past the limit.
+    Hand-written because the body limit built into recent FastAPI (`max_body_size`) is absent
+    from most of the FastAPI versions requirements.txt admits, and answers in another shape.
+    """
+
+    def __init__(self, app, api_key: str, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key.encode("utf-8")
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
+        if self.api_key and path.startswith(PROTECTED_PREFIXES):
+            auth = headers.get("authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                resp = error_response(path, 401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                                      {"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send)
+            if not hmac.compare_digest(token.strip(), self.api_key):
+                resp = error_response(path, 401, "invalid API key", {"WWW-Authenticate": "Bearer"})
+                return await resp(scope, receive, send)
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            return await self._too_large(path, scope, receive, send)
+        # Read the (bounded) body now, then replay it to the app; later receive() calls go to
+        # the server, so the app still hears about a client disconnect.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_body_bytes:
+                return await self._too_large(path, scope, receive, send)
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, path, scope, receive, send):
+        resp = error_response(path, 413, f"request body too large: the limit is {self.max_body_bytes} bytes "
+                                         "(max_body_bytes)", {"Connection": "close"})
+        await resp(scope, receive, send)
+
+
+# ---- the app ---------------------------------------------------------------------------------
+class _GenerationResponse(StreamingResponse):
+    """A streamed answer whose generation stops whenever the response ends, a disconnect included."""
+
+    def __init__(self, answer_stream, content, on_close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.answer_stream = answer_stream
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.answer_stream.stop()
+            self.on_close()
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def create_app(config: InferConfig, bot=None) -> FastAPI:
+    """The FastAPI app around `bot` (a model.infer.ChatBot; loaded from `config` when None)."""
+    if bot is None:
+        from model.infer import ChatBot
+        bot = ChatBot(config)
+    app = FastAPI(title="ChatLM-mini-Chinese API", version="1.0",
+                  description="The original /api/chat plus an OpenAI-compatible /v1/chat/completions.")
+    app.state.bot = bot
+    app.state.active = 0
+    created = int(time.time())
+
+    def begin() -> None:
+        app.state.active += 1
+
+    def end() -> None:
+        app.state.active -= 1
+
+    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and routing's 404/405
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI's answer to a body its JSON parser gave up on (e.g. nested too deeply):
+            # still a malformed body, so the same 422 as any other.
+            return error_response(request.url.path, 422, "invalid request body: it could not be parsed as JSON")
+        return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(request.url.path, 422, _validation_message(exc))
+
+    def check_input(text: str, field: str) -> None:
+        if len(text) > config.max_input_chars:
+            raise HTTPException(400, f"{field} is {len(text)} characters; the limit is {config.max_input_chars} "
+                                     "(max_input_chars)")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC_DIR / "chat.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": config.model_name, "device": str(bot.device),
+                "dtype": str(bot.dtype).removeprefix("torch."), "active_requests": app.state.active,
+                "tokens_generated": bot.tokens_generated}
+
+    @app.post("/api/chat")
+    async def api_chat(body: ChatInput) -> dict:
+        """The original endpoint: {"input_txt": "..."} -> {"response": "..."}."""
+        if not body.input_txt.strip():
+            raise HTTPException(406, "input_txt must not be empty")
+        check_input(body.input_txt, "input_txt")
+        begin()
+        try:
+            response = await run_in_threadpool(bot.chat, body.input_txt, config.search_type)
+        finally:
+            end()
+        return {"response": response}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": created,
+                                            "owned_by": "chatlm-mini-chinese"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatCompletionRequest):
+        if req.n != 1:
+            raise HTTPException(400, "only n=1 is supported")
+        users = [m for m in req.messages if m.role == "user"]
+        if not users:
+            raise HTTPException(400, "messages must contain a user message")
+        question = users[-1].text()  # the model answers single questions, not conversations
+        if not question.strip():
+            raise HTTPException(400, "the last user message is empty")
+        check_input(question, "the last user message")
+        max_new = req.max_completion_tokens or req.max_tokens or config.max_seq_len
+        if max_new > config.max_new_tokens_cap:
+            raise HTTPException(400, f"max_tokens is {max_new}; the limit is {config.max_new_tokens_cap} "
+                                     "(max_new_tokens_cap)")
+        temperature = req.temperature or 0.0
+        top_p = req.top_p if req.top_p is not None else 1.0
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+
+        if not req.stream:
+            begin()
+            try:
+                ans = await run_in_threadpool(bot.answer, question, max_new, temperature, top_p)
+            finally:
+                end()
+            return {"id": cid, "object": "chat.completion", "created": now, "model": config.model_name,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
+                                 "logprobs": None, "finish_reason": ans.finish_reason}],
+                    "usage": {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
+                              "total_tokens": ans.prompt_tokens + ans.completion_tokens}}
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        begin()
+        stream = bot.stream_chat(question, max_new, temperature, top_p, asynchronous=True)
+
+        def chunk(delta: dict, finish_reason=None) -> str:
+            return _sse({"id": cid, "object": "chat.completion.chunk", "created": now, "model": config.model_name,
+                         "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                      "finish_reason": finish_reason}]})
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            try:
+                async for piece in stream:
+                    yield chunk({"content": piece})
+            except Exception as exc:  # reported in-band: the 200 status line is already sent
+                log.exception("generation failed")
+                yield _sse({"error": {"message": f"generation failed: {exc}", "type": "server_error",
+                                      "param": None, "code": None}})
+                yield "data: [DONE]\n\n"
+                return
+            ans = stream.answer
+            yield chunk({}, ans.finish_reason)
+            if include_usage:
+                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": now,
+                            "model": config.model_name, "choices": [],
+                            "usage": {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
+                                      "total_tokens": ans.prompt_tokens + ans.completion_tokens}})
+            yield "data: [DONE]\n\n"
+
+        return _GenerationResponse(stream, events(), on_close=end, media_type="text/event-stream",
+                                   headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for --workers > 1 / --reload: each worker process loads its own model."""
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        raise RuntimeError(f"{CONFIG_ENV} is not set: start the server with api_demo.py")
+    return create_app(InferConfig(**json.loads(raw)))
+
+
+def serve(config: InferConfig) -> None:
+    """Load the model (a bad path is a one-line error before any port is bound) and run uvicorn."""
+    import uvicorn
+
+    if config.workers < 1:
+        raise UserError(f"workers must be >= 1, got {config.workers}")
+    if not 0 < config.port < 65536:
+        raise UserError(f"port must be 1-65535, got {config.port}")
+    if config.max_new_tokens_cap < 1 or config.max_input_chars < 1 or config.max_body_bytes < 1:
+        raise UserError("max_new_tokens_cap, max_input_chars and max_body_bytes must be positive")
+    url = f"http://{config.host}:{config.port}"
+    if config.workers == 1 and not config.reload:
+        app = create_app(config)
+        print(f"serving {config.model_dir} at {url} (chat page: {url}/, OpenAI API: {url}/v1)", flush=True)
+        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+        return
+    from model.infer import ChatBot
+    ChatBot(config)  # fail here, once, with a clear message, rather than in every worker
+    os.environ[CONFIG_ENV] = json.dumps(asdict(config))
+    print(f"serving {config.model_dir} at {url} with {config.workers} worker(s)", flush=True)
+    uvicorn.run("utils.api_app:app_from_env", factory=True, host=config.host, port=config.port,
+                workers=config.workers, reload=config.reload, log_level=config.log_level)
