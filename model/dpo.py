@@ -1,0 +1,277 @@
+"""The DPO stage: train (full or LoRA), merge a LoRA adapter, evaluate preferences.
+
+Run through the root script (`python dpo_train.py --help` lists every setting):
+
+    python dpo_train.py train [--use_lora True] [--max_steps N] ...   # writes <output_dir>/best
+    python dpo_train.py merge                                          # adapter -> full model dir
+    python dpo_train.py eval --model model_save/dpo/best               # preference accuracy / margin
+
+Outputs: full DPO writes a model directory (model.chat_model.save_model) at
+`<output_dir>/best`; LoRA writes the peft adapter (adapter_config.json,
+adapter_model.safetensors, plus the tokenizer) there instead, and `merge` folds it into the
+SFT model and writes a full model directory to `merged_output_dir`. Checkpoints (resumable
+with `--resume_from_checkpoint last`) go under `<output_dir>/checkpoints/`, the metrics log
+to `<output_dir>/dpo_log.csv`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import torch
+
+from utils.cli import UserError
+
+from .chat_model import load_model, load_tokenizer, replace_dir, save_model, write_tokenizer_files
+from .dpo_trainer import (CsvLogCallback, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
+                          preference_metrics, score_pairs)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _check_config(cfg) -> None:
+    if cfg.beta <= 0:
+        raise UserError(f"--beta must be positive, got {cfg.beta}")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps",
+                 "eval_batch_size", "max_seq_len"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be positive, got {cfg.learning_rate}")
+    if cfg.mixed_precision not in ("no", "fp16", "bf16"):
+        raise UserError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+
+
+def _precision(cfg) -> dict:
+    """fp32 on a CPU (bf16 there is far slower); on a GPU bf16 falls back to fp16 where unsupported."""
+    if not torch.cuda.is_available() or cfg.mixed_precision == "no":
+        return {"bf16": False, "fp16": False}
+    if cfg.mixed_precision == "bf16" and torch.cuda.is_bf16_supported():
+        return {"bf16": True, "fp16": False}
+    return {"bf16": False, "fp16": True}
+
+
+def _dataset(rows: list[dict], tokenizer, max_seq_len: int):
+    from datasets import Dataset
+
+    ds = Dataset.from_list(rows)
+    return ds.map(lambda b: encode_pairs(tokenizer, b["prompt"], b["chosen"], b["rejected"], max_seq_len),
+                  batched=True, remove_columns=ds.column_names, desc="tokenising pairs")
+
+
+def lora_config(cfg):
+    from peft import LoraConfig, TaskType
+
+    targets = [t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()]
+    if not targets:
+        raise UserError("--lora_target_modules is empty (e.g. q,k,v,o)")
+    # bias "none": T5 has no bias terms (the original's bias="all" changes nothing), and a
+    # trained bias would survive disable_adapter() and spoil the reference
+    return LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, inference_mode=False, r=cfg.lora_r,
+                      lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+                      bias="none")
+
+
+def _resume_path(cfg, checkpoints: Path) -> str | None:
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "last":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint last: no checkpoint under {checkpoints}")
+        return last
+    path = Path(cfg.resume_from_checkpoint)
+    if not path.is_dir():
+        raise UserError(f"checkpoint directory not found: {path}")
+    return str(path)
+
+
+def save_adapter(model, out_dir: str | Path, tokenizer=None) -> Path:
+    """A peft adapter directory (plus the tokenizer), written atomically like save_model."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            write_tokenizer_files(tokenizer, tmp)
+        replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def load_adapter_model(adapter_dir: str | Path, base_model_dir: str | Path, trainable: bool = False):
+    """The SFT model with a saved LoRA adapter applied (a peft model)."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    if not is_adapter_dir(adapter_dir):
+        raise UserError(f"not a LoRA adapter directory (no {ADAPTER_CONFIG}): {adapter_dir}")
+    base = load_model(base_model_dir)
+    try:
+        recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (ValueError, OSError):
+        raise UserError(f"unreadable {ADAPTER_CONFIG} in {adapter_dir}") from None
+    if recorded and Path(recorded).exists() and Path(recorded).resolve() != Path(base_model_dir).resolve():
+        print(f"warning: the adapter was trained on {recorded}, applying it to {base_model_dir}")
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+
+
+def train(cfg) -> Path:
+    """DPO from the SFT model; returns the written <output_dir>/best."""
+    from transformers import TrainingArguments
+
+    from utils.dpo_data_process import load_pairs
+
+    _check_config(cfg)
+    out = Path(cfg.output_dir)
+    tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    train_rows = load_pairs(cfg.dpo_train_file, what="DPO training file")
+    eval_rows = None
+    if cfg.dpo_eval_file and Path(cfg.dpo_eval_file).is_file():
+        eval_rows = load_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
+    elif cfg.dpo_eval_file:
+        print(f"note: no eval file at {cfg.dpo_eval_file}; training without evaluation")
+    policy = load_model(cfg.sft_model_file)
+    if cfg.disable_dropout:
+        disable_dropout(policy)
+    ref_model = None
+    if cfg.use_lora:
+        from peft import get_peft_model
+
+        policy = get_peft_model(policy, lora_config(cfg))
+        policy.print_trainable_parameters()
+    else:
+        ref_model = load_model(cfg.sft_model_file)
+
+    checkpoints = out / "checkpoints"
+    resume = _resume_path(cfg, checkpoints)
+    has_eval = bool(eval_rows)
+    args = TrainingArguments(
+        output_dir=str(checkpoints),
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        optim=cfg.optim,
+        logging_first_step=cfg.logging_first_step,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.save_steps if has_eval else None,
+        load_best_model_at_end=has_eval,
+        metric_for_best_model="eval_loss" if has_eval else None,
+        greater_is_better=False if has_eval else None,
+        remove_unused_columns=False,  # the collator needs chosen_labels / rejected_labels
+        report_to=[] if cfg.report_to in ("", "none") else [cfg.report_to],
+        seed=cfg.seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        **_precision(cfg),
+    )
+    trainer = Seq2SeqDPOTrainer(
+        model=policy, ref_model=ref_model, beta=cfg.beta, args=args,
+        train_dataset=_dataset(train_rows, tokenizer, cfg.max_seq_len),
+        eval_dataset=_dataset(eval_rows, tokenizer, cfg.max_seq_len) if has_eval else None,
+        data_collator=PreferenceCollator(tokenizer.pad_token_id),
+        callbacks=[CsvLogCallback(out / "dpo_log.csv")],
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    best = out / "best"
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_world_process_zero():
+        if cfg.use_lora:
+            save_adapter(model, best, tokenizer)
+        else:
+            save_model(model, best, tokenizer)
+        summary = {"global_step": result.global_step, "train_loss": result.training_loss,
+                   "best_checkpoint": trainer.state.best_model_checkpoint, **result.metrics,
+                   "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})}
+        _write_json(summary, out / "train_summary.json")
+        print(f"saved {'LoRA adapter' if cfg.use_lora else 'DPO model'} to {best}")
+    return best
+
+
+def merge(cfg) -> Path:
+    """Fold the LoRA adapter into the SFT model; write a full model dir to merged_output_dir."""
+    adapter_dir = Path(cfg.adapter_dir) if cfg.adapter_dir else Path(cfg.output_dir) / "best"
+    model = load_adapter_model(adapter_dir, cfg.sft_model_file)
+    merged = model.merge_and_unload()
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else Path(cfg.tokenizer_dir)
+    out = save_model(merged, cfg.merged_output_dir, load_tokenizer(tokenizer_dir))
+    print(f"merged {adapter_dir} into {cfg.sft_model_file}; wrote {out}")
+    return out
+
+
+def evaluate(cfg) -> dict:
+    """Preference accuracy and reward margin of a policy against the SFT reference."""
+    from utils.dpo_data_process import load_pairs
+
+    _check_config(cfg)
+    policy_path = Path(cfg.model) if cfg.model else Path(cfg.output_dir) / "best"
+    if not cfg.dpo_eval_file:
+        raise UserError("--dpo_eval_file is required for eval")
+    rows = load_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    if is_adapter_dir(policy_path):
+        policy, reference = load_adapter_model(policy_path, cfg.sft_model_file).to(device).eval(), None
+    else:
+        if not policy_path.exists():
+            raise UserError(f"policy model not found: {policy_path}")
+        policy = load_model(policy_path).to(device).eval()
+        if policy_path.resolve() == Path(cfg.sft_model_file).resolve():
+            reference = policy
+        else:
+            reference = load_model(cfg.sft_model_file).to(device).eval()
+    scores = score_pairs(policy, tokenizer, rows, cfg.max_seq_len, cfg.eval_batch_size, reference, device)
+    metrics = {"policy": str(policy_path), "reference": str(cfg.sft_model_file), "eval_file": str(cfg.dpo_eval_file),
+               **preference_metrics(scores, cfg.beta)}
+    out = Path(cfg.eval_output_file) if cfg.eval_output_file else Path(cfg.output_dir) / "preference_eval.json"
+    _write_json(metrics, out)
+    print_metrics(metrics)
+    print(f"wrote {out}")
+    return metrics
+
+
+def print_metrics(m: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"DPO preferences on {m['pairs']} pairs of {Path(m['eval_file']).name} (beta {m['beta']})")
+    table.add_column("metric")
+    table.add_column("policy", justify="right")
+    table.add_column("reference (SFT)", justify="right")
+    table.add_row("implicit-reward accuracy", f"{m['reward_accuracy']:.3f}", "0.000 (by definition)")
+    table.add_row("mean reward margin", f"{m['reward_margin']:.4f}", "0")
+    table.add_row("log-prob accuracy (summed)", f"{m['policy_logp_accuracy']:.3f}",
+                  f"{m['reference_logp_accuracy']:.3f}")
+    table.add_row("log-prob accuracy (per token)", f"{m['policy_logp_accuracy_per_token']:.3f}",
+                  f"{m['reference_logp_accuracy_per_token']:.3f}")
+    Console().print(table)
+
+
+def _write_json(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,529 @@
+"""Preference data for DPO: prompt / chosen / rejected pairs, written as JSON and parquet.
+
+    python -m utils.dpo_data_process --instruction_file data/alpaca_gpt4_data_zh.json \
+        --sft_model_dir model_save/sft/best \
+        [--preference_files data/raw/huozi_rlhf_data.json,data/raw/train-00000.parquet] \
+        [--max_rows 2000] [--batch_size 32] [--max_new_tokens 320]
+
+As in the original project, the chosen answer comes from an instruction dataset and the
+rejected answer is what the SFT model itself says to the same prompt (greedy decoding by
+default), so DPO pushes the model from its own habits towards the reference answers.
+
+Inputs
+- `--instruction_file`: a parquet file of `prompt`/`response`, or JSON / JSON lines of
+  alpaca-gpt4-data-zh records (`instruction`, `input`, `output`; the prompt is
+  "instruction，input" when input is not empty, as the original) or of `prompt`/`response`.
+- `--preference_files`: ready-made pairs merged in, JSON / JSON lines / parquet with
+  `prompt`, `chosen` and `rejected` (rlhf-reward-single-round-trans_chinese) or `reject`
+  (huozi_rlhf_data_json, as the original reads it).
+
+Generation is resumable: every finished batch is appended (and flushed to disk) to a
+partial file next to the output; a rerun with the same inputs and settings continues after
+the last finished batch, and the outputs are the same as an uninterrupted run's. The final
+files are written atomically and only then is the partial file removed.
+
+Pairs are dropped, and counted by reason, when a text is empty, longer than `--max_len`
+characters, or when the rejected answer equals the chosen one. A malformed record (bad
+JSON, not an object, a missing / null / non-string field) is reported with its file and
+position and skipped; a run that ends with no pair at all is an error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import unicodedata
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from utils.cli import UserError, parse_config, run_cli
+
+PAIR_FIELDS = ("prompt", "chosen", "rejected")
+MAX_REPORTED = 20  # malformed records printed one by one; the rest are only counted
+
+
+@dataclass
+class Malformed:
+    file: str
+    position: str  # "line 3" (JSON lines), "item 3" (JSON array), "row 3" (parquet)
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.position}: {self.reason}"
+
+
+@dataclass
+class Report:
+    """What a build read, kept and dropped (by reason)."""
+    read: dict = field(default_factory=dict)  # file -> records read
+    malformed: list = field(default_factory=list)
+    dropped: dict = field(default_factory=dict)  # reason -> count
+    generated: int = 0
+    resumed_from: int = 0
+    train_rows: int = 0
+    eval_rows: int = 0
+
+    def drop(self, reason: str, n: int = 1) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+
+
+# --------------------------------------------------------------------------- readers
+
+def _iter_records(path: Path, max_rows: int = -1) -> Iterator[tuple[str, object]]:
+    """(position, record) of a JSON array, a JSON-lines file or a parquet file.
+
+    A line that is not valid JSON yields the record `_BadJson(message)`.
+    """
+    suffix = path.suffix.lower()
+    count = 0
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pf = pq.ParquetFile(path)
+        except Exception as exc:  # pyarrow raises several types for a non-parquet file
+            raise UserError(f"not a readable parquet file: {path} ({exc})") from None
+        for batch in pf.iter_batches(batch_size=4096):
+            for rec in batch.to_pylist():
+                count += 1
+                yield f"row {count}", rec
+                if 0 < max_rows <= count:
+                    return
+        return
+    with open(path, "r", encoding="utf-8") as fh:
+        head = fh.read(4096).lstrip()
+        fh.seek(0)
+        if head.startswith("["):
+            try:
+                data = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+            for i, rec in enumerate(data, start=1):
+                yield f"item {i}", rec
+                if 0 < max_rows <= i:
+                    return
+            return
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                rec = _BadJson(exc.msg)
+            count += 1
+            yield f"line {lineno}", rec
+            if 0 < max_rows <= count:
+                return
+
+
+class _BadJson:
+    def __init__(self, msg: str) -> None:
+        self.msg = msg
+
+
+def _fields(rec: object, names: Iterable[str], aliases: dict | None = None) -> tuple[dict | None, str]:
+    """The string fields `names` of a record, or (None, why it is malformed)."""
+    if isinstance(rec, _BadJson):
+        return None, f"invalid JSON ({rec.msg})"
+    if not isinstance(rec, dict):
+        return None, f"expected an object, got {type(rec).__name__}"
+    out = {}
+    for name in names:
+        key = name
+        if key not in rec and aliases and aliases.get(name) in rec:
+            key = aliases[name]
+        if key not in rec:
+            return None, f"missing field '{name}'"
+        value = rec[key]
+        if value is None:
+            return None, f"field '{key}' is null"
+        if not isinstance(value, str):
+            return None, f"field '{key}' is {type(value).__name__}, expected a string"
+        out[name] = value
+    return out, ""
+
+
+def _check_input(path: str | Path, what: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    if p.stat().st_size == 0:
+        raise UserError(f"{what} is empty: {p}")
+    if p.suffix.lower() not in (".json", ".jsonl", ".parquet"):
+        raise UserError(f"{what} must be .json, .jsonl or .parquet: {p}")
+    return p
+
+
+def read_instruction_file(path: str | Path, report: Report, max_rows: int = -1) -> list[dict]:
+    """{'prompt', 'chosen'} rows of a prompt/response or alpaca (instruction/input/output) file."""
+    p = _check_input(path, "instruction file")
+    rows, n = [], 0
+    for pos, rec in _iter_records(p, max_rows):
+        n += 1
+        if isinstance(rec, dict) and "instruction" in rec:
+            got, why = _fields(rec, ("instruction", "input", "output"))
+            if got is not None:
+                prompt = got["instruction"]
+                if got["input"].strip():
+                    prompt = f"{prompt}，{got['input']}"  # the original's joining rule
+                got = {"prompt": prompt, "chosen": got["output"]}
+        else:
+            got, why = _fields(rec, ("prompt", "response"))
+            if got is not None:
+                got = {"prompt": got["prompt"], "chosen": got["response"]}
+        if got is None:
+            report.malformed.append(Malformed(str(p), pos, why))
+            continue
+        rows.append(got)
+    report.read[str(p)] = n
+    return rows
+
+
+def unescape_newlines(text: str) -> str:
+    """Literal backslash-n sequences (as some preference sets store them) become line breaks."""
+    return re.sub(r"\\n", "\n", text)
+
+
+def read_preference_file(path: str | Path, report: Report, max_rows: int = -1,
+                         unescape: bool = False) -> list[dict]:
+    """prompt/chosen/rejected rows; `reject` is accepted for `rejected` (huozi_rlhf_data_json)."""
+    p = _check_input(path, "preference file")
+    rows, n = [], 0
+    for pos, rec in _iter_records(p, max_rows):
+        n += 1
+        got, why = _fields(rec, PAIR_FIELDS, aliases={"rejected": "reject"})
+        if got is None:
+            report.malformed.append(Malformed(str(p), pos, why))
+            continue
+        if unescape:
+            got = {k: unescape_newlines(v) for k, v in got.items()}
+        rows.append(got)
+    report.read[str(p)] = n
+    return rows
+
+
+def load_pairs(path: str | Path, max_rows: int = -1, what: str = "preference file") -> list[dict]:
+    """The pairs of a preference file for training or evaluation; malformed rows are printed."""
+    report = Report()
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} not found: {p}")
+    rows = read_preference_file(p, report, max_rows)
+    print_malformed(report.malformed)
+    if not rows:
+        raise UserError(f"{what} has no valid prompt/chosen/rejected rows: {p}")
+    return rows
+
+
+def print_malformed(malformed: list) -> None:
+    import sys
+
+    for m in malformed[:MAX_REPORTED]:
+        print(f"warning: malformed record: {m}", file=sys.stderr)
+    if len(malformed) > MAX_REPORTED:
+        print(f"warning: ... and {len(malformed) - MAX_REPORTED} more malformed records", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- filtering
+
+def same_text(a: str, b: str) -> bool:
+    """Equal up to surrounding space and NFKC, the tokenizer's normalisation (the model
+    cannot write a full-width comma that its tokenizer turned into ',')."""
+    return unicodedata.normalize("NFKC", a).strip() == unicodedata.normalize("NFKC", b).strip()
+
+
+def filter_pairs(rows: Iterable[dict], max_len: int, report: Report) -> list[dict]:
+    """Drop empty, over-long, rejected == chosen and exactly repeated pairs (counted by reason)."""
+    out, seen = [], set()
+    for row in rows:
+        if not all(row[k].strip() for k in PAIR_FIELDS):
+            report.drop("empty text")
+        elif max(len(row[k]) for k in PAIR_FIELDS) > max_len:
+            report.drop(f"longer than {max_len} characters")
+        elif same_text(row["rejected"], row["chosen"]):
+            report.drop("rejected equals chosen")
+        else:
+            key = (row["prompt"], row["chosen"], row["rejected"])
+            if key in seen:
+                report.drop("duplicate pair")
+                continue
+            seen.add(key)
+            out.append({k: row[k] for k in PAIR_FIELDS})
+    return out
+
+
+# --------------------------------------------------------------------------- generation
+
+class PartialLog:
+    """Append-only record of generated answers, so an interrupted generation resumes.
+
+    Line 1 is {"fingerprint": ...} (inputs and settings); then one {"i": n, "rejected": s}
+    per prompt, in order, written a batch at a time and fsync'ed. A line torn by a kill is
+    cut off on reopening; a fingerprint from other inputs or settings is refused (or the
+    file restarted with `restart`), so answers never get attached to the wrong prompts.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict, restart: bool = False) -> None:
+        self.path = path
+        self.answers: list[str] = []
+        if path.exists() and not restart:
+            self._load(fingerprint)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps({"fingerprint": fingerprint}, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def _load(self, fingerprint: dict) -> None:
+        good_bytes = 0
+        with open(self.path, "rb") as fh:
+            for n, raw in enumerate(fh):
+                try:
+                    if not raw.endswith(b"\n"):
+                        raise ValueError("torn line")
+                    rec = json.loads(raw)
+                except ValueError:
+                    break
+                if n == 0:
+                    if rec.get("fingerprint") != fingerprint:
+                        raise UserError(
+                            f"{self.path} holds answers generated from other inputs or settings; "
+                            "delete it or pass --restart True to generate again")
+                elif rec.get("i") == len(self.answers) and isinstance(rec.get("rejected"), str):
+                    self.answers.append(rec["rejected"])
+                else:
+                    break
+                good_bytes += len(raw)
+        if good_bytes == 0:  # not even the header survived: start over
+            with open(self.path, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps({"fingerprint": fingerprint}, ensure_ascii=False) + "\n")
+            return
+        with open(self.path, "r+b") as fh:
+            fh.truncate(good_bytes)
+
+    def append(self, answers: list[str]) -> None:
+        with open(self.path, "a", encoding="utf-8") as fh:
+            for text in answers:
+                fh.write(json.dumps({"i": len(self.answers), "rejected": text}, ensure_ascii=False) + "\n")
+                self.answers.append(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def pick_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device (auto, cpu, cuda, cuda:1 ...)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device} asked for, but CUDA is not available")
+    return dev
+
+
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
+                     max_seq_len: int, search_type: str, seed: int) -> list[str]:
+    """The model's answers to a batch of prompts (prompt + [EOS] in, as in training)."""
+    import torch
+
+    from model.dataset import encode_texts
+
+    ids = encode_texts(tokenizer, prompts, max_seq_len)
+    width = max(len(x) for x in ids)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
+    torch.manual_seed(seed)  # sampling search types: the same batch gives the same answers on a rerun
+    out = model.my_generate(input_ids=input_ids, attention_mask=mask, max_seq_len=max_new_tokens,
+                            search_type=search_type)
+    return tokenizer.batch_decode(out.cpu().tolist(), skip_special_tokens=True)
+
+
+def _model_fingerprint(model_dir: Path) -> dict:
+    weights = [p for p in sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))]
+    return {"dir": str(model_dir.resolve()),
+            "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in weights]}
+
+
+def generate_rejected(rows: list[dict], cfg, report: Report,
+                      generate: Callable[..., list[str]] = generate_answers) -> list[dict]:
+    """Attach the SFT model's answer as `rejected` to each {'prompt', 'chosen'} row."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from model.chat_model import SEARCH_TYPES, load_model, load_tokenizer
+
+    if cfg.search_type not in SEARCH_TYPES:
+        raise UserError(f"--search_type must be one of {', '.join(SEARCH_TYPES)}, got {cfg.search_type!r}")
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise UserError("--batch_size and --max_new_tokens must be at least 1")
+    model_dir = Path(cfg.sft_model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"SFT model directory not found: {model_dir} (train one with sft_train.py)")
+    prompts = [r["prompt"] for r in rows]
+    fingerprint = {
+        "prompts_sha256": hashlib.sha256("\x00".join(prompts).encode("utf-8")).hexdigest(),
+        "n_prompts": len(prompts), "model": _model_fingerprint(model_dir),
+        "search_type": cfg.search_type, "max_new_tokens": cfg.max_new_tokens,
+        "max_seq_len": cfg.max_seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed,
+    }
+    log = PartialLog(partial_path(cfg), fingerprint, restart=cfg.restart)
+    report.resumed_from = len(log.answers)
+    if len(log.answers) < len(prompts):
+        if report.resumed_from:
+            print(f"resuming generation after {report.resumed_from} of {len(prompts)} prompts ({log.path})")
+        import torch
+
+        device = pick_device(cfg.device)
+        tokenizer = load_tokenizer(model_dir)
+        model = load_model(model_dir).to(device).eval()
+        columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns) as bar, torch.inference_mode():
+            task = bar.add_task("generating rejected answers", total=len(prompts), completed=len(log.answers))
+            while len(log.answers) < len(prompts):
+                # batches start at multiples of batch_size, so a resumed run batches (and
+                # seeds) exactly like an uninterrupted one
+                start = len(log.answers) - len(log.answers) % cfg.batch_size
+                batch = prompts[start:start + cfg.batch_size]
+                answers = generate(model, tokenizer, batch, cfg.batch_size, cfg.max_new_tokens,
+                                   cfg.max_seq_len, cfg.search_type, cfg.seed + start)
+                log.append(answers[len(log.answers) - start:])
+                bar.update(task, completed=len(log.answers))
+    report.generated = len(prompts) - report.resumed_from
+    return [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": a} for r, a in zip(rows, log.answers)]
+
+
+def partial_path(cfg) -> Path:
+    return Path(cfg.partial_file) if cfg.partial_file else Path(f"{cfg.train_file}.rejected.partial.jsonl")
+
+
+# --------------------------------------------------------------------------- output
+
+def split_pairs(rows: list[dict], eval_ratio: float, eval_rows: int, seed: int) -> tuple[list, list]:
+    """Seeded shuffle, then (train, eval); eval gets at least one pair when asked for any."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    if eval_rows > 0:
+        n_eval = eval_rows
+    elif eval_ratio > 0:
+        n_eval = max(1, round(len(rows) * eval_ratio))
+    else:
+        n_eval = 0
+    n_eval = min(n_eval, len(rows) - 1)  # training keeps at least one pair
+    return rows[n_eval:], rows[:n_eval]
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+
+def write_json_atomic(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(rows, fh, ensure_ascii=False, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_parquet_atomic(rows: list[dict], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({k: pa.array([r[k] for r in rows], type=pa.string()) for k in PAIR_FIELDS})
+    tmp = _tmp_sibling(path)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the command
+
+def build(cfg, generate: Callable[..., list[str]] = generate_answers) -> Report:
+    """Read, generate, merge, filter, split and write; returns what happened."""
+    report = Report()
+    train_path, eval_path = Path(cfg.train_file), Path(cfg.eval_file)
+    if train_path.suffix.lower() != ".json" or eval_path.suffix.lower() != ".json":
+        raise UserError("--train_file and --eval_file must end in .json (a .parquet copy is written beside them)")
+    if train_path.resolve() == eval_path.resolve():
+        raise UserError("--train_file and --eval_file must differ")
+    extra = [p.strip() for p in cfg.preference_files.split(",") if p.strip()]
+    if not cfg.instruction_file and not extra:
+        raise UserError("nothing to read: give --instruction_file and/or --preference_files")
+    # read (and validate) every input before the slow generation starts
+    instruction_rows = read_instruction_file(cfg.instruction_file, report, cfg.max_rows) if cfg.instruction_file else []
+    extra_rows = [row for p in extra
+                  for row in read_preference_file(p, report, cfg.max_rows, unescape=cfg.unescape_newlines)]
+    print_malformed(report.malformed)
+    pairs = []
+    if instruction_rows:
+        # prompts or chosen answers that would be dropped anyway are not worth generating for
+        keep = []
+        for row in instruction_rows:
+            if not row["prompt"].strip() or not row["chosen"].strip():
+                report.drop("empty text")
+            elif max(len(row["prompt"]), len(row["chosen"])) > cfg.max_len:
+                report.drop(f"longer than {cfg.max_len} characters")
+            else:
+                keep.append(row)
+        if keep:
+            pairs.extend(generate_rejected(keep, cfg, report, generate))
+    pairs.extend(extra_rows)
+    pairs = filter_pairs(pairs, cfg.max_len, report)
+    if not pairs:
+        print_counts(report)
+        raise UserError("no preference pairs left after filtering (counts above); nothing written")
+    train, held_out = split_pairs(pairs, cfg.eval_ratio, cfg.eval_rows, cfg.seed)
+    write_json_atomic(train, train_path)
+    write_json_atomic(held_out, eval_path)
+    if cfg.write_parquet:
+        write_parquet_atomic(train, train_path.with_suffix(".parquet"))
+        write_parquet_atomic(held_out, eval_path.with_suffix(".parquet"))
+    partial_path(cfg).unlink(missing_ok=True)  # only once the outputs are safely in place
+    report.train_rows, report.eval_rows = len(train), len(held_out)
+    return report
+
+
+def print_counts(report: Report) -> None:
+    for path, n in report.read.items():
+        print(f"read {n} records from {path}")
+    if report.malformed:
+        print(f"malformed records skipped: {len(report.malformed)}")
+    if report.generated or report.resumed_from:
+        print(f"rejected answers generated: {report.generated} (resumed after {report.resumed_from})")
+    for reason, n in sorted(report.dropped.items()):
+        print(f"dropped ({reason}): {n}")
+
+
+def print_report(report: Report, cfg) -> None:
+    print_counts(report)
+    print(f"wrote {report.train_rows} training pairs to {cfg.train_file}")
+    print(f"wrote {report.eval_rows} held-out pairs to {cfg.eval_file}")
+
+
+def main(argv=None) -> None:
+    from config import DpoDataConfig
+
+    _, cfg = parse_config(DpoDataConfig, argv, description=__doc__)
+    report = build(cfg)
+    print_report(report, cfg)
+
+
+if __name__ == "__main__":
+    run_cli(main)
