@@ -1,7 +1,7 @@
 """Score a model on a generation task of the embedded corpus (or any prompt/response file).
 
     python eval/eval_tasks.py --model_dir model_save/sft/best \
-        --test_file data/demo/entity_test.parquet --task entity [--max_rows 200] [--batch_size 16]
+        --test_file data/demo/entity_test.parquet --task entity [--max_rows 200] [--batch_size 16] [--max_new_tokens 128]
 
 --task sentiment (accuracy + majority-class baseline), entity (micro F1/P/R of the
 (entity, type) pairs) or bleu (corpus BLEU-4). Writes the metrics as JSON (--output_json)

@@ -33,7 +33,8 @@ class EvalTasksConfig:
     task: str = ""  # sentiment | entity | bleu
     max_rows: int = -1  # > 0: only the first max_rows rows
     batch_size: int = 16
-    max_seq_len: int = 256  # prompt tokens (with [EOS]) and generated tokens, each at most this
+    max_seq_len: int = 256  # prompt tokens, [EOS] included; longer prompts are cut at the end
+    max_new_tokens: int = 128  # generated tokens per answer at most
     output_json: str = ""  # default: model_save/eval/<task>_<test file name>.json
     predictions_file: str = ""  # default: the output_json path with _predictions.jsonl
 
@@ -61,7 +62,8 @@ def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> d
     raise UserError(f"unknown --task {task!r}; expected one of: {', '.join(TASKS)}")
 
 
-def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, max_seq_len: int) -> list[str]:
+def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, max_seq_len: int,
+                     max_new_tokens: int | None = None) -> list[str]:
     """Greedy answers, batched by similar prompt length (less padding), in input order."""
     from model.dataset import encode_texts
 
@@ -73,7 +75,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, 
     answers = [""] * len(ids)
     for chunk in batches(order, batch_size):
         input_ids, mask = pad_inputs(tokenizer, [ids[i] for i in chunk], device)
-        out = model.my_generate(input_ids, mask, max_seq_len=max_seq_len, search_type="greedy")
+        out = model.my_generate(input_ids, mask, max_seq_len=max_new_tokens or max_seq_len, search_type="greedy")
         for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
             answers[i] = text.strip()
     return answers
@@ -88,15 +90,15 @@ def evaluate_file(cfg: EvalTasksConfig) -> dict:
         raise UserError(f"--task must be one of: {', '.join(TASKS)} (got {cfg.task!r})")
     if not cfg.test_file:
         raise UserError("--test_file is required (parquet with prompt and response columns)")
-    if cfg.batch_size < 1 or cfg.max_seq_len < 2:
-        raise UserError("--batch_size must be >= 1 and --max_seq_len >= 2")
+    if cfg.batch_size < 1 or cfg.max_seq_len < 2 or cfg.max_new_tokens < 1:
+        raise UserError("--batch_size and --max_new_tokens must be >= 1, --max_seq_len >= 2")
     rows = read_rows(cfg.test_file, ("prompt", "response"), "test file")
     if cfg.max_rows > 0:
         rows = rows[:cfg.max_rows]
     model, tokenizer = load_model_and_tokenizer(cfg.model_dir)
     prompts = [r["prompt"] for r in rows]
     references = [r["response"] for r in rows]
-    predictions = generate_answers(model, tokenizer, prompts, cfg.batch_size, cfg.max_seq_len)
+    predictions = generate_answers(model, tokenizer, prompts, cfg.batch_size, cfg.max_seq_len, cfg.max_new_tokens)
     metrics = {"task": cfg.task, "test_file": str(cfg.test_file), "model_dir": str(cfg.model_dir),
                **score(cfg.task, predictions, references)}
     out_json = Path(cfg.output_json or PROJECT_ROOT / "model_save" / "eval" /

@@ -1,5 +1,6 @@
 """eval/eval_tasks.py: sentiment accuracy + baseline, entity F1, BLEU on generated answers."""
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -7,6 +8,7 @@ import pytest
 from eval.tasks import EvalTasksConfig, evaluate_file, generate_answers, score, sentiment_scores
 from utils.cli import UserError
 
+ROOT = Path(__file__).resolve().parents[1]
 SENT = "判断下面这条评论的情感倾向，回答积极或消极。评论："
 ENT = "请抽取出给定句子中的所有人名、地名和机构名。给定句子："
 
@@ -27,27 +29,6 @@ def test_entity_and_bleu_scores():
         score("summary", ["a"], ["a"])
 
 
-@pytest.fixture(scope="module")
-def talking_model_dir(tmp_path_factory, tokenizer_dir):
-    """A random tiny model that generates varied tokens of its tokenizer.
-
-    The shared tiny model's vocabulary is larger than its tokenizer and it repeats the start
-    token ([PAD]) forever, so every answer decodes to "". Here the vocabulary matches the
-    tokenizer and the [PAD] embedding is zero, so answers are non-empty and prompt-dependent.
-    """
-    import torch
-
-    from conftest import TINY_CONFIG
-    from model.chat_model import build_model, load_tokenizer, save_model
-
-    tokenizer = load_tokenizer(tokenizer_dir)
-    torch.manual_seed(0)
-    model = build_model(TINY_CONFIG, vocab_size=len(tokenizer))
-    with torch.no_grad():
-        model.shared.weight[0].zero_()
-    return save_model(model, tmp_path_factory.mktemp("talking") / "model", tokenizer)
-
-
 @pytest.fixture()
 def task_files(tmp_path):
     sent = tmp_path / "sentiment_test.parquet"
@@ -60,11 +41,11 @@ def task_files(tmp_path):
     return sent, ent
 
 
-def test_eval_tasks_with_tiny_model(talking_model_dir, task_files, tmp_path):
+def test_eval_tasks_with_tiny_model(chatty_model_dir, task_files, tmp_path):
     sent, ent = task_files
     out = tmp_path / "sent.json"
-    m = evaluate_file(EvalTasksConfig(model_dir=str(talking_model_dir), test_file=str(sent), task="sentiment",
-                                      max_rows=4, batch_size=3, max_seq_len=8, output_json=str(out)))
+    m = evaluate_file(EvalTasksConfig(model_dir=str(chatty_model_dir), test_file=str(sent), task="sentiment",
+                                      max_rows=4, batch_size=3, max_seq_len=12, max_new_tokens=6, output_json=str(out)))
     # the baseline comes from the references alone: 3 of the first 4 rows are 积极
     assert (m["rows"], m["majority_label"], m["majority_baseline"]) == (4, "积极", 0.75)
     assert 0.0 <= m["accuracy"] <= 1.0 and m["correct"] == round(m["accuracy"] * 4)
@@ -73,23 +54,28 @@ def test_eval_tasks_with_tiny_model(talking_model_dir, task_files, tmp_path):
     assert [p["reference"] for p in preds] == ["积极", "积极", "积极", "消极"]
     assert all(p["response"] and p["prompt"].startswith(SENT) for p in preds)
 
-    m = evaluate_file(EvalTasksConfig(model_dir=str(talking_model_dir), test_file=str(ent), task="entity",
-                                      batch_size=2, max_seq_len=8, output_json=str(tmp_path / "ent.json")))
+    m = evaluate_file(EvalTasksConfig(model_dir=str(chatty_model_dir), test_file=str(ent), task="entity",
+                                      batch_size=2, max_seq_len=12, max_new_tokens=6, output_json=str(tmp_path / "ent.json")))
     assert m["reference"] == 4 and m["rows"] == 2
     assert all(0.0 <= m[k] <= 1.0 for k in ("f1", "precision", "recall"))
     # the predictions file is scored the same way by the info_extract evaluation
-    from tests.test_info_extract import _load
-    again = _load("evaluate").evaluate(tmp_path / "ent_predictions.jsonl", ent, 2)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "info_extract_evaluate", ROOT / "finetune_examples" / "info_extract" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    again = evaluate.evaluate(tmp_path / "ent_predictions.jsonl", ent, 2)
     assert again == {k: m[k] for k in again}
 
     with pytest.raises(UserError, match="--task"):
-        evaluate_file(EvalTasksConfig(model_dir=str(talking_model_dir), test_file=str(ent), task="ner"))
+        evaluate_file(EvalTasksConfig(model_dir=str(chatty_model_dir), test_file=str(ent), task="ner"))
 
 
-def test_generation_does_not_depend_on_batching(talking_model_dir):
+def test_generation_does_not_depend_on_batching(chatty_model_dir):
     from eval.common import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(talking_model_dir)
+    model, tokenizer = load_model_and_tokenizer(chatty_model_dir)
     prompts = [SENT + "好", ENT + "江泽民在北京会见了来自上海的代表团", SENT + "一般般吧还行"]
     one_by_one = generate_answers(model, tokenizer, prompts, 1, 6)
     assert one_by_one == generate_answers(model, tokenizer, prompts, 3, 6)
