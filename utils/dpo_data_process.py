@@ -375,6 +375,7 @@ def generate_rejected(rows: list[dict], cfg, report: Report,
         "search_type": cfg.search_type, "max_new_tokens": cfg.max_new_tokens,
         "max_seq_len": cfg.max_seq_len, "batch_size": cfg.batch_size, "seed": cfg.seed,
     }
+    fingerprint = json.loads(json.dumps(fingerprint))  # compared with its JSON copy on resume
     log = PartialLog(partial_path(cfg), fingerprint, restart=cfg.restart)
     report.resumed_from = len(log.answers)
     if len(log.answers) < len(prompts):

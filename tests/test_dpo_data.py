@@ -1,0 +1,220 @@
+"""Preference data (utils/dpo_data_process.py): readers, malformed-row reports, generation of
+the rejected answers by a tiny model, skipping of rejected == chosen, resume, split."""
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from config import DpoDataConfig
+from utils.cli import UserError
+from utils.dpo_data_process import (Report, build, generate_answers, read_instruction_file, read_preference_file,
+                                    split_pairs)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "dpo"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread; on a busy 2-core machine more threads spin-wait
+    (a 6-token generation went from 0.3 s to 7 s)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_alpaca_reader_joins_instruction_and_input():
+    report = Report()
+    rows = read_instruction_file(FIXTURES / "alpaca_gpt4_data_zh_sample.json", report)
+    assert [r["prompt"] for r in rows] == ["保持健康的三个提示。", "将以下句子翻译成英文。，今天天气很好", "三原色是什么？"]
+    assert rows[1]["chosen"] == "The weather is nice today."
+    assert rows[0]["chosen"].startswith("以下是保持健康的三个提示：\n\n1.")
+    assert report.malformed == [] and report.read == {str(FIXTURES / "alpaca_gpt4_data_zh_sample.json"): 3}
+
+
+def test_huozi_reader_takes_reject_field_and_unescapes_newlines():
+    report = Report()
+    rows = read_preference_file(FIXTURES / "huozi_rlhf_data_sample.json", report, unescape=True)
+    assert rows[0] == {"prompt": "如何学好数学？", "chosen": "多做练习，理解概念，\n及时复习错题。", "rejected": "数学很难。"}
+    assert rows[1]["rejected"] == "不知道。" and len(rows) == 2
+
+
+@pytest.mark.parametrize("name", ["rlhf_reward_single_round_sample.parquet", "rlhf_reward_single_round_sample.jsonl"])
+def test_rlhf_reward_reader(name):
+    report = Report()
+    rows = read_preference_file(FIXTURES / name, report, max_rows=2)
+    assert len(rows) == 2  # --max_rows caps each file
+    assert rows[1] == {"prompt": "怎样煮出好吃的米饭？", "chosen": "米和水的比例大约一比一点二，浸泡半小时后再煮。",
+                       "rejected": "放进锅里煮就行。"}
+
+
+def test_malformed_records_are_reported_with_position(tmp_path):
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("\n".join([
+        json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}),
+        "{not json",
+        json.dumps({"prompt": "a", "chosen": "b"}),
+        "",
+        json.dumps({"prompt": "a", "chosen": None, "rejected": "c"}),
+        json.dumps({"prompt": "a", "chosen": 3, "rejected": "c"}),
+        json.dumps(["a", "b", "c"]),
+        json.dumps({"prompt": "x", "chosen": "y", "rejected": "z"}),
+    ]) + "\n", encoding="utf-8")
+    report = Report()
+    rows = read_preference_file(jsonl, report)
+    assert [r["prompt"] for r in rows] == ["a", "x"]
+    assert [(m.position, m.reason) for m in report.malformed] == [
+        ("line 2", report.malformed[0].reason), ("line 3", "missing field 'rejected'"),
+        ("line 5", "field 'chosen' is null"), ("line 6", "field 'chosen' is int, expected a string"),
+        ("line 7", "expected an object, got list")]
+    assert report.malformed[0].reason.startswith("invalid JSON")
+    assert str(report.malformed[1]) == f"{jsonl}: line 3: missing field 'rejected'"
+
+    array = tmp_path / "instr.json"
+    array.write_text(json.dumps([{"instruction": "i", "input": "", "output": "o"},
+                                 {"instruction": "i", "input": None, "output": "o"}]), encoding="utf-8")
+    report = Report()
+    assert len(read_instruction_file(array, report)) == 1
+    assert [(m.position, m.reason) for m in report.malformed] == [("item 2", "field 'input' is null")]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"prompt": ["p", None], "response": ["r", "r"]}), tmp_path / "instr.parquet")
+    report = Report()
+    assert read_instruction_file(tmp_path / "instr.parquet", report) == [{"prompt": "p", "chosen": "r"}]
+    assert [(m.position, m.reason) for m in report.malformed] == [("row 2", "field 'prompt' is null")]
+
+
+def test_unreadable_inputs_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        read_preference_file(tmp_path / "missing.json", Report())
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{\"prompt\": ", encoding="utf-8")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_preference_file(bad, Report())
+    txt = tmp_path / "pairs.txt"
+    txt.write_text("x", encoding="utf-8")
+    with pytest.raises(UserError, match=".json, .jsonl or .parquet"):
+        read_preference_file(txt, Report())
+
+
+def test_split_is_seeded_and_disjoint():
+    rows = [{"prompt": str(i), "chosen": "c", "rejected": "r"} for i in range(50)]
+    train, held = split_pairs(rows, 0.1, -1, seed=7)
+    assert len(held) == 5 and len(train) == 45
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held})
+    assert split_pairs(rows, 0.1, -1, seed=7) == (train, held)
+    assert split_pairs(rows, 0.1, -1, seed=8) != (train, held)
+    assert len(split_pairs(rows[:3], 0.01, -1, 7)[1]) == 1  # a tiny set still holds one pair out
+    assert len(split_pairs(rows, 0.5, 3, 7)[1]) == 3
+
+
+# ---------------------------------------------------------------- generation with a tiny model
+
+PROMPTS = ["今天天气怎么样", "推荐一本好书", "怎样学习英语", "这部手机好用吗", "北京有什么好玩的",
+           "如何保持健康", "介绍一下长城", "周末做什么好", "怎么做红烧肉", "写一句诗"]
+
+
+def _instruction_parquet(path: Path, chosen: list[str]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"prompt": PROMPTS, "response": chosen}), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_answers(chatty_model_dir):
+    """The tiny model's greedy answers to PROMPTS, batched as the builder batches them."""
+    from model.chat_model import load_model, load_tokenizer
+
+    model, tok = load_model(chatty_model_dir).eval(), load_tokenizer(chatty_model_dir)
+    answers = []
+    for i in range(0, len(PROMPTS), 4):
+        answers += generate_answers(model, tok, PROMPTS[i:i + 4], 4, 6, 64, "greedy", 0)
+    return answers
+
+
+def _cfg(tmp_path, instruction_file, model_dir, **kw):
+    return replace(DpoDataConfig(), instruction_file=str(instruction_file), sft_model_dir=str(model_dir),
+                   train_file=str(tmp_path / "out" / "train.json"), eval_file=str(tmp_path / "out" / "eval.json"),
+                   batch_size=4, max_new_tokens=6, max_seq_len=64, eval_rows=2, device="cpu", **kw)
+
+
+def test_build_generates_rejected_and_skips_answers_equal_to_chosen(tmp_path, chatty_model_dir, model_answers):
+    assert all(a.strip() for a in model_answers)
+    chosen = [f"参考答案{i}" for i in range(len(PROMPTS))]
+    chosen[1], chosen[6] = model_answers[1], " " + model_answers[6]  # the model already says these
+    cfg = _cfg(tmp_path, _instruction_parquet(tmp_path / "instr.parquet", chosen), chatty_model_dir,
+               preference_files=str(FIXTURES / "huozi_rlhf_data_sample.json"))
+    report = build(cfg)
+    assert report.dropped == {"rejected equals chosen": 2}
+    assert report.generated == len(PROMPTS) and report.train_rows == 8 + 2 - 2 and report.eval_rows == 2
+    train = json.loads(Path(cfg.train_file).read_text(encoding="utf-8"))
+    held = json.loads(Path(cfg.eval_file).read_text(encoding="utf-8"))
+    pairs = {r["prompt"]: r for r in train + held}
+    assert len(pairs) == 10 and PROMPTS[1] not in pairs and PROMPTS[6] not in pairs
+    for i in (0, 2, 9):
+        assert pairs[PROMPTS[i]] == {"prompt": PROMPTS[i], "chosen": chosen[i], "rejected": model_answers[i]}
+    assert pairs["推荐一本入门的历史书。"]["rejected"] == "不知道。"
+    import pandas as pd
+    assert pd.read_parquet(Path(cfg.train_file).with_suffix(".parquet")).to_dict("records") == train
+    assert not Path(cfg.train_file + ".rejected.partial.jsonl").exists()
+
+
+def test_interrupted_generation_resumes_to_the_same_output(tmp_path, chatty_model_dir):
+    instr = _instruction_parquet(tmp_path / "instr.parquet", [f"参考答案{i}" for i in range(len(PROMPTS))])
+    full = _cfg(tmp_path / "a", instr, chatty_model_dir)
+    build(full)
+
+    cfg = _cfg(tmp_path / "b", instr, chatty_model_dir)
+    calls = []
+
+    def dies_on_second_batch(*args):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return generate_answers(*args)
+
+    with pytest.raises(KeyboardInterrupt):
+        build(cfg, generate=dies_on_second_batch)
+    partial = Path(cfg.train_file + ".rejected.partial.jsonl")
+    assert len(partial.read_text(encoding="utf-8").splitlines()) == 1 + 4  # header + the first batch
+    assert not Path(cfg.train_file).exists()
+    with open(partial, "a", encoding="utf-8") as fh:
+        fh.write('{"i": 4, "rejec')  # a line torn by the kill
+
+    calls.clear()
+    report = build(cfg, generate=lambda *a: calls.append(a[2]) or generate_answers(*a))
+    assert report.resumed_from == 4 and calls == [PROMPTS[4:8], PROMPTS[8:]]
+    for a, b in ((full.train_file, cfg.train_file), (full.eval_file, cfg.eval_file)):
+        assert Path(a).read_text(encoding="utf-8") == Path(b).read_text(encoding="utf-8")
+
+
+def test_partial_file_from_other_settings_is_refused(tmp_path, chatty_model_dir):
+    instr = _instruction_parquet(tmp_path / "instr.parquet", [f"参考答案{i}" for i in range(len(PROMPTS))])
+    cfg = _cfg(tmp_path, instr, chatty_model_dir)
+    partial = Path(cfg.train_file + ".rejected.partial.jsonl")
+    partial.parent.mkdir(parents=True)
+    partial.write_text(json.dumps({"fingerprint": {"other": 1}}) + "\n" + json.dumps({"i": 0, "rejected": "x"}) + "\n")
+    with pytest.raises(UserError, match="--restart True"):
+        build(cfg)
+    report = build(replace(cfg, restart=True, max_rows=4))
+    assert report.generated == 4 and report.resumed_from == 0
+
+
+def test_nothing_left_is_an_error_and_writes_nothing(tmp_path, capsys):
+    only_long = tmp_path / "pairs.json"
+    only_long.write_text(json.dumps([{"prompt": "p", "chosen": "长" * 20, "rejected": "r"},
+                                     {"prompt": "p", "chosen": "same", "rejected": " same "}]), encoding="utf-8")
+    cfg = replace(DpoDataConfig(), instruction_file="", preference_files=str(only_long), max_len=10,
+                  train_file=str(tmp_path / "t.json"), eval_file=str(tmp_path / "e.json"))
+    with pytest.raises(UserError, match="no preference pairs left"):
+        build(cfg)
+    out = capsys.readouterr().out
+    assert "dropped (longer than 10 characters): 1" in out and "dropped (rejected equals chosen): 1" in out
+    assert not (tmp_path / "t.json").exists()
+    with pytest.raises(UserError, match="nothing to read"):
+        build(replace(cfg, preference_files=""))
