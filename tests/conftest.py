@@ -106,7 +106,7 @@ def silent_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def live_api(tmp_path_factory, chatty_model_dir):
     """`python api_demo.py` serving chatty_model_dir on 127.0.0.1: port 8812 (the README's)
-    when free, else a free port. Yields (base_url, port)."""
+    when free, else a free port; answers 24 tokens by default, at most 4096. Yields (base_url, port)."""
     import socket
     import subprocess
     import time
@@ -130,7 +130,8 @@ def live_api(tmp_path_factory, chatty_model_dir):
     log_path = tmp_path_factory.mktemp("live_api") / "server.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, str(ROOT / "api_demo.py"), "--model_dir", str(chatty_model_dir),
-                             "--max_seq_len", "24", "--port", str(port), "--log_level", "warning"],
+                             "--max_seq_len", "24", "--max_new_tokens_cap", "4096", "--port", str(port),
+                             "--log_level", "warning"],
                             cwd=str(ROOT), env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -20,11 +20,12 @@ Limits (InferConfig): max_input_chars and max_new_tokens_cap give 400, max_body_
 {"error": {...}} shape so its clients show the message; the others use FastAPI's {"detail"}.
 
 Generation runs in worker threads, one at a time on the model (ChatBot's lock), so the event
-loop keeps serving while requests queue; a streaming client that disconnects stops its
-generation within one decoding step.
+loop keeps serving while requests queue; a client that disconnects (streaming, or while
+waiting for a whole answer) stops its generation within one decoding step.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -207,6 +208,21 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+async def _answer_while_connected(request: Request, bot, *args):
+    """bot.answer(*args) in a worker thread, stopped early if the client goes away meanwhile
+    (a client that gave up while queued must not cost a whole generation)."""
+    from model.infer import GenerationControl
+
+    control = GenerationControl()
+    job = asyncio.ensure_future(run_in_threadpool(bot.answer, *args, control=control))
+    while True:
+        done, _ = await asyncio.wait({job}, timeout=0.2)
+        if done:
+            return job.result()
+        if not control.stopped and await request.is_disconnected():
+            control.stop()
+
+
 def create_app(config: InferConfig, bot=None) -> FastAPI:
     """The FastAPI app around `bot` (a model.infer.ChatBot; loaded from `config` when None)."""
     if bot is None:
@@ -272,7 +288,7 @@ def create_app(config: InferConfig, bot=None) -> FastAPI:
                                             "owned_by": "chatlm-mini-chinese"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: ChatCompletionRequest):
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
         if req.n != 1:
             raise HTTPException(400, "only n=1 is supported")
         users = [m for m in req.messages if m.role == "user"]
@@ -294,7 +310,7 @@ def create_app(config: InferConfig, bot=None) -> FastAPI:
         if not req.stream:
             begin()
             try:
-                ans = await run_in_threadpool(bot.answer, question, max_new, temperature, top_p)
+                ans = await _answer_while_connected(request, bot, question, max_new, temperature, top_p)
             finally:
                 end()
             return {"id": cid, "object": "chat.completion", "created": now, "model": config.model_name,
