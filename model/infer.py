@@ -116,7 +116,6 @@ class AnswerStream:
         cls = AsyncTextIteratorStreamer if asynchronous else TextIteratorStreamer
         self.streamer = cls(bot.tokenizer, skip_prompt=True, skip_special_tokens=True,
                             clean_up_tokenization_spaces=False)
-        self.finished = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(prompt, max_new_tokens, temperature, top_p),
                                         name="chatbot-generate", daemon=True)
         self._thread.start()
@@ -128,8 +127,6 @@ class AnswerStream:
         except BaseException as exc:  # handed to the reader; the thread itself must not die silently
             self.error = exc
             self.streamer.end()
-        finally:
-            self.finished.set()
 
     def stop(self) -> None:
         self.control.stop()

@@ -92,6 +92,13 @@ def test_stop_ends_a_long_generation_early(bot):
     assert bot.tokens_generated - before < 1024
 
 
+def test_generation_error_reaches_the_reader(bot):
+    stream = bot.stream_chat("你好", temperature=1.0, top_p=-1.0)  # transformers refuses top_p < 0
+    with pytest.raises(ValueError, match="top_p"):
+        list(stream)
+    assert stream.join(timeout=5)
+
+
 def test_empty_generation_gets_the_original_fallback(silent_model_dir):
     silent = ChatBot(InferConfig(model_dir=str(silent_model_dir), max_seq_len=6))
     assert silent.chat("你好") == FALLBACK_ANSWER
