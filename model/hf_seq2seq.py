@@ -72,6 +72,16 @@ class Seq2SeqJob:
     model_config_file: str = ""  # pretraining: build a fresh model from this config
     init_model_dir: str = ""  # fine-tuning: load this model (strictly)
 
+    def __post_init__(self):
+        # Relative paths from the command line mean the current directory; made absolute
+        # once so that messages and train_summary.json name the files unambiguously.
+        for name in ("output_dir", "tokenizer_dir", "train_file", "eval_file", "model_config_file",
+                     "init_model_dir"):
+            if getattr(self, name):
+                setattr(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
+        if self.resume_from_checkpoint not in ("", "last"):
+            self.resume_from_checkpoint = str(Path(self.resume_from_checkpoint).expanduser().resolve())
+
 
 def job_from_train_config(cfg) -> Seq2SeqJob:
     """Pretraining settings from TrainConfig (the fields train.py reads too).

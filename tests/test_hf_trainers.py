@@ -61,7 +61,7 @@ def data(tmp_path_factory) -> dict:
 
 def _pretrain_args(tokenizer_dir, data, out, **over) -> list:
     args = {"model_config_file": TINY_CONFIG, "tokenizer_dir": tokenizer_dir, "train_file": data["train"],
-            "validation_file": data["valid"], "output_dir": out, "max_steps": 24, "save_steps": 8,
+            "validation_file": data["valid"], "output_dir": out, "max_steps": 16, "save_steps": 8,
             "logging_steps": 4, "batch_size_per_gpu": 8, "gradient_accumulation_steps": 1, "warmup_steps": 4,
             "max_seq_len": MAX_LEN, "mixed_precision": "bf16"}  # bf16 must fall back to fp32 on CPU
     args.update(over)
@@ -102,11 +102,11 @@ def test_pretrain_lowers_eval_loss_and_writes_a_standalone_model_dir(pretrained,
     from model.chat_model import build_model, load_tokenizer
 
     summary = json.loads((pretrained / "train_summary.json").read_text(encoding="utf-8"))
-    assert summary["steps"] == 24 and summary["steps_this_run"] == 24 and summary["precision"] == "fp32"
-    assert summary["train_tokens"] > 24 * 8 * 2  # encoder + decoder tokens, no padding counted
+    assert summary["steps"] == 16 and summary["steps_this_run"] == 16 and summary["precision"] == "fp32"
+    assert summary["train_tokens"] > 16 * 8 * 2  # encoder + decoder tokens, no padding counted
     assert summary["tokens_per_sec"] > 0 and summary["train_seconds"] <= summary["wall_seconds"]
     assert sorted(p.name for p in (pretrained / "checkpoints").iterdir()) == \
-        ["checkpoint-16", "checkpoint-24", "checkpoint-8"]
+        ["checkpoint-16", "checkpoint-8"]
     assert list((pretrained / "runs").iterdir()), "no tensorboard event files"
 
     torch.manual_seed(0)
@@ -142,22 +142,22 @@ def test_pretrain_lowers_eval_loss_and_writes_a_standalone_model_dir(pretrained,
 
 
 def test_resume_from_checkpoint_continues_exactly(pretrained, tokenizer_dir, data, tmp_path):
-    """Kill during the save at step 24 (trainer_state.json not yet written), resume: same result."""
+    """Kill during the save at step 16 (trainer_state.json not yet written), resume: same result."""
     out = tmp_path / "out"
     shutil.copytree(pretrained, out)
     shutil.rmtree(out / "best")
     (out / "train_summary.json").unlink()
-    (out / "checkpoints" / "checkpoint-24" / "trainer_state.json").unlink()
+    (out / "checkpoints" / "checkpoint-16" / "trainer_state.json").unlink()
     proc = _run("pre_train.py", _pretrain_args(tokenizer_dir, data, out, is_keep_training=True), tmp_path)
     _ok(proc)
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
-    assert summary["resumed_from"] == str(out / "checkpoints" / "checkpoint-16")
-    assert (summary["steps"], summary["steps_this_run"]) == (24, 8)
-    state = json.loads((out / "checkpoints" / "checkpoint-24" / "trainer_state.json").read_text(encoding="utf-8"))
-    ref_state = json.loads((pretrained / "checkpoints" / "checkpoint-24" / "trainer_state.json").read_text())
-    assert state["global_step"] == 24
+    assert summary["resumed_from"] == str(out / "checkpoints" / "checkpoint-8")
+    assert (summary["steps"], summary["steps_this_run"]) == (16, 8)
+    state = json.loads((out / "checkpoints" / "checkpoint-16" / "trainer_state.json").read_text(encoding="utf-8"))
+    ref_state = json.loads((pretrained / "checkpoints" / "checkpoint-16" / "trainer_state.json").read_text())
+    assert state["global_step"] == 16
     logged = lambda s: {h["step"]: h["loss"] for h in s["log_history"] if "loss" in h}  # noqa: E731
-    assert sorted(logged(state)) == [1, 4, 8, 12, 16, 20, 24]
+    assert sorted(logged(state)) == [1, 4, 8, 12, 16]
     assert logged(state) == pytest.approx(logged(ref_state), rel=1e-6)
     a, b = _weights(out / "best"), _weights(pretrained / "best")
     assert a.keys() == b.keys()
@@ -167,14 +167,15 @@ def test_resume_from_checkpoint_continues_exactly(pretrained, tokenizer_dir, dat
 def test_sft_from_a_model_dir_on_json_lowers_the_loss(tiny_model_dir, tokenizer_dir, data, tmp_path):
     from model.chat_model import load_model, load_tokenizer
 
-    out = tmp_path / "sft"
+    out = tmp_path.resolve() / "sft"
+    # run from elsewhere with a relative output dir: it means the current directory
     _ok(_run("sft_train.py", ["--finetune_from_ckp_file", tiny_model_dir, "--tokenizer_dir", tokenizer_dir,
                               "--sft_train_file", data["sft_train"], "--sft_eval_file", data["sft_eval"],
-                              "--output_dir", out, "--max_steps", 16, "--save_steps", 8, "--logging_steps", 4,
-                              "--batch_size", 6, "--gradient_accumulation_steps", 2, "--warmup_steps", 2,
-                              "--learning_rate", 3e-3, "--max_seq_len", MAX_LEN], tmp_path))
+                              "--output_dir", "sft", "--max_steps", 12, "--save_steps", 6, "--logging_steps", 4,
+                              "--batch_size", 6, "--gradient_accumulation_steps", 1, "--warmup_steps", 2,
+                              "--learning_rate", 3e-3, "--max_seq_len", MAX_LEN], tmp_path, cwd=tmp_path))
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
-    assert summary["stage"] == "sft" and summary["steps"] == 16 and summary["model_dir"] == str(out / "best")
+    assert summary["stage"] == "sft" and summary["steps"] == 12 and summary["model_dir"] == str(out / "best")
     tokenizer = load_tokenizer(tokenizer_dir)
     before = _pair_loss(load_model(tiny_model_dir), tokenizer, data["sft"])
     after = _pair_loss(load_model(out / "best"), tokenizer, data["sft"])
