@@ -116,10 +116,15 @@ class _WikiJson:
         return _wiki_pair(self.rng, title, text)
 
 
+# The answer is the article's opening, cut by the cleaner (--max_response_len, 320 in the
+# original) at a sentence end; no need to carry (and clean) the rest of a long article.
+WIKI_MAX_CHARS = 4096
+
+
 def _wiki_pair(rng: random.Random, title: str, text: str) -> tuple[str, str]:
     if not title:
         raise _Bad("article has no title")
-    body = "".join(line.strip() for line in text.splitlines())
+    body = "".join(line.strip() for line in text.splitlines())[:WIKI_MAX_CHARS]
     if not body:
         raise _Bad("article has no text")
     return rng.choice(WIKI_PROMPTS).format(title), body
