@@ -9,14 +9,13 @@ with pyarrow's default row-group size, then in a fresh process for each file run
 epoch of model/dataset.py's StreamingBatches (shuffle buffer of dataloader_buffer_size, the
 default 50,000) and tokenises and collates one batch in 50, as train.py does; it prints
 each process's peak RSS. Flat memory means the peaks are close although the files differ
-10x. The files are deleted at the end.
+10x. Linux only (reads /proc/self/status). The files are deleted at the end.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -48,6 +47,18 @@ def write_parquet(path: Path, rows: int) -> None:
     writer.close()
 
 
+def _status_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process, in MB.
+
+    getrusage's ru_maxrss survives execve, so a child would report its parent's peak;
+    /proc's VmHWM belongs to the current address space only.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def measure(path: str, tokenizer_dir: str, buffer_size: int) -> None:
     """Child process: one epoch through the streaming source; prints JSON with the peak RSS."""
     from model.chat_model import load_tokenizer
@@ -55,7 +66,7 @@ def measure(path: str, tokenizer_dir: str, buffer_size: int) -> None:
 
     tok = load_tokenizer(tokenizer_dir)
     collate = Collator(tok.pad_token_id, tok, 256)
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_start = _status_mb("VmRSS")
     t0 = time.perf_counter()
     src = StreamingBatches(path, 32, seed=1, buffer_size=buffer_size)
     rows = batches = 0
@@ -65,8 +76,7 @@ def measure(path: str, tokenizer_dir: str, buffer_size: int) -> None:
         if i % 50 == 0:
             collate(b)
     print(json.dumps({"rows": rows, "batches": batches, "seconds": time.perf_counter() - t0,
-                      "rss_before_mb": rss_start / 1024,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "rss_before_mb": rss_start, "peak_rss_mb": _status_mb("VmHWM")}))
 
 
 def main() -> None:
@@ -98,7 +108,7 @@ def main() -> None:
             res["file_mb"] = path.stat().st_size / 2**20
             results[rows] = res
             print(f"{rows:>10,} rows ({res['file_mb']:6.1f} MB parquet): one epoch in {res['seconds']:6.1f} s, "
-                  f"peak RSS {res['peak_rss_mb']:7.1f} MB (after imports {res['rss_before_mb']:.1f} MB)")
+                  f"peak RSS {res['peak_rss_mb']:7.1f} MB (RSS after imports {res['rss_before_mb']:.1f} MB)")
             path.unlink()
         small, big = results[args.rows // 10], results[args.rows]
         print(f"peak RSS ratio {args.rows:,} / {args.rows // 10:,} rows: {big['peak_rss_mb'] / small['peak_rss_mb']:.2f}x "

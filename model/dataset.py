@@ -150,25 +150,27 @@ class TokenizedPairs:
     """The whole file tokenised in memory: flat int32 ids plus offsets (no per-token objects)."""
 
     def __init__(self, path: str | Path, tokenizer, max_seq_len: int, chunk_rows: int = 8192,
-                 max_rows: int | None = None):
+                 max_rows: int | None = None, keep_texts: bool = False):
         import numpy as np
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(check_parquet(path))
         self.path = Path(path)
         ids = {"input_ids": [], "labels": []}
-        self.texts_response: list[str] = []
+        self.texts_response: list[str] = []  # the references, kept for evaluation only
+        n_rows = 0
         for rb in pf.iter_batches(batch_size=chunk_rows, columns=list(REQUIRED_COLUMNS)):
             prompts, responses = _column_texts(rb, self.path)
             if max_rows is not None:
-                keep = max(0, max_rows - len(self.texts_response))
+                keep = max(0, max_rows - n_rows)
                 prompts, responses = prompts[:keep], responses[:keep]
                 if not prompts:
                     break
             enc = encode_batch(tokenizer, prompts, responses, max_seq_len)
             for key in ids:
                 ids[key].extend(np.asarray(x, dtype=np.int32) for x in enc[key])
-            self.texts_response.extend(responses)
+            self.texts_response.extend(responses if keep_texts else ())
+            n_rows += len(responses)
         self.offsets, self.flat = {}, {}
         for key, seqs in ids.items():
             lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))

@@ -119,6 +119,22 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
+class _RowsDigest:
+    """Count and running hash of the row numbers this rank trained on (constant memory)."""
+
+    def __init__(self):
+        import hashlib
+
+        self.count, self._h = 0, hashlib.sha256()
+
+    def update(self, rows) -> None:
+        self.count += len(rows)
+        self._h.update((",".join(map(str, rows)) + ";").encode())
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()[:16]
+
+
 def _device_batch(batch: dict, device) -> dict:
     return {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
 
@@ -150,6 +166,10 @@ class ChatTrainer:
         # bf16/fp16 only where there is a GPU: on CPU bf16 matmuls are hundreds of times slower
         gpu = torch.cuda.is_available()
         mp = self.cfg.mixed_precision if gpu else "no"
+        if not gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            # with DeepSpeed 0.19.8 installed, Accelerator() on a CPU-only machine hangs in
+            # DeepSpeed's CPU-accelerator start-up; cpu=True runs plain MULTI_CPU instead
+            print("warning: DeepSpeed needs CUDA GPUs; running without it (MULTI_CPU, gloo)", file=sys.stderr)
         # cpu=True is what makes accelerate read torchrun's WORLD_SIZE as MULTI_CPU (gloo)
         acc = Accelerator(cpu=not gpu, mixed_precision=mp,
                           gradient_accumulation_steps=self.cfg.gradient_accumulation_steps)
@@ -215,7 +235,7 @@ class ChatTrainer:
 
         source = open_training_data(cfg.train_file, tokenizer, cfg.max_seq_len, cfg.batch_size_per_gpu, cfg.seed,
                                     cfg.streaming, cfg.dataloader_buffer_size, rank, world, cfg.group_by_length)
-        valid = TokenizedPairs(cfg.validation_file, tokenizer, cfg.max_seq_len,
+        valid = TokenizedPairs(cfg.validation_file, tokenizer, cfg.max_seq_len, keep_texts=True,
                                max_rows=cfg.eval_max_samples if cfg.eval_max_samples > 0 else None)
         collate = Collator(tokenizer.pad_token_id, tokenizer, cfg.max_seq_len)
         ga = cfg.gradient_accumulation_steps
@@ -327,7 +347,7 @@ class ChatTrainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         pending_losses: list[torch.Tensor] = []
         tokens_since_log, tokens_total, train_time = 0, 0, 0.0
-        seen_rows: list[int] = []
+        seen = _RowsDigest()
         model.train()
         with _StopRequest() as stop, self._progress() as progress:
             ep_task = progress.add_task("epoch", total=n_epochs, completed=state["epoch"], info="")
@@ -339,7 +359,7 @@ class ChatTrainer:
                 t0 = time.perf_counter()
                 for bi, rows in enumerate(source.batches(epoch, skip), start=skip):
                     batch = collate(rows)
-                    seen_rows.extend(batch["index"])
+                    seen.update(batch["index"])
                     group_start = bi - bi % ga
                     group_len = min(ga, batches_per_epoch - group_start)
                     last = bi - group_start == group_len - 1
@@ -404,7 +424,7 @@ class ChatTrainer:
             if state["last_eval_step"] != state["global_step"]:  # stopped by max_steps mid-epoch
                 self._evaluate_and_keep_best(valid, collate, progress, state["epoch"])
                 self._checkpoint()
-        return self._finish(train_time, tokens_total, seen_rows)
+        return self._finish(train_time, tokens_total, seen)
 
     def _interrupted(self, signum: int, pending_losses) -> dict:
         name = signal.Signals(signum).name if signum in (2, 15) else str(signum)
@@ -424,7 +444,7 @@ class ChatTrainer:
             print(msg, file=sys.stderr)
         raise SystemExit(128 + signum)
 
-    def _finish(self, train_time: float, tokens_local: int, seen_rows: list[int]) -> dict:
+    def _finish(self, train_time: float, tokens_local: int, seen: "_RowsDigest") -> dict:
         import hashlib
 
         acc = self.accelerator
@@ -435,9 +455,8 @@ class ChatTrainer:
         for name, p in sorted(unwrapped.state_dict().items()):
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
-        rows_hash = hashlib.sha256(",".join(map(str, seen_rows)).encode()).hexdigest()[:16]
         self.log.info("rank %d world_size=%d rows_seen=%d rows_hash=%s weights_sha256=%s", acc.process_index,
-                      acc.num_processes, len(seen_rows), rows_hash, h.hexdigest())
+                      acc.num_processes, seen.count, seen.hexdigest(), h.hexdigest())
         tokens = int(acc.reduce(torch.tensor([tokens_local], device=acc.device), reduction="sum").item())
         summary = {"global_step": self.state["global_step"], "train_runtime_s": round(train_time, 3),
                    "non_padding_tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
@@ -489,7 +508,7 @@ class ChatTrainer:
         model = load_model(model_dir)
         check_vocab(tokenizer, model.config, str(model_dir))
         self.accelerator = acc = self._accelerator()
-        data = TokenizedPairs(cfg.test_file, tokenizer, cfg.max_seq_len,
+        data = TokenizedPairs(cfg.test_file, tokenizer, cfg.max_seq_len, keep_texts=True,
                               max_rows=cfg.eval_max_samples if cfg.eval_max_samples > 0 else None)
         model = acc.prepare(model)
         with self._progress() as progress:

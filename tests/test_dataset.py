@@ -94,7 +94,7 @@ def test_in_memory_matches_file_and_mode_choice(parquet, tok):
     from utils.cli import UserError
 
     path, df = parquet
-    data = TokenizedPairs(path, tok, 16)
+    data = TokenizedPairs(path, tok, 16, keep_texts=True)
     assert len(data) == len(df) and data.texts_response == df.response.tolist()
     assert list(data[3]["input_ids"]) == tok(df.prompt[3], add_special_tokens=False)["input_ids"][:15] + [tok.eos_token_id]
     assert choose_streaming("auto", path, available_bytes=10**12) is False

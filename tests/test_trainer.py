@@ -114,7 +114,7 @@ def test_pretraining_lowers_validation_loss_and_test_command(pairs_dir, tokenize
     cfg = tiny_cfg(pairs_dir, tokenizer_dir, tmp_path / "run", epochs=3, learn_rate=1e-3, gradient_accumulation_steps=1)
     tok = load_tokenizer(tokenizer_dir)
     torch.manual_seed(cfg.seed)
-    valid = TokenizedPairs(cfg.validation_file, tok, cfg.max_seq_len)
+    valid = TokenizedPairs(cfg.validation_file, tok, cfg.max_seq_len, keep_texts=True)
     before = evaluate(Accelerator(cpu=True), build_model(TINY_CONFIG), tok, valid, Collator(tok.pad_token_id), 8, 4)
     ChatTrainer(cfg).train()
     evals = pd.read_csv(tmp_path / "run" / "eval.csv")
