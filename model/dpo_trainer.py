@@ -286,7 +286,8 @@ def preference_metrics(scores: dict, beta: float) -> dict:
     - logp_accuracy: share of pairs whose chosen answer has the higher summed log-probability
       under the model; logp_accuracy_per_token compares the per-token mean instead (fairer
       when the answers' lengths differ). Both are given for the policy and the reference, so
-      one report holds the "before DPO" (reference = SFT) and "after DPO" figures.
+      one report holds the "before DPO" (reference = SFT) and "after DPO" figures;
+      `logp_accuracy` / `logp_accuracy_per_token` repeat the policy's.
     """
     n = len(scores["policy_chosen"])
     if n == 0:
@@ -312,4 +313,7 @@ def preference_metrics(scores: dict, beta: float) -> dict:
                                                      per_token(r, scores["rejected_len"]))
         out[f"{name}_logp_chosen_mean"] = sum(c) / n
         out[f"{name}_logp_rejected_mean"] = sum(r) / n
+    # the evaluated model's own figures under plain names
+    out["logp_accuracy"] = out["policy_logp_accuracy"]
+    out["logp_accuracy_per_token"] = out["policy_logp_accuracy_per_token"]
     return out
