@@ -205,3 +205,18 @@ def test_two_cpu_ranks_with_torchrun(pairs_dir, tokenizer_dir, tmp_path):
     assert r0["rows_seen"] == r1["rows_seen"] == "32"  # 4 steps x 2 micro-batches x 4 rows, each rank
     assert r0["rows_hash"] != r1["rows_hash"]
     assert r0["weights_sha256"] == r1["weights_sha256"]
+
+
+def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
+    """A kill during a save leaves `.step-N.tmp` (or a dir without trainer_state.json): the previous one wins."""
+    from model.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+
+    root = tmp_path / "checkpoints"
+    for name in ("step-00000004", "step-00000008"):
+        (root / name).mkdir(parents=True)
+        (root / name / STATE_FILE).write_text("{}")
+    (root / ".step-00000012.tmp").mkdir()
+    (root / ".step-00000012.tmp" / STATE_FILE).write_text("{}")
+    (root / "step-00000016").mkdir()  # renamed but incomplete (cannot happen with os.replace, still ignored)
+    assert latest_checkpoint(root).name == "step-00000008"
+    assert [p.name for p in list_checkpoints(root)] == ["step-00000004", "step-00000008"]
