@@ -44,6 +44,12 @@ def _check_config(cfg) -> None:
         raise UserError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
 
 
+def _require_sft(cfg) -> None:
+    if not Path(cfg.sft_model_file).exists():
+        raise UserError(f"SFT model not found: {cfg.sft_model_file} (train one with sft_train.py, "
+                        "or pass --sft_model_file)")
+
+
 def _precision(cfg) -> dict:
     """fp32 on a CPU (bf16 there is far slower); on a GPU bf16 falls back to fp16 where unsupported."""
     if not torch.cuda.is_available() or cfg.mixed_precision == "no":
@@ -136,13 +142,14 @@ def train(cfg) -> Path:
 
     _check_config(cfg)
     out = Path(cfg.output_dir)
-    tokenizer = load_tokenizer(cfg.tokenizer_dir)
     train_rows = load_pairs(cfg.dpo_train_file, what="DPO training file")
     eval_rows = None
     if cfg.dpo_eval_file and Path(cfg.dpo_eval_file).is_file():
         eval_rows = load_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
     elif cfg.dpo_eval_file:
         print(f"note: no eval file at {cfg.dpo_eval_file}; training without evaluation")
+    _require_sft(cfg)
+    tokenizer = load_tokenizer(cfg.tokenizer_dir)
     policy = load_model(cfg.sft_model_file)
     if cfg.disable_dropout:
         disable_dropout(policy)
@@ -211,6 +218,9 @@ def train(cfg) -> Path:
 def merge(cfg) -> Path:
     """Fold the LoRA adapter into the SFT model; write a full model dir to merged_output_dir."""
     adapter_dir = Path(cfg.adapter_dir) if cfg.adapter_dir else Path(cfg.output_dir) / "best"
+    if not is_adapter_dir(adapter_dir):
+        raise UserError(f"not a LoRA adapter directory (no {ADAPTER_CONFIG}): {adapter_dir}")
+    _require_sft(cfg)
     model = load_adapter_model(adapter_dir, cfg.sft_model_file)
     merged = model.merge_and_unload()
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else Path(cfg.tokenizer_dir)
@@ -228,6 +238,7 @@ def evaluate(cfg) -> dict:
     if not cfg.dpo_eval_file:
         raise UserError("--dpo_eval_file is required for eval")
     rows = load_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
+    _require_sft(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
     if is_adapter_dir(policy_path):
