@@ -130,6 +130,13 @@ def test_lora_dpo_reference_merge_and_auto_loading(tiny_model_dir, pair_file, tm
     assert float(rows[0]["loss"]) == pytest.approx(math.log(2), abs=1e-6)
     assert float(rows[0]["rewards/margins"]) == 0.0
 
+    # resume the adapter's training from checkpoint-2: steps 3 and 4 are (re)done
+    assert (out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    adapter = dpo.train(replace(cfg, max_steps=4, resume_from_checkpoint=str(out / "checkpoints" / "checkpoint-2")))
+    with open(out / "dpo_log.csv", encoding="utf-8") as fh:
+        assert [r["step"] for r in csv.DictReader(fh)] == ["1", "2", "3", "4"]
+    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4
+
     merged_dir = dpo.merge(cfg)
     peft_model = dpo.load_adapter_model(adapter, tiny_model_dir).eval()
     merged = load_model(merged_dir).eval()
