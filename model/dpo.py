@@ -16,7 +16,6 @@ to `<output_dir>/dpo_log.csv`.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from pathlib import Path
 
@@ -279,10 +278,6 @@ def print_metrics(m: dict) -> None:
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from utils.parquet_io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, default=str))

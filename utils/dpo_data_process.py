@@ -35,7 +35,6 @@ import os
 import random
 import re
 import unicodedata
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -423,30 +422,22 @@ def split_pairs(rows: list[dict], eval_ratio: float, eval_rows: int, seed: int) 
     return rows[n_eval:], rows[:n_eval]
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-
 def write_json_atomic(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(rows, fh, ensure_ascii=False, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from utils.parquet_io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(rows, ensure_ascii=False, indent=1))
 
 
 def write_parquet_atomic(rows: list[dict], path: Path) -> None:
+    """prompt/chosen/rejected parquet (the pair writer of utils.parquet_io has two columns)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from utils.parquet_io import temp_path
+
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({k: pa.array([r[k] for r in rows], type=pa.string()) for k in PAIR_FIELDS})
-    tmp = _tmp_sibling(path)
+    tmp = temp_path(path)
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
