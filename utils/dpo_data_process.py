@@ -1,4 +1,4 @@
-"""Preference data for DPO: prompt / chosen / rejected pairs, written as JSON and parquet.
+r"""Preference data for DPO: prompt / chosen / rejected pairs, written as JSON and parquet.
 
     python -m utils.dpo_data_process --instruction_file data/alpaca_gpt4_data_zh.json \
         --sft_model_dir model_save/sft/best \
