@@ -73,7 +73,8 @@ class TrainConfig:
 class SFTconfig:
     """Instruction fine-tuning with transformers' Seq2SeqTrainer (sft_train.py)."""
     max_seq_len: int = 384 + 8
-    finetune_from_ckp_file: str = _p("model_save", "pretrain", "best")
+    finetune_from_ckp_file: str = _p("model_save", "pretrain", "best")  # "": start from random weights
+    model_config_file: str = _p("model_config.json")  # used only when finetune_from_ckp_file is ""
     tokenizer_dir: str = _p("model_save", "tokenizer")
     sft_train_file: str = _p("data", "sft_train.parquet")
     sft_eval_file: str = ""

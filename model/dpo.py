@@ -16,14 +16,13 @@ to `<output_dir>/dpo_log.csv`.
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 
 import torch
 
 from utils.cli import UserError
 
-from .chat_model import load_model, load_tokenizer, replace_dir, save_model, write_tokenizer_files
+from .chat_model import load_model, load_tokenizer, save_model
 from .dpo_trainer import (CsvLogCallback, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
                           preference_metrics, score_pairs)
 
@@ -93,23 +92,6 @@ def _resume_path(cfg, checkpoints: Path) -> str | None:
     if not path.is_dir():
         raise UserError(f"checkpoint directory not found: {path}")
     return str(path)
-
-
-def save_adapter(model, out_dir: str | Path, tokenizer=None) -> Path:
-    """A peft adapter directory (plus the tokenizer), written atomically like save_model."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            write_tokenizer_files(tokenizer, tmp)
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -202,10 +184,8 @@ def train(cfg) -> Path:
     best = out / "best"
     model = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_world_process_zero():
-        if cfg.use_lora:
-            save_adapter(model, best, tokenizer)
-        else:
-            save_model(model, best, tokenizer)
+        # a peft model's save_pretrained writes just the adapter; save_model makes it atomic
+        save_model(model, best, tokenizer)
         summary = {"global_step": result.global_step, "train_loss": result.training_loss,
                    "best_checkpoint": trainer.state.best_model_checkpoint, **result.metrics,
                    "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})}

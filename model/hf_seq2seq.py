@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils.cli import UserError, require_file
+from utils.parquet_io import atomic_write_text
 
 from .dataset import REQUIRED_COLUMNS, check_parquet, encode_batch
 
@@ -116,7 +115,9 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
         optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
-        allow_json=True, init_model_dir=cfg.finetune_from_ckp_file)
+        allow_json=True, init_model_dir=cfg.finetune_from_ckp_file,
+        # no model to start from: a fresh one (the "from random initialisation" baseline)
+        model_config_file="" if cfg.finetune_from_ckp_file else cfg.model_config_file)
 
 
 # --- checks that run before anything heavy is imported ----------------------------------
@@ -373,15 +374,6 @@ def _bleu_metric(tokenizer):
     return compute_metrics
 
 
-def _atomic_write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _last(history: list[dict], key: str):
     return next((h[key] for h in reversed(history) if key in h), None)
 
@@ -507,7 +499,7 @@ def run(job: Seq2SeqJob) -> dict:
         "wall_seconds": round(time.perf_counter() - wall_start, 3),
         "job": asdict(job),
     }
-    _atomic_write_json(out / SUMMARY_FILE, summary)
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
     _print_summary(summary, out)
     return summary
 

@@ -36,6 +36,7 @@ from typing import Callable
 import torch
 
 from utils.cli import UserError, require_file
+from utils.parquet_io import atomic_write_text
 
 from . import checkpoint as ckpt_io
 from .chat_model import build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model
@@ -137,12 +138,6 @@ class _RowsDigest:
 
 def _device_batch(batch: dict, device) -> dict:
     return {k: batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class ChatTrainer:
@@ -465,7 +460,7 @@ class ChatTrainer:
         if acc.is_main_process:
             from utils.plot import plot_loss_curve
 
-            _atomic_write(self.out / "train_summary.json", json.dumps(summary, indent=2))
+            atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
             plot_loss_curve(self.out / LOSS_CSV, self.out / "loss_curve.png", self.out / EVAL_CSV)
             print(f"trained {summary['global_step']} steps, {summary['tokens_per_s']:.0f} tokens/s; best BLEU-4 "
                   f"{summary['best_bleu4']:.4f} at {summary['best_model_dir']}")
@@ -517,7 +512,7 @@ class ChatTrainer:
         result.update({"model_dir": str(model_dir), "test_file": str(cfg.test_file)})
         if acc.is_main_process:
             self.out.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.out / "test_results.json", json.dumps(result, ensure_ascii=False, indent=2))
+            atomic_write_text(self.out / "test_results.json", json.dumps(result, ensure_ascii=False, indent=2))
             print(f"test BLEU-4 {result['bleu4']:.4f}  loss {result['loss']:.4f}  ({result['n_samples']} samples, "
                   f"{model_dir}) -> {self.out / 'test_results.json'}")
         return result

@@ -314,20 +314,6 @@ class PartialLog:
             os.fsync(fh.fileno())
 
 
-def pick_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device (auto, cpu, cuda, cuda:1 ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but CUDA is not available")
-    return dev
-
-
 def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
                      max_seq_len: int, search_type: str, seed: int) -> list[str]:
     """The model's answers to a batch of prompts (prompt + [EOS] in, as in training)."""
@@ -381,6 +367,8 @@ def generate_rejected(rows: list[dict], cfg, report: Report,
         if report.resumed_from:
             print(f"resuming generation after {report.resumed_from} of {len(prompts)} prompts ({log.path})")
         import torch
+
+        from model.infer import pick_device
 
         device = pick_device(cfg.device)
         tokenizer = load_tokenizer(model_dir)

@@ -49,8 +49,8 @@ def _sizes(small: bool) -> dict:
     if small:
         return dict(max_rows=300, vocab=3000, pre_steps=30, pre_batch=16, sft_steps=30, sft_batch=16,
                     dpo_rows=64, dpo_steps=8, eval_rows=40, seq=96)
-    return dict(max_rows=-1, vocab=8192, pre_steps=1400, pre_batch=32, sft_steps=1000, sft_batch=32,
-                dpo_rows=1200, dpo_steps=120, eval_rows=500, seq=128)
+    return dict(max_rows=-1, vocab=8192, pre_steps=300, pre_batch=32, sft_steps=450, sft_batch=32,
+                dpo_rows=800, dpo_steps=60, eval_rows=400, seq=128)
 
 
 def build_stages(cfg: QuickstartConfig) -> list[Stage]:
@@ -166,11 +166,9 @@ def _load_state(cfg: QuickstartConfig) -> dict:
 
 
 def _save_state(cfg: QuickstartConfig, state: dict) -> None:
-    path = _state_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    from utils.parquet_io import atomic_write_text
+
+    atomic_write_text(_state_path(cfg), json.dumps(state, indent=2))
 
 
 def run_pipeline(cfg: QuickstartConfig) -> Path:

@@ -186,8 +186,6 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
         total += info["wall_s"]
     lines += [f"| **total** | **{total:.0f}** |", "", "## Software and machine", "",
               f"- {_versions()}", f"- {_machine()}", ""]
-    out = report_dir / "report.md"
-    tmp = out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    from utils.parquet_io import atomic_write_text
+
+    return atomic_write_text(report_dir / "report.md", "\n".join(lines))
