@@ -91,6 +91,7 @@ class SFTconfig:
     mixed_precision: str = "bf16"
     seed: int = 23333
     resume_from_checkpoint: str = ""  # a checkpoint dir, or "last"
+    per_sample_loss: bool = False  # weigh every pair equally (not every token): short answers learn as fast as long ones
     save_total_limit: int = 3  # checkpoints kept under <output_dir>/checkpoints (plus the best); 0 = all
     optimizer: str = "adamw"  # "adamw" | "adafactor"
     eval_max_samples: int = -1  # > 0: evaluate (loss, BLEU of greedy answers) on at most this many eval rows

@@ -186,7 +186,10 @@ def train(cfg) -> Path:
     if trainer.is_world_process_zero():
         # a peft model's save_pretrained writes just the adapter; save_model makes it atomic
         save_model(model, best, tokenizer)
+        tokens = int(trainer.trained_tokens)
+        runtime = result.metrics.get("train_runtime") or 0.0
         summary = {"global_step": result.global_step, "train_loss": result.training_loss,
+                   "train_tokens": tokens, "tokens_per_sec": round(tokens / runtime, 1) if runtime else None,
                    "best_checkpoint": trainer.state.best_model_checkpoint, **result.metrics,
                    "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})}
         _write_json(summary, out / "train_summary.json")

@@ -152,6 +152,7 @@ class Seq2SeqDPOTrainer(Trainer):
         config = self.model.config
         self.start_id, self.pad_id = config.decoder_start_token_id, config.pad_token_id
         self._stored = {"train": {}, "eval": {}}
+        self.trained_tokens = 0  # non-padding tokens of the policy's forward passes (a tensor once training)
 
     def _reference_logps(self, model, inputs: dict) -> dict:
         with torch.no_grad():
@@ -176,6 +177,10 @@ class Seq2SeqDPOTrainer(Trainer):
             "logps/chosen": gather(policy["chosen"].detach()).mean(),
             "logps/rejected": gather(policy["rejected"].detach()).mean(),
         }
+        if model.training:  # kept on the device: no sync per step
+            self.trained_tokens = self.trained_tokens + (
+                2 * inputs["attention_mask"].sum() + (inputs["chosen_labels"] != IGNORE).sum()
+                + (inputs["rejected_labels"] != IGNORE).sum()).detach()
         bucket = self._stored["train" if model.training else "eval"]
         for key, value in metrics.items():
             bucket.setdefault(key, []).append(value.item())

@@ -70,6 +70,7 @@ class Seq2SeqJob:
     allow_json: bool = False
     model_config_file: str = ""  # pretraining: build a fresh model from this config
     init_model_dir: str = ""  # fine-tuning: load this model (strictly)
+    per_sample_loss: bool = False  # training loss = mean over pairs of each pair's token mean
 
     def __post_init__(self):
         # Relative paths from the command line mean the current directory; made absolute
@@ -115,7 +116,7 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
         optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
-        allow_json=True, init_model_dir=cfg.finetune_from_ckp_file,
+        allow_json=True, init_model_dir=cfg.finetune_from_ckp_file, per_sample_loss=cfg.per_sample_loss,
         # no model to start from: a fresh one (the "from random initialisation" baseline)
         model_config_file="" if cfg.finetune_from_ckp_file else cfg.model_config_file)
 
@@ -341,6 +342,7 @@ def _make_trainer_class():
         Trainer's own include_num_input_tokens_seen counts the encoder side only.
         """
         trained_tokens = 0
+        per_sample_loss = False
 
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
@@ -349,6 +351,28 @@ def _make_trainer_class():
             # does not (it returns the batch mean), which would scale the logged loss and
             # the gradients by the number of accumulation steps.
             self.model_accepts_loss_kwargs = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # With a token mean, a task whose answers are 2 tokens (a sentiment label) gets a
+            # tiny share of the gradient next to one whose answers are 30 tokens long; the
+            # per-pair mean gives every pair the same weight. Evaluation keeps the token mean.
+            if not (self.per_sample_loss and model.training):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            import torch.nn.functional as F
+
+            labels = inputs["labels"]
+            # the collator already built decoder_input_ids from the labels; without labels the
+            # model skips its own (token-mean) loss instead of computing it for nothing
+            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            if "decoder_input_ids" not in model_inputs:
+                unwrapped = self.accelerator.unwrap_model(model)
+                model_inputs["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
+            outputs = model(**model_inputs)
+            token_loss = F.cross_entropy(
+                outputs.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            mask = labels != -100
+            loss = ((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+            return (loss, outputs) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             self.trained_tokens += int(inputs["attention_mask"].sum()) + int((inputs["labels"] != -100).sum())
@@ -452,6 +476,7 @@ def run(job: Seq2SeqJob) -> dict:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         compute_metrics=_bleu_metric(tokenizer) if has_eval else None,
         callbacks=[tensorboard, throughput, stop_on_signal])
+    trainer.per_sample_loss = job.per_sample_loss
 
     print(f"{job.stage}: {count_parameters(model):,} parameters, {len(train_ds):,} training pairs"
           f"{f', {len(eval_ds):,} eval pairs' if has_eval else ''}, device {args.device}"

@@ -219,3 +219,41 @@ def test_bad_input_is_one_line_and_exit_2(tokenizer_dir, tiny_model_dir, data, t
 def test_fresh_run_refuses_to_mix_with_existing_checkpoints(pretrained, tokenizer_dir, data, tmp_path):
     proc = _run("pre_train.py", _pretrain_args(tokenizer_dir, data, pretrained), tmp_path)
     assert proc.returncode == 2 and "--is_keep_training True" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_per_sample_loss_weighs_every_pair_equally(tiny_model_dir, tmp_path):
+    """--per_sample_loss True: the training loss is the mean over pairs of each pair's mean
+    token loss (a 1-token answer weighs as much as a 5-token one); eval keeps the token mean."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments
+
+    from model.chat_model import load_model, load_tokenizer
+    from model.hf_seq2seq import _make_trainer_class
+
+    torch.manual_seed(0)
+    model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    features = [{"input_ids": [5, 6, 7, 1], "labels": [9, 1]},
+                {"input_ids": [8, 1], "labels": [10, 11, 12, 13, 14, 1]}]
+    batch = DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100)(features)
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = _make_trainer_class()(model=model, args=args)
+    trainer.per_sample_loss = True
+    model.eval()  # no dropout, so both computations see the same logits
+    with torch.no_grad():
+        logits = model(**batch).logits
+        token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100,
+                                                       reduction="none")
+        expected = (token_loss[0, :2].mean() + token_loss[1, :6].mean()) / 2
+        token_mean = token_loss[batch["labels"] != -100].mean()
+        model.train()
+        for module in model.modules():  # training mode, dropout still off (T5 attention keeps a float)
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            elif isinstance(getattr(module, "dropout", None), float):
+                module.dropout = 0.0
+        got = trainer.compute_loss(model, dict(batch))
+        model.eval()
+        eval_loss = trainer.compute_loss(model, dict(batch))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, token_mean, atol=1e-3)  # the two weightings really differ here
+    assert torch.allclose(eval_loss, token_mean, atol=1e-5)

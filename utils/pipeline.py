@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -41,15 +42,16 @@ class Stage:
     title: str
     argv: list[str]  # the command, as a user would type it (python = this interpreter)
     outputs: list[Path] = field(default_factory=list)  # all must exist for the stage to count as done
+    fresh_dir: Path | None = None  # emptied before the stage runs: a redo never mixes with an earlier run
 
 
 def _sizes(small: bool) -> dict:
     """Step counts and sizes. The full numbers are chosen so the run fits 20 minutes on a
     2-core CPU (see README); --small only checks that every stage works."""
     if small:
-        return dict(max_rows=300, vocab=3000, pre_steps=30, pre_batch=16, sft_steps=30, sft_batch=16,
-                    dpo_rows=64, dpo_steps=8, eval_rows=40, seq=96)
-    return dict(max_rows=-1, vocab=8192, pre_steps=300, pre_batch=32, sft_steps=450, sft_batch=32,
+        return dict(max_rows=200, vocab=3000, pre_steps=8, pre_batch=16, sft_steps=8, sft_batch=16,
+                    dpo_rows=48, dpo_steps=4, eval_rows=16, seq=48)
+    return dict(max_rows=-1, vocab=8192, pre_steps=300, pre_batch=32, sft_steps=900, sft_batch=32,
                 dpo_rows=800, dpo_steps=60, eval_rows=400, seq=128)
 
 
@@ -95,7 +97,7 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      "--mixed_precision", "no", "--max_seq_len", s["seq"], "--logging_steps", 20,
                      "--save_steps", max(10, s["pre_steps"] // 2), "--keep_latest_n_ckp", 1,
                      "--eval_max_samples", s["eval_rows"], "--group_by_length", True),
-              [pre / "best" / "model.safetensors"]),
+              [pre / "best" / "model.safetensors"], fresh_dir=pre),
         Stage("bleu_pretrain", "BLEU-4 of the pretrained model (train.py test)",
               script("train.py", "test", "--test_model_dir", pre / "best", "--tokenizer_dir", tok,
                      "--test_file", data / "pretrain_test.parquet", "--output_dir", pre,
@@ -110,8 +112,8 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      "--max_steps", s["sft_steps"], "--learning_rate", 1e-3, "--warmup_steps",
                      max(1, s["sft_steps"] // 20), "--max_seq_len", s["seq"], "--logging_steps", 20,
                      "--save_steps", max(10, s["sft_steps"] // 2), "--mixed_precision", "no",
-                     "--eval_max_samples", s["eval_rows"]),
-              [sft / "best" / "model.safetensors"]),
+                     "--eval_max_samples", s["eval_rows"], "--per_sample_loss", True),
+              [sft / "best" / "model.safetensors"], fresh_dir=sft),
         evaluate("sft_sentiment", sft / "best", data / "sentiment_test.parquet", "sentiment"),
         evaluate("sft_entity", sft / "best", data / "entity_test.parquet", "entity"),
         Stage("dpo_data", "preference pairs, rejected = the SFT model's answers",
@@ -132,10 +134,10 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      "--tokenizer_dir", sft / "best", "--dpo_train_file", dpo_train_file,
                      "--dpo_eval_file", "", "--output_dir", dpo, "--max_steps", s["dpo_steps"],
                      "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1,
-                     "--learning_rate", 5e-4, "--warmup_steps", max(1, s["dpo_steps"] // 10),
+                     "--learning_rate", 5e-5, "--warmup_steps", max(1, s["dpo_steps"] // 10),
                      "--max_seq_len", s["seq"], "--logging_steps", 10, "--save_steps", s["dpo_steps"],
                      "--mixed_precision", "no"),
-              [dpo / "best" / "adapter_config.json"]),
+              [dpo / "best" / "adapter_config.json"], fresh_dir=dpo),
         Stage("merge", "merge the LoRA adapter into the model (dpo_train.py merge)",
               script("dpo_train.py", "merge", "--sft_model_file", sft / "best", "--tokenizer_dir", sft / "best",
                      "--adapter_dir", dpo / "best", "--merged_output_dir", final, "--output_dir", dpo),
@@ -195,6 +197,8 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
                           f"{state[st.name]['wall_s']:.0f} s; skipped)[/dim]")
             continue
         command = f"cd {shlex.quote(str(PROJECT_ROOT))} && {shlex.join(st.argv)}"
+        if st.fresh_dir is not None and st.fresh_dir.exists():
+            shutil.rmtree(st.fresh_dir)
         log_path = log_dir / f"{st.name}.log"
         start = time.time()
         with console.status(f"[bold]{st.name}[/bold]: {st.title} … (log: {log_path})"), \

@@ -1,0 +1,85 @@
+"""The whole pipeline, cut down (`quickstart.py --small True`): every stage runs through the
+project's own scripts and leaves its outputs; a rerun skips finished stages; `--from` redoes
+from a stage on; a failing stage is named with the command that reruns it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def run_quickstart(workdir, *args, timeout=1500):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # many short processes: one thread each is fastest
+    return subprocess.run([sys.executable, str(ROOT / "quickstart.py"), "--small", "True", "--workdir", str(workdir),
+                           *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("quickstart")
+    res = run_quickstart(workdir)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return workdir, res
+
+
+def test_every_stage_produced_its_outputs(pipeline):
+    from utils.pipeline import QuickstartConfig, build_stages
+
+    workdir, res = pipeline
+    stages = build_stages(QuickstartConfig(workdir=str(workdir), small=True))
+    state = json.loads((workdir / "model_save" / "quickstart" / "state.json").read_text())
+    for st in stages:
+        assert state[st.name]["ok"], st.name
+        for path in st.outputs:
+            assert path.exists(), (st.name, path)
+    final = workdir / "model_save" / "final"
+    assert {"config.json", "model.safetensors", "modeling_chat_model.py", "tokenizer.json"} <= {p.name for p in final.iterdir()}
+
+
+def test_report_card_has_every_section(pipeline):
+    workdir, _ = pipeline
+    report = (workdir / "model_save" / "report" / "report.md").read_text(encoding="utf-8")
+    for needle in ("## Corpus", "sft_train.parquet", "pretrain (train.py)", "SFT (sft_train.py)", "DPO, LoRA",
+                   "BLEU-4", "sentiment accuracy", "majority baseline", "entity extraction F1",
+                   "preference accuracy", "SFT (before DPO)", "torch", "cores"):
+        assert needle in report, needle
+    assert (workdir / "model_save" / "report" / "pretrain_loss.png").is_file()
+    assert "| n/a | n/a |" not in report.split("## Training")[1].split("## Evaluation")[0]
+
+
+def test_chat_with_the_final_model(pipeline):
+    from model.infer import ChatBot
+    from config import InferConfig
+
+    workdir, _ = pipeline
+    bot = ChatBot(InferConfig(model_dir=str(workdir / "model_save" / "final"), max_seq_len=8))
+    answer = bot.chat("你好")
+    assert isinstance(answer, str) and answer
+
+
+def test_rerun_skips_and_from_redoes(pipeline):
+    workdir, _ = pipeline
+    res = run_quickstart(workdir, "--from", "merge")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = " ".join(res.stdout.split())  # rich wraps long lines
+    assert "pretrain" in out and "skipped" in out
+    for stage in ("merge", "dpo_eval_after", "eval_final_sentiment", "eval_final_entity"):
+        assert f"✓ {stage}" in out and f"{stage}" in out
+    assert out.count("skipped") == 10  # the ten stages before merge
+
+
+def test_failing_stage_is_named_with_its_command(tmp_path):
+    res = run_quickstart(tmp_path, "--model_config_file", str(tmp_path / "missing.json"), timeout=600)
+    assert res.returncode == 2
+    err = " ".join(res.stderr.split())
+    assert "stage 'pretrain' failed" in err
+    assert "rerun it with: cd " in err and "train.py train" in err
+
+
+def test_unknown_stage_is_rejected(tmp_path):
+    res = run_quickstart(tmp_path, "--from", "pretraining", timeout=120)
+    assert res.returncode == 2
+    assert "--from 'pretraining' is not a stage" in res.stderr
