@@ -218,3 +218,13 @@ def test_nothing_left_is_an_error_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "t.json").exists()
     with pytest.raises(UserError, match="nothing to read"):
         build(replace(cfg, preference_files=""))
+
+
+def test_empty_rejected_answer_is_kept_empty_prompt_is_not():
+    from utils.dpo_data_process import Report, filter_pairs
+
+    report = Report()
+    rows = [{"prompt": "问", "chosen": "答", "rejected": ""},
+            {"prompt": " ", "chosen": "答", "rejected": "错"},
+            {"prompt": "问", "chosen": "", "rejected": "错"}]
+    assert filter_pairs(rows, 100, report) == [{"prompt": "问", "chosen": "答", "rejected": ""}]

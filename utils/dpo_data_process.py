@@ -22,8 +22,10 @@ partial file next to the output; a rerun with the same inputs and settings conti
 the last finished batch, and the outputs are the same as an uninterrupted run's. The final
 files are written atomically and only then is the partial file removed.
 
-Pairs are dropped, and counted by reason, when a text is empty, longer than `--max_len`
-characters, or when the rejected answer equals the chosen one. A malformed record (bad
+Pairs are dropped, and counted by reason, when the prompt or the chosen answer is empty,
+a text is longer than `--max_len` characters, or the rejected answer equals the chosen one.
+An empty rejected answer is kept: a model that says nothing gave a real, dispreferred answer
+(an undertrained SFT model often does). A malformed record (bad
 JSON, not an object, a missing / null / non-string field) is reported with its file and
 position and skipped; a run that ends with no pair at all is an error.
 """
@@ -239,8 +241,8 @@ def filter_pairs(rows: Iterable[dict], max_len: int, report: Report) -> list[dic
     """Drop empty, over-long, rejected == chosen and exactly repeated pairs (counted by reason)."""
     out, seen = [], set()
     for row in rows:
-        if not all(row[k].strip() for k in PAIR_FIELDS):
-            report.drop("empty text")
+        if not (row["prompt"].strip() and row["chosen"].strip()):
+            report.drop("empty prompt or chosen answer")
         elif max(len(row[k]) for k in PAIR_FIELDS) > max_len:
             report.drop(f"longer than {max_len} characters")
         elif same_text(row["rejected"], row["chosen"]):

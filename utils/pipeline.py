@@ -134,7 +134,7 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      "--tokenizer_dir", sft / "best", "--dpo_train_file", dpo_train_file,
                      "--dpo_eval_file", "", "--output_dir", dpo, "--max_steps", s["dpo_steps"],
                      "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1,
-                     "--learning_rate", 5e-5, "--warmup_steps", max(1, s["dpo_steps"] // 10),
+                     "--learning_rate", 2e-4, "--warmup_steps", max(1, s["dpo_steps"] // 10),
                      "--max_seq_len", s["seq"], "--logging_steps", 10, "--save_steps", s["dpo_steps"],
                      "--mixed_precision", "no"),
               [dpo / "best" / "adapter_config.json"], fresh_dir=dpo),

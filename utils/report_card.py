@@ -178,7 +178,8 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
         d = ev_json[tag]
         lines.append(f"| preference accuracy (log p(chosen) > log p(rejected)), held-out pairs | {label} | "
                      f"{_fmt(d.get('logp_accuracy'))} (per-token {_fmt(d.get('logp_accuracy_per_token'))}; "
-                     f"reward margin {_fmt(d.get('reward_margin'))}; {_fmt(d.get('pairs'))} pairs) |")
+                     f"DPO reward accuracy {_fmt(d.get('reward_accuracy'))}, margin {_fmt(d.get('reward_margin'))}; "
+                     f"{_fmt(d.get('pairs'))} pairs) |")
     lines += ["", "## Stage wall times", "", "| stage | seconds |", "| --- | ---: |"]
     total = 0.0
     for name, info in state.items():
