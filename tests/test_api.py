@@ -3,7 +3,6 @@ malformed bodies, response shapes of /api/chat and the OpenAI-compatible endpoin
 import json
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
 
 from config import InferConfig
@@ -17,10 +16,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def bot(chatty_model_dir):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model is fastest on one thread; the machine's cores are shared
-    yield ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=MAX_NEW))
-    torch.set_num_threads(before)
+    return ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=MAX_NEW))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import termios
 import time
 
 import pytest
-import torch
 from rich.console import Console
 
 from config import PROJECT_ROOT, InferConfig
@@ -30,10 +29,7 @@ def cli_env() -> dict:
 
 @pytest.fixture(scope="module")
 def bot(chatty_model_dir):
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=10))
-    torch.set_num_threads(before)
+    return ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=10))
 
 
 def test_chat_loop_streams_and_ends_at_end_of_input(bot, monkeypatch):

@@ -14,17 +14,6 @@ from utils.dpo_data_process import (Report, build, generate_answers, read_instru
 FIXTURES = Path(__file__).parent / "fixtures" / "dpo"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; on a busy 2-core machine more threads spin-wait
-    (a 6-token generation went from 0.3 s to 7 s)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_alpaca_reader_joins_instruction_and_input():
     report = Report()

@@ -20,14 +20,6 @@ PAIRS = [("今天天气", "晴朗温暖", "下雨很冷"), ("这本书", "内容
          ("快递速度", "第二天到", "等了一周"), ("孩子喜欢", "爱不释手", "看都不看")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train fastest on one thread (more threads spin-wait on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def pair_file(tmp_path_factory) -> Path:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.multiple_choice import (BENCHMARKS, CEVAL, CMMLU, ModelScorer, MultipleChoiceConfig,
+from eval.multiple_choice import (CEVAL, CMMLU, ModelScorer, MultipleChoiceConfig,
                                   build_prompts, category_table, load_questions, run)
 from eval.subjects import CEVAL_SUBJECTS, CMMLU_SUBJECTS
 from utils.cli import UserError, run_cli

