@@ -36,7 +36,6 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str = "file") -> l
     Parquet is the project's dataset format; JSON lines is what the evaluation scripts write
     for predictions, so either side of a comparison can be either format.
     """
-    import json
 
     from utils.cli import UserError, require_file
 
@@ -54,19 +53,14 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str = "file") -> l
                             f"(columns: {', '.join(table.column_names)})")
         rows = table.select(list(columns)).to_pylist()
     else:
+        from utils.parquet_io import iter_json_lines
+
         rows = []
-        with open(p, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{what} {p} line {line_no}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict) or any(c not in row for c in columns):
-                    raise UserError(f"{what} {p} line {line_no}: expected an object with "
-                                    f"{', '.join(repr(c) for c in columns)}")
-                rows.append(row)
+        for line_no, row in iter_json_lines(p, what):
+            if not isinstance(row, dict) or any(c not in row for c in columns):
+                raise UserError(f"{what} {p} line {line_no}: expected an object with "
+                                f"{', '.join(repr(c) for c in columns)}")
+            rows.append(row)
     for i, row in enumerate(rows, start=1):
         for c in columns:
             if row[c] is None:

@@ -15,7 +15,6 @@ Triples repeated within a sentence are written once. Lines without `spo_list` (t
 test set) get an empty response `[]`. A malformed line stops the conversion with its line
 number; nothing is written then. The output is written atomically.
 """
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,18 +63,13 @@ def convert_record(record, where: str) -> dict:
 
 def convert_file(input_file, max_rows: int = -1) -> list[dict]:
     path = require_file(input_file, "DuIE input file")
+    from utils.parquet_io import iter_json_lines
+
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
-            rows.append(convert_record(record, f"{path} line {line_no}"))
-            if 0 < max_rows <= len(rows):
-                break
+    for line_no, record in iter_json_lines(path):
+        rows.append(convert_record(record, f"{path} line {line_no}"))
+        if 0 < max_rows <= len(rows):
+            break
     if not rows:
         raise UserError(f"no sentences in {path}")
     return rows
