@@ -31,8 +31,14 @@ _FULLWIDTH = {ord(c): ord(c) - 0xFEE0 for c in
               "０１２３４５６７８９ＡＢＣＤＥＦＧＨＩＪＫＬＭＮＯＰＱＲＳＴＵＶＷＸＹＺ"
               "ａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘｙｚ"}
 _FULLWIDTH[0x3000] = 0x20  # ideographic space
+# str.translate looks every character up in the dict (~15 us for a 200-character text, the
+# largest single cost of clean_text); a regex scan for the few keys is ~1 us, and most
+# texts have none of them.
+_FULLWIDTH_RE = re.compile("[" + "".join(map(chr, _FULLWIDTH)) + "]")
 
-_EN_PUNCT = frozenset(",;:?!().")
+# A regex scan, not frozenset.isdisjoint(text): isdisjoint builds a str object per
+# character, which made this cheap-looking test cost ~6 us a text.
+_EN_PUNCT_RE = re.compile(r"[,;:?!().]")
 _EN2ZH = {",": "，", ";": "；", ":": "：", "?": "？", "!": "！", "(": "（", ")": "）"}
 # An English mark touching a Chinese character on either side is Chinese punctuation;
 # "1,000", "a, b" and "3.14" are left alone.
@@ -46,6 +52,31 @@ _SPACE_NEAR_ZH_PUNCT_RE = re.compile(f" +(?=[{_ZH_PUNCT}])|(?<=[{_ZH_PUNCT}]) +"
 
 # Where a response may be cut: after these marks, the text reads as a finished sentence.
 _SENTENCE_END_RE = re.compile(r"[。！？；…!?;\n]")
+
+
+_ASTRAL_RE = re.compile("[\U00010000-\U0010ffff]")
+
+
+def _char_test(chars: set[str]):
+    """A fast "does text contain any of `chars`?".
+
+    frozenset.isdisjoint(text) makes a str object per character (~8 us a text, every
+    text). A regex character class is scanned in C at ~1 us, but only for characters of
+    the Basic Multilingual Plane: sre compiles a class with astral characters (t2s has a
+    few hundred, CJK extension B) to a list it walks for every character, ~150 us. So
+    BMP characters go to the regex, and the astral ones are looked up only in the rare
+    texts that have an astral character at all.
+    """
+    bmp = sorted(c for c in chars if ord(c) <= 0xFFFF)
+    astral = frozenset(c for c in chars if ord(c) > 0xFFFF)
+    bmp_re = re.compile("[" + "".join(re.escape(c) for c in bmp) + "]" if bmp else "(?!)")
+
+    def test(text: str) -> bool:
+        if bmp_re.search(text):
+            return True
+        return bool(astral) and _ASTRAL_RE.search(text) is not None and not astral.isdisjoint(text)
+
+    return test
 
 
 @lru_cache(maxsize=1)
@@ -74,28 +105,44 @@ def _t2s():
             key, values = line.rstrip("\n").split("\t")
             if values.split(" ")[0] != key and chars.isdisjoint(key):
                 phrases.append(key)
-    phrase_chars = frozenset("".join(phrases))
+    has_chars, has_phrase_chars = _char_test(chars), _char_test(set("".join(phrases)))
     phrase_re = re.compile("|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) or "(?!)")
-    chars_f = frozenset(chars)
 
     def needs_conversion(text: str) -> bool:
-        if not chars_f.isdisjoint(text):
+        if has_chars(text):
             return True
-        return not phrase_chars.isdisjoint(text) and phrase_re.search(text) is not None
+        return has_phrase_chars(text) and phrase_re.search(text) is not None
 
     return conv, needs_conversion
 
 
 def to_simplified(text: str) -> str:
+    """OpenCC's t2s, run only on the stretches of text that need it.
+
+    OpenCC itself splits a text at its separators (punctuation, spaces; no dictionary
+    entry contains one) and converts each stretch on its own at ~30 us a stretch, so
+    converting only the stretches with a convertible character gives exactly OpenCC's
+    output, and a mostly simplified text with one traditional phrase costs one stretch.
+    """
     conv, needs_conversion = _t2s()
-    return conv.convert(text) if needs_conversion(text) else text
+    if not needs_conversion(text):
+        return text
+    split_re = getattr(conv, "split_chars_re", None)
+    if split_re is None:  # another OpenCC binding: convert the whole text
+        return conv.convert(text)
+    parts = split_re.split(text)
+    for i in range(0, len(parts), 2):  # even indices: text between separators
+        if parts[i] and needs_conversion(parts[i]):
+            parts[i] = conv.convert(parts[i])
+    return "".join(parts)
 
 
 def clean_text(text: str) -> str:
     """The normalised form of one text (may be empty)."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL_RE.sub("", text)
-    text = text.translate(_FULLWIDTH)
+    if _FULLWIDTH_RE.search(text):
+        text = text.translate(_FULLWIDTH)
     text = _SPACES_RE.sub(" ", text)
     text = _NEWLINES_RE.sub("\n", text).strip()
     if not text:
@@ -103,7 +150,7 @@ def clean_text(text: str) -> str:
     text = to_simplified(text)
     text = _REPEAT_PUNCT_RE.sub(r"\1", text)
     # Each regex pass costs a scan of the text; skip those whose characters are absent.
-    if not _EN_PUNCT.isdisjoint(text) and _CJK_RE.search(text):
+    if _EN_PUNCT_RE.search(text) and _CJK_RE.search(text):
         text = _PUNCT_AFTER_CJK_RE.sub(lambda m: _EN2ZH[m.group(1)], text)
         text = _PUNCT_BEFORE_CJK_RE.sub(lambda m: _EN2ZH[m.group(1)], text)
         text = _PERIOD_RE.sub("。", text)
