@@ -46,7 +46,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 8
     warmup_steps: int = 1024
     max_steps: int = -1  # > 0: stop after this many optimiser steps
-    optimizer: str = "adafactor"  # "adafactor" | "adamw"
+    optimizer: str = "adafactor"  # "adafactor" | "adafactor_scaled" (updates scaled by parameter RMS, T5's recipe) | "adamw"
     tokenizer_dir: str = _p("model_save", "tokenizer")
     model_config_file: str = _p("model_config.json")
     train_file: str = _p("data", "my_train_dataset.parquet")
@@ -93,7 +93,7 @@ class SFTconfig:
     resume_from_checkpoint: str = ""  # a checkpoint dir, or "last"
     per_sample_loss: bool = False  # weigh every pair equally (not every token): short answers learn as fast as long ones
     save_total_limit: int = 3  # checkpoints kept under <output_dir>/checkpoints (plus the best); 0 = all
-    optimizer: str = "adamw"  # "adamw" | "adafactor"
+    optimizer: str = "adamw"  # "adamw" | "adafactor" | "adafactor_scaled" (updates scaled by parameter RMS)
     eval_max_samples: int = -1  # > 0: evaluate (loss, BLEU of greedy answers) on at most this many eval rows
 
 
@@ -204,6 +204,9 @@ class DataProcessConfig:
     num_perm: int = 256
     ngram: int = 3  # character n-gram shingles
     group_size: int = 5000  # rows sketched together by the de-duplicator
+    index_dir: str = ""  # dedup: where its scratch index (SQLite, deleted at the end) goes; "" = beside --output
+    index_cache_mb: float = 64  # dedup: RAM for the index's page cache; the index itself is on disk
+    num_workers: int = 0  # clean/dedup: worker processes; 0 = one per CPU, 1 = all in this process
     train_ratio: float = 0.91
     valid_ratio: float = 0.0025
     test_ratio: float = 0.0875

@@ -83,41 +83,52 @@ def _rate(n: int, t0: float) -> str:
     return f"{dt:.1f}s, {n / dt:,.0f} rows/s"
 
 
+def _num_workers(cfg: DataProcessConfig) -> int:
+    from utils.parallel import default_num_workers
+
+    if cfg.num_workers < 0:
+        raise UserError(f"--num_workers must be >= 0 (0 = one per CPU), got {cfg.num_workers}")
+    return cfg.num_workers or default_num_workers()
+
+
 def cmd_clean(cfg: DataProcessConfig) -> None:
-    from utils.text_cleaning import PairCleaner
+    from utils.text_cleaning import PairCleaner, clean_stream
 
     t0 = time.time()
+    workers = _num_workers(cfg)
     pairs, bad, path = _inputs(cfg, "clean")
     out = _need(cfg.output, "output", "clean")
     cleaner = PairCleaner(cfg.min_prompt_len, cfg.max_prompt_len, cfg.min_response_len,
                           cfg.max_response_len, cfg.response_overflow)
     counted = _Counted(pairs)
     with PairWriter(out, cfg.row_group_size) as writer:
-        for prompt, response in counted:
-            pair = cleaner(prompt, response)
-            if pair is not None:
-                writer.write(*pair)
+        writer.write_many(clean_stream(counted, cleaner, workers))
         _finish_reading(bad, counted, path)  # raising here removes the partial output
         if writer.rows == 0:
             raise UserError(f"no rows of {path} passed the cleaning filters ({cleaner.stats.summary()})")
     print(f"clean: {cleaner.stats.summary()}")
-    print(f"wrote {out} ({writer.rows} rows) in {_rate(counted.n, t0)}")
+    print(f"wrote {out} ({writer.rows} rows) in {_rate(counted.n, t0)} ({workers} worker{'s' * (workers > 1)})")
 
 
 def cmd_dedup(cfg: DataProcessConfig) -> None:
     from utils.dedup import Deduplicator, pair_text
 
     t0 = time.time()
+    workers = _num_workers(cfg)
     pairs, bad, path = _inputs(cfg, "dedup")
     out = _need(cfg.output, "output", "dedup")
-    dedup = Deduplicator(cfg.dedup_threshold, cfg.num_perm, cfg.ngram)
+    # The scratch index goes beside the output by default: the same disk the user chose
+    # for a file of about the input's size, where /tmp may be a small RAM disk.
+    index_dir = Path(cfg.index_dir) if cfg.index_dir else out.absolute().parent
     counted = _Counted(pairs)
-    with PairWriter(out, cfg.row_group_size) as writer:
+    with Deduplicator(cfg.dedup_threshold, cfg.num_perm, cfg.ngram, index_dir=index_dir,
+                      cache_mb=cfg.index_cache_mb, num_workers=workers) as dedup, \
+            PairWriter(out, cfg.row_group_size) as writer:
         writer.write_many(dedup.filter(counted, text_of=pair_text, group_size=cfg.group_size))
         _finish_reading(bad, counted, path)
     print(f"dedup: rows in {counted.n}; {dedup.summary()} "
           f"(threshold {cfg.dedup_threshold}, {cfg.num_perm} permutations, {cfg.ngram}-gram shingles)")
-    print(f"wrote {out} ({writer.rows} rows) in {_rate(counted.n, t0)}")
+    print(f"wrote {out} ({writer.rows} rows) in {_rate(counted.n, t0)} ({workers} worker{'s' * (workers > 1)})")
 
 
 def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:

@@ -6,15 +6,19 @@ made Chinese, runs of repeated punctuation collapsed, traditional characters con
 to simplified with OpenCC (t2s). `PairCleaner` applies it to prompt/response pairs and
 drops or cuts pairs by length, recording why.
 
+`clean_stream` runs a PairCleaner over a stream of pairs in worker processes, in order.
+
 Used by `python -m utils.raw_data_process clean` and by the embedded corpus builder.
 """
 from __future__ import annotations
 
 import re
 from collections import Counter
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass, field, fields
+from functools import lru_cache, partial
+from itertools import chain, islice
 from pathlib import Path
+from typing import Iterable, Iterator
 
 # CJK ideographs (basic + extension A + compatibility) and Chinese punctuation.
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
@@ -179,6 +183,13 @@ class CleanStats:
     dropped: Counter = field(default_factory=Counter)
     changed: Counter = field(default_factory=Counter)  # kept but modified (e.g. response_cut)
 
+    def merge(self, other: "CleanStats") -> None:
+        """Add the counts of `other` (a worker's share of the rows) to these."""
+        self.rows_in += other.rows_in
+        self.rows_out += other.rows_out
+        self.dropped.update(other.dropped)
+        self.changed.update(other.changed)
+
     def summary(self) -> str:
         parts = [f"rows in {self.rows_in}", f"rows out {self.rows_out}"]
         if self.dropped:
@@ -237,3 +248,42 @@ class PairCleaner:
         if response == prompt:
             return "response_equals_prompt", None
         return None, (prompt, response)
+
+
+def _clean_chunk(settings: dict, pairs: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], CleanStats]:
+    """Clean one chunk (in a worker): the kept pairs in order, and the chunk's own counts.
+
+    A fresh PairCleaner per chunk (cheap: OpenCC's tables are cached per process) so
+    that the counts returned are exactly this chunk's and can simply be added up.
+    """
+    cleaner = PairCleaner(**settings)
+    kept = [pair for pair in (cleaner(p, r) for p, r in pairs) if pair is not None]
+    return kept, cleaner.stats
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def clean_stream(pairs: Iterable[tuple[str, str]], cleaner: PairCleaner, num_workers: int = 1,
+                 chunk_size: int = 500) -> Iterator[tuple[str, str]]:
+    """`cleaner` applied to every pair, the kept pairs in input order; `cleaner.stats`
+    counts every row exactly, whichever process cleaned it.
+
+    With num_workers > 1, chunks of `chunk_size` pairs are cleaned in that many worker
+    processes, a bounded number of chunks in flight (the input is read as results come
+    back, so memory does not grow with the input). An input of one chunk is cleaned
+    here: starting workers (~1 s) would cost more than it saves.
+    """
+    from utils.parallel import WorkerPool
+
+    settings = {f.name: getattr(cleaner, f.name) for f in fields(cleaner) if f.name != "stats"}
+    chunks = _chunks(pairs, chunk_size)
+    head = list(islice(chunks, 2))
+    workers = num_workers if len(head) > 1 else 1
+    with WorkerPool(workers) as pool:
+        for kept, stats in pool.imap(partial(_clean_chunk, settings), chain(head, chunks)):
+            cleaner.stats.merge(stats)
+            yield from kept
