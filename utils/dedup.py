@@ -268,15 +268,29 @@ class Deduplicator:
 
     def _near_step(self, verdicts: list[str | None], fresh: list[int], handles: list) -> None:
         parts = [h.get() for h in handles]
-        keys = np.concatenate(parts).tolist() if parts else []
-        earlier = self._band.found(sorted({k for row in keys for k in row}))
-        group_keys: set[int] = set()  # bands of the rows kept so far in this group
-        for i, row in zip(fresh, keys):
-            if any(k in earlier or k in group_keys for k in row):
-                verdicts[i] = "near"
+        keys = np.concatenate(parts) if parts else np.empty((0, len(self.bands)), dtype=np.int64)
+        flat = keys.ravel()
+        # numpy, not a Python loop over every key: this process does the index work for
+        # all workers, and at 13 keys a row a per-key loop cost as much as sketching.
+        earlier = np.fromiter(self._band.found(flat.tolist()), dtype=np.int64)
+        near = np.isin(keys, earlier).any(axis=1)  # shares a band with a row of an earlier group
+        # Rows sharing a key with another row of this group: only they need the in-order
+        # walk (is the other row before them, and kept?); every other row is decided.
+        order = np.argsort(flat, kind="stable")
+        same = flat[order][1:] == flat[order][:-1]
+        in_group = np.zeros(flat.shape, dtype=bool)
+        in_group[order[1:][same]] = in_group[order[:-1][same]] = True
+        kept_keys: set[int] = set()  # bands of the rows of this group kept so far
+        for j in np.flatnonzero(in_group.reshape(keys.shape).any(axis=1) & ~near):
+            row = keys[j].tolist()
+            if kept_keys.isdisjoint(row):
+                kept_keys.update(row)
             else:
-                group_keys.update(row)
-        self._band.add(sorted(group_keys))
+                near[j] = True
+        for j in np.flatnonzero(near):
+            verdicts[fresh[j]] = "near"
+        # Sorted: the inserts then walk the B-tree in key order, page after page.
+        self._band.add(np.sort(keys[~near].ravel()).tolist())
         for v in verdicts:
             if v is None:
                 self.kept += 1
