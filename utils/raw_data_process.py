@@ -29,7 +29,10 @@ from typing import Iterator
 from config import DATA_DIR, DataProcessConfig
 from utils.cli import UserError, parse_config, run_cli
 from utils.data_readers import BadRows, read_pairs
-from utils.parquet_io import AtomicTextWriter, PairWriter, iter_parquet_rows
+
+# utils.parquet_io (pyarrow, ~50 MB) is imported inside the commands: the worker processes
+# of clean and dedup re-import this module (multiprocessing's spawn does that to the main
+# module) and never write parquet.
 
 COMMANDS = ("demo", "clean", "dedup", "split", "to_text", "stats")
 
@@ -92,6 +95,7 @@ def _num_workers(cfg: DataProcessConfig) -> int:
 
 
 def cmd_clean(cfg: DataProcessConfig) -> None:
+    from utils.parquet_io import PairWriter
     from utils.text_cleaning import PairCleaner, clean_stream
 
     t0 = time.time()
@@ -112,6 +116,7 @@ def cmd_clean(cfg: DataProcessConfig) -> None:
 
 def cmd_dedup(cfg: DataProcessConfig) -> None:
     from utils.dedup import Deduplicator, pair_text
+    from utils.parquet_io import PairWriter
 
     t0 = time.time()
     workers = _num_workers(cfg)
@@ -145,6 +150,8 @@ def cmd_split(cfg: DataProcessConfig) -> None:
     every row lands in exactly one split. Exact duplicate rows are dropped on the way so
     the same row cannot appear in two splits."""
     import hashlib
+
+    from utils.parquet_io import PairWriter, iter_parquet_rows
 
     t0 = time.time()
     ratios = (cfg.train_ratio, cfg.valid_ratio, cfg.test_ratio)
@@ -206,6 +213,8 @@ def cmd_split(cfg: DataProcessConfig) -> None:
 
 
 def cmd_to_text(cfg: DataProcessConfig) -> None:
+    from utils.parquet_io import AtomicTextWriter
+
     t0 = time.time()
     pairs, bad, path = _inputs(cfg, "to_text")
     out = _need(cfg.output, "output", "to_text")
