@@ -14,11 +14,16 @@ datasketch's MinHashLSH chooses for the threshold, and a row sharing a band with
 earlier kept row is a near duplicate. The first row of each cluster is kept, also within
 a group: each row is compared with the rows before it in its own group as well.
 
-Memory: the input streams, and the index of kept rows (one exact key, and one key per
-band: 14 keys of 8 bytes a row at the defaults) lives in a scratch SQLite file, not in
-RAM; only a fixed page cache (`cache_mb`) and the current groups are in memory. The
-index file takes about 15 bytes a key (~0.2 KB a kept row); it is deleted when the run
-ends, also after an error.
+Memory: the input streams, and the index (one exact key per distinct row, one key per
+band per kept row: 14 keys at the defaults) lives in a scratch SQLite file, not in RAM;
+what stays in memory is SQLite's page cache, capped at `cache_mb`, and the two groups
+in flight. Measured on 400,000 short distinct rows, one process: the old in-RAM sets
+grew from 198 to 552 MiB RSS between rows 100k and 400k (1.2 KB a row); this index,
+with a 16 MB cache, stayed at 111 MiB over the same rows (with the default 64 MB, 118
+to 166 MiB while the cache fills, then flat). The file takes ~0.2 KB a kept row (76 MB
+for those 400k rows); it is deleted when the run ends, also after an error. Each
+sketching worker process adds ~85 MiB (its imports). In `raw_data_process dedup` the
+parquet reader and writer add their own bounded share, up to about a row group each.
 """
 from __future__ import annotations
 
