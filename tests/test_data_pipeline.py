@@ -229,6 +229,10 @@ def test_dedup_planted_duplicates_across_and_within_groups_same_with_workers(tmp
         verdicts = d.check_group([pair_text(r) for r in data[:300]]) + d.check_group([pair_text(r) for r in data[300:]])
     assert [r for r, v in zip(data, verdicts) if v is None] == expected
     assert verdicts[305] == verdicts[350] == "near" and verdicts[360] == verdicts[599] == "exact"
+    # an SQLite without JSON functions: the per-key fallback gives the same
+    with Deduplicator(index_dir=tmp_path) as d:
+        d._exact.json1 = d._band.json1 = False
+        assert list(d.filter(data, text_of=pair_text, group_size=300)) == expected
     assert list(tmp_path.iterdir()) == []  # every scratch index deleted
 
 

@@ -137,11 +137,17 @@ class _DiskKeySet:
     def add(self, keys: Sequence[int]) -> None:
         if not keys:
             return
-        if self.json1:
-            self.con.execute(f"INSERT OR IGNORE INTO {self.table} SELECT value FROM json_each(?)",
-                             (json.dumps(keys),))
-        else:
-            self.con.executemany(f"INSERT OR IGNORE INTO {self.table} VALUES (?)", ((k,) for k in keys))
+        try:
+            if self.json1:
+                self.con.execute(f"INSERT OR IGNORE INTO {self.table} SELECT value FROM json_each(?)",
+                                 (json.dumps(keys),))
+            else:
+                self.con.executemany(f"INSERT OR IGNORE INTO {self.table} VALUES (?)", ((k,) for k in keys))
+        except sqlite3.OperationalError as exc:  # "database or disk is full", mostly
+            from utils.cli import UserError
+
+            raise UserError(f"de-duplication index ({self.con.execute('PRAGMA database_list').fetchone()[2]}): "
+                            f"{exc} (--index_dir puts it elsewhere)") from None
 
 
 def _remove_index(con: sqlite3.Connection, directory: str) -> None:
@@ -183,9 +189,9 @@ class Deduplicator:
         self.num_workers = max(1, int(num_workers))
         self._pool: WorkerPool | None = None
 
-        if index_dir is not None:
-            Path(index_dir).mkdir(parents=True, exist_ok=True)
         try:
+            if index_dir is not None:
+                Path(index_dir).mkdir(parents=True, exist_ok=True)
             self.index_dir = Path(tempfile.mkdtemp(prefix=".dedup-index-", dir=index_dir))
         except OSError as exc:
             raise UserError(f"cannot create the de-duplication index under {index_dir}: {exc}") from None
