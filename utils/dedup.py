@@ -272,7 +272,7 @@ class Deduplicator:
             return [_Later(band_keys, texts, *args)]
         if self._pool is None:
             self._pool = WorkerPool(self.num_workers)
-        # Two pieces a worker: both busy, and the pieces large enough (~0.1 s of work)
+        # Two pieces a worker: both busy, and the pieces large enough (~0.2 s of work)
         # for the pickling of texts and keys to be noise.
         size = max(64, math.ceil(len(texts) / (2 * self.num_workers)))
         return [self._pool.submit(band_keys, texts[i:i + size], *args) for i in range(0, len(texts), size)]
