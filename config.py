@@ -94,6 +94,7 @@ class SFTconfig:
     per_sample_loss: bool = False  # weigh every pair equally (not every token): short answers learn as fast as long ones
     save_total_limit: int = 3  # checkpoints kept under <output_dir>/checkpoints (plus the best); 0 = all
     optimizer: str = "adamw"  # "adamw" | "adafactor" | "adafactor_scaled" (updates scaled by parameter RMS)
+    group_by_length: bool = False  # batches of similar lengths: less padding, faster steps
     eval_max_samples: int = -1  # > 0: evaluate (loss, BLEU of greedy answers) on at most this many eval rows
 
 

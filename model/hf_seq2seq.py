@@ -38,7 +38,9 @@ from .dataset import REQUIRED_COLUMNS, check_parquet, encode_batch
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PRECISIONS = ("no", "fp16", "bf16")
-OPTIMIZERS = {"adafactor": "adafactor", "adamw": "adamw_torch"}
+# "adafactor_scaled" has no TrainingArguments name (HF's "adafactor" fixes scale_parameter=False):
+# it is handed to the Trainer as a class and kwargs, see model.trainer.adafactor_kwargs.
+OPTIMIZERS = {"adafactor": "adafactor", "adafactor_scaled": "adafactor", "adamw": "adamw_torch"}
 SUMMARY_FILE = "train_summary.json"
 
 
@@ -114,7 +116,7 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps, logging_steps=cfg.logging_steps, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
-        optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step,
+        optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
         allow_json=True, init_model_dir=cfg.finetune_from_ckp_file, per_sample_loss=cfg.per_sample_loss,
         # no model to start from: a fresh one (the "from random initialisation" baseline)
@@ -264,6 +266,16 @@ def _precision_flags(mixed_precision: str) -> dict:
     if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
         return {"bf16": False, "fp16": True}
     return {"bf16": mixed_precision == "bf16", "fp16": mixed_precision == "fp16"}
+
+
+def _scaled_adafactor(job: Seq2SeqJob):
+    if job.optimizer != "adafactor_scaled":
+        return None
+    from transformers.optimization import Adafactor
+
+    from .trainer import adafactor_kwargs
+
+    return Adafactor, {"lr": job.learning_rate, **adafactor_kwargs(job.optimizer)}
 
 
 def _make_callbacks():
@@ -476,6 +488,8 @@ def run(job: Seq2SeqJob) -> dict:
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         compute_metrics=_bleu_metric(tokenizer) if has_eval else None,
         callbacks=[tensorboard, throughput, stop_on_signal])
+    # Trainer's own hook for a custom optimiser; Seq2SeqTrainer.__init__ does not pass it through.
+    trainer.optimizer_cls_and_kwargs = _scaled_adafactor(job)
     trainer.per_sample_loss = job.per_sample_loss
 
     print(f"{job.stage}: {count_parameters(model):,} parameters, {len(train_ds):,} training pairs"

@@ -173,8 +173,13 @@ def test_sft_from_a_model_dir_on_json_lowers_the_loss(tiny_model_dir, tokenizer_
                               "--sft_train_file", data["sft_train"], "--sft_eval_file", data["sft_eval"],
                               "--output_dir", "sft", "--max_steps", 12, "--save_steps", 6, "--logging_steps", 4,
                               "--batch_size", 6, "--gradient_accumulation_steps", 1, "--warmup_steps", 2,
-                              "--learning_rate", 3e-3, "--max_seq_len", MAX_LEN], tmp_path, cwd=tmp_path))
+                              "--learning_rate", 3e-2, "--max_seq_len", MAX_LEN,
+                              "--optimizer", "adafactor_scaled"], tmp_path, cwd=tmp_path))
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
+    # the Trainer really used the RMS-scaled Adafactor (HF's own "adafactor" turns scaling off)
+    import torch
+    opt_state = torch.load(out / "checkpoints" / "checkpoint-12" / "optimizer.pt", weights_only=False)
+    assert all(g["scale_parameter"] and not g["relative_step"] for g in opt_state["param_groups"])
     assert summary["stage"] == "sft" and summary["steps"] == 12 and summary["model_dir"] == str(out / "best")
     tokenizer = load_tokenizer(tokenizer_dir)
     before = _pair_loss(load_model(tiny_model_dir), tokenizer, data["sft"])

@@ -97,6 +97,25 @@ def test_resume_is_exact_after_sigterm(pairs_dir, tokenizer_dir, tmp_path):
     assert (straight / "loss_curve.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("name, scaled", [("adafactor", False), ("adafactor_scaled", True)])
+def test_adafactor_variants(name, scaled):
+    from config import TrainConfig
+    from model.trainer import make_optimizer
+
+    layer = torch.nn.Linear(4, 4)
+    opt = make_optimizer(TrainConfig(optimizer=name, learn_rate=1e-2), layer.parameters())
+    group = opt.param_groups[0]
+    assert group["scale_parameter"] is scaled and group["relative_step"] is False and group["lr"] == 1e-2
+    # scaled: the first update of a weight is proportional to that weight's RMS
+    with torch.no_grad():
+        layer.weight.fill_(10.0)
+    before = layer.weight.detach().clone()
+    layer(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    step = (before - layer.weight.detach()).abs().mean().item()
+    assert step == pytest.approx(0.1 if scaled else 0.01, rel=0.05)
+
+
 def test_pretraining_lowers_validation_loss_and_test_command(pairs_dir, tokenizer_dir, tmp_path):
     from accelerate import Accelerator
 
