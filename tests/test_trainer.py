@@ -62,7 +62,11 @@ def test_resume_is_exact_after_sigterm(pairs_dir, tokenizer_dir, tmp_path):
 
     n_steps, k = 11, 3  # 8 steps per epoch: the run crosses an epoch end (evaluation) after the resume
     straight = tmp_path / "straight"
-    cfg = tiny_cfg(pairs_dir, tokenizer_dir, straight, max_steps=n_steps, group_by_length=True)
+    # dropout on (the tiny config turns it off), so an exact resume also needs the restored RNG state
+    dropout_config = tmp_path / "tiny_dropout.json"
+    dropout_config.write_text(json.dumps({**json.loads(TINY_CONFIG.read_text()), "dropout_rate": 0.1}))
+    cfg = tiny_cfg(pairs_dir, tokenizer_dir, straight, max_steps=n_steps, group_by_length=True,
+                   model_config_file=str(dropout_config))
     ChatTrainer(cfg).train()
 
     stopped = tmp_path / "stopped"
