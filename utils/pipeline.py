@@ -51,7 +51,7 @@ def _sizes(small: bool) -> dict:
     if small:
         return dict(max_rows=200, vocab=3000, pre_steps=8, pre_batch=16, sft_steps=8, sft_batch=16,
                     dpo_rows=48, dpo_steps=4, eval_rows=16, seq=48)
-    return dict(max_rows=-1, vocab=8192, pre_steps=300, pre_batch=32, sft_steps=900, sft_batch=32,
+    return dict(max_rows=-1, vocab=8192, pre_steps=300, pre_batch=32, sft_steps=1800, sft_batch=32,
                 dpo_rows=800, dpo_steps=60, eval_rows=400, seq=128)
 
 
