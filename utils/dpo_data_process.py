@@ -85,7 +85,7 @@ def _iter_records(path: Path, max_rows: int = -1) -> Iterator[tuple[str, object]
         import pyarrow.parquet as pq
 
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path, pre_buffer=False)  # streams (see utils.parquet_io.iter_parquet_rows)
         except Exception as exc:  # pyarrow raises several types for a non-parquet file
             raise UserError(f"not a readable parquet file: {path} ({exc})") from None
         for batch in pf.iter_batches(batch_size=4096):

@@ -97,7 +97,10 @@ def iter_parquet_rows(path: str | Path, columns=("prompt", "response"),
     Values are passed through as stored (None, numbers...) so that the caller can
     report a malformed row by its number.
     """
-    pf = pq.ParquetFile(path)
+    # pre_buffer=False: with pyarrow's default (True) iter_batches keeps every row group it
+    # has read buffered until the file is closed, so memory grew with the file (measured:
+    # +0.7 KB a row, 1.9 GB RSS de-duplicating a 2 GB input); without it, one row group.
+    pf = pq.ParquetFile(path, pre_buffer=False)
     row = 0
     for batch in pf.iter_batches(batch_size=batch_size, columns=list(columns)):
         cols = [batch.column(i).to_pylist() for i in range(batch.num_columns)]
