@@ -35,12 +35,10 @@ from utils.cli import UserError, require_file
 from utils.parquet_io import atomic_write_text
 
 from .dataset import REQUIRED_COLUMNS, check_parquet, encode_batch
+from .trainer import OPTIMIZERS, adafactor_kwargs
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PRECISIONS = ("no", "fp16", "bf16")
-# "adafactor_scaled" has no TrainingArguments name (HF's "adafactor" fixes scale_parameter=False):
-# it is handed to the Trainer as a class and kwargs, see model.trainer.adafactor_kwargs.
-OPTIMIZERS = {"adafactor": "adafactor", "adafactor_scaled": "adafactor", "adamw": "adamw_torch"}
 SUMMARY_FILE = "train_summary.json"
 
 
@@ -268,12 +266,13 @@ def _precision_flags(mixed_precision: str) -> dict:
     return {"bf16": mixed_precision == "bf16", "fp16": mixed_precision == "fp16"}
 
 
-def _scaled_adafactor(job: Seq2SeqJob):
-    if job.optimizer != "adafactor_scaled":
+def _adafactor(job: Seq2SeqJob):
+    """Both Adafactor variants as train.py builds them, handed to the Trainer as class +
+    kwargs: TrainingArguments' "adafactor" fixes scale_parameter=False, so
+    "adafactor_scaled" has no name there."""
+    if not job.optimizer.startswith("adafactor"):
         return None
     from transformers.optimization import Adafactor
-
-    from .trainer import adafactor_kwargs
 
     return Adafactor, {"lr": job.learning_rate, **adafactor_kwargs(job.optimizer)}
 
@@ -468,7 +467,7 @@ def run(job: Seq2SeqJob) -> dict:
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=job.batch_size, per_device_eval_batch_size=job.batch_size,
         gradient_accumulation_steps=job.gradient_accumulation_steps,
-        learning_rate=job.learning_rate, warmup_steps=job.warmup_steps, optim=OPTIMIZERS[job.optimizer],
+        learning_rate=job.learning_rate, warmup_steps=job.warmup_steps, optim="adamw_torch",  # unless _adafactor replaces it
         max_grad_norm=1.0, num_train_epochs=job.num_train_epochs, max_steps=job.max_steps,
         logging_steps=job.logging_steps, logging_first_step=job.logging_first_step,
         save_strategy="steps", save_steps=job.save_steps, save_total_limit=job.save_total_limit or None,
@@ -489,7 +488,7 @@ def run(job: Seq2SeqJob) -> dict:
         compute_metrics=_bleu_metric(tokenizer) if has_eval else None,
         callbacks=[tensorboard, throughput, stop_on_signal])
     # Trainer's own hook for a custom optimiser; Seq2SeqTrainer.__init__ does not pass it through.
-    trainer.optimizer_cls_and_kwargs = _scaled_adafactor(job)
+    trainer.optimizer_cls_and_kwargs = _adafactor(job)
     trainer.per_sample_loss = job.per_sample_loss
 
     print(f"{job.stage}: {count_parameters(model):,} parameters, {len(train_ds):,} training pairs"
