@@ -1,6 +1,6 @@
 """Chat with a trained model in the terminal, the answer streamed as it is generated.
 
-    python cli_demo.py                                # model_save/final
+    python cli_demo.py                                # model_save/final, else the model in model_save/
     python cli_demo.py --model_dir model_save/sft/best
     python cli_demo.py --stream False --search_type beam   # whole answers behind a spinner
 
@@ -16,13 +16,15 @@ def main() -> None:
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from model.infer import ChatBot
+    from model.infer import ChatBot, find_model
     from utils.chat_console import run_chat
 
     hf_logging.disable_progress_bar()  # the spinner below shows the loading; keep the chat screen clean
     console = Console(highlight=False)
+    config.model_dir = str(find_model(config))
     with console.status(f"loading {config.model_dir} …"):
         bot = ChatBot(config)
+    console.print(f"model: {config.model_dir}")
     run_chat(bot, stream=config.stream, console=console)
 
 

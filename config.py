@@ -47,8 +47,8 @@ class TrainConfig:
     warmup_steps: int = 1024
     max_steps: int = -1  # > 0: stop after this many optimiser steps
     optimizer: str = "adafactor"  # "adafactor" | "adafactor_scaled" (updates scaled by parameter RMS, T5's recipe) | "adamw"
-    tokenizer_dir: str = _p("model_save", "tokenizer")
-    model_config_file: str = _p("model_config.json")
+    tokenizer_dir: str = _p("model_save", "tokenizer")  # not given + is_finetune: the model's own, when it has one
+    model_config_file: str = _p("model_config.json")  # a fresh model; given: also the config of a .bin to fine-tune
     train_file: str = _p("data", "my_train_dataset.parquet")
     validation_file: str = _p("data", "my_valid_dataset.parquet")
     test_file: str = _p("data", "my_test_dataset.parquet")
@@ -74,8 +74,8 @@ class SFTconfig:
     """Instruction fine-tuning with transformers' Seq2SeqTrainer (sft_train.py)."""
     max_seq_len: int = 384 + 8
     finetune_from_ckp_file: str = _p("model_save", "pretrain", "best")  # "": start from random weights
-    model_config_file: str = _p("model_config.json")  # used only when finetune_from_ckp_file is ""
-    tokenizer_dir: str = _p("model_save", "tokenizer")
+    model_config_file: str = _p("model_config.json")  # a fresh model when finetune_from_ckp_file is ""; given: the config of a .bin
+    tokenizer_dir: str = _p("model_save", "tokenizer")  # not given: the model's own, when it has one
     sft_train_file: str = _p("data", "sft_train.parquet")
     sft_eval_file: str = ""
     batch_size: int = 12
@@ -107,7 +107,7 @@ class DpoConfig:
     """
     max_seq_len: int = 512 + 8
     sft_model_file: str = _p("model_save", "sft", "best")  # the SFT model dir: policy start and reference
-    tokenizer_dir: str = _p("model_save", "sft", "best")
+    tokenizer_dir: str = _p("model_save", "sft", "best")  # not given: sft_model_file's own, when it has one
     dpo_train_file: str = _p("data", "my_dpo_data.json")  # prompt/chosen/rejected JSON, JSONL or parquet
     dpo_eval_file: str = _p("data", "my_dpo_eval.json")  # "" or a missing file: no evaluation while training
     per_device_train_batch_size: int = 4
@@ -170,8 +170,8 @@ class InferConfig:
     """Chat CLI (cli_demo.py) and HTTP API (api_demo.py)."""
     max_seq_len: int = 320  # default number of new tokens of an answer
     mixed_precision: str = "bf16"  # on a GPU: "bf16" (fp16 where bf16 is unsupported) | "fp16" | "no"; CPU: fp32
-    model_dir: str = _p("model_save", "final")  # a model directory, .safetensors or legacy .bin file
-    tokenizer_dir: str = ""  # "": the model directory (or the directory holding the model file)
+    model_dir: str = _p("model_save", "final")  # a model directory, .safetensors or legacy .bin file; not given: this, else model_save/ itself
+    tokenizer_dir: str = ""  # "": the model directory (or the directory holding the model file), else model_save/tokenizer
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU) | "cuda" | "cuda:1" | "mps" | "cpu"
     stream: bool = True  # cli_demo: stream the answer; False waits for it behind a spinner
     search_type: str = "greedy"  # non-streamed answers (cli --stream False, /api/chat): greedy|beam|sampling|contrastive
@@ -201,6 +201,8 @@ class DataProcessConfig:
     min_response_len: int = 2
     max_response_len: int = 320  # longer responses are cut at a sentence end, or dropped
     response_overflow: str = "cut"  # "cut" | "drop"
+    keep_translation: bool = False  # clean, BELLE input: keep translation tasks (the original drops them)
+    keep_tables: bool = False  # clean, BELLE input: keep table tasks (表格, or "-----" in prompt or response)
     dedup_threshold: float = 0.85  # MinHash Jaccard estimate at which a row is a near-duplicate
     num_perm: int = 256
     ngram: int = 3  # character n-gram shingles

@@ -6,13 +6,18 @@
   (model_config.json for the 0.2B model, model_config_tiny.json for CPU runs).
 - `load_model(path)`: a model directory written by `save_model` (or by any
   `save_pretrained`), a `.safetensors` file, or a legacy `.bin` state dict (read with
-  `torch.load(weights_only=True)`; nothing unpickles arbitrary objects). Loading is strict:
-  a missing or unexpected weight is an error, never a silently random layer.
+  `torch.load(weights_only=True)`; nothing unpickles arbitrary objects). A weights file's
+  config is `config_file` when given, else config.json beside it, else the original
+  trainer's model_config.json beside it. Loading is strict: a missing or unexpected weight
+  is an error, never a silently random layer. The weights always load into this project's
+  classes: Python files inside a model directory are never run.
 - `save_model(model, out_dir, tokenizer)`: the Hugging Face directory the original
   shipped (config.json, configuration_chat_model.py, generation_config.json,
   model.safetensors, modeling_chat_model.py, tokenizer files), written atomically: into a
   temporary sibling directory first, then renamed, so a kill mid-save never leaves a
-  half-written model where a later stage would read it.
+  half-written model where a later stage would read it. The configs are written clean:
+  `use_cache` on (training turns it off) and no load-time keys in tokenizer_config.json,
+  so a copied directory loads and generates the same anywhere.
 """
 from __future__ import annotations
 
@@ -33,6 +38,13 @@ from .modeling_chat_model import SEARCH_TYPES, TextToTextModel  # noqa: F401 (re
 
 MODEL_FILES = ("config.json", "configuration_chat_model.py", "generation_config.json",
                "model.safetensors", "modeling_chat_model.py")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+# The original's trainer writes the config of its .bin state dicts under this name.
+ORIGINAL_CONFIG_NAME = "model_config.json"
+# Keys transformers 5 stores in tokenizer_config.json that describe how it was loaded here
+# (from a local folder, offline), not the tokenizer: copied elsewhere they would be wrong.
+LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "token",
+                            "revision", "subfolder", "trust_remote_code", "_commit_hash")
 
 
 def load_model_config(config_file: str | Path, vocab_size: int | None = None) -> TextToTextModelConfig:
@@ -71,23 +83,41 @@ def _check_keys(missing, unexpected, source) -> None:
                         f"unexpected {list(unexpected)[:5]}{'...' if len(unexpected) > 5 else ''}")
 
 
+def is_model_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and any((path / name).is_file() for name in WEIGHT_FILES)
+
+
+def weights_config_file(weights: Path, config_file: str | Path | None = None) -> Path:
+    """The config of a weights file: `config_file` when given, else config.json beside it,
+    else model_config.json beside it (what the original's train.py writes next to its .bin)."""
+    if config_file:
+        return Path(config_file)
+    for name in ("config.json", ORIGINAL_CONFIG_NAME):
+        if (weights.parent / name).is_file():
+            return weights.parent / name
+    raise UserError(f"no model config beside {weights} (config.json, or the original's {ORIGINAL_CONFIG_NAME}): "
+                    "pass --model_config_file")
+
+
 def load_model(path: str | Path, config_file: str | Path | None = None,
                dtype: torch.dtype | None = None) -> TextToTextModel:
-    """Load a model directory, a .safetensors file or a legacy .bin state dict, strictly."""
+    """Load a model directory, a .safetensors file or a legacy .bin state dict, strictly.
+
+    `config_file` is used for a weights file only (a directory carries its config.json).
+    """
     path = Path(path)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"not a model directory (no config.json): {path}")
-        if not any((path / name).is_file() for name in ("model.safetensors", "pytorch_model.bin",
-                                                         "model.safetensors.index.json")):
+        if not any((path / name).is_file() for name in WEIGHT_FILES):
             raise UserError(f"model directory has no weights (model.safetensors): {path}")
         model, info = TextToTextModel.from_pretrained(str(path), output_loading_info=True, dtype=dtype)
         _check_keys(info.get("missing_keys", []), info.get("unexpected_keys", []), path)
         return model
     if not path.is_file():
         raise UserError(f"model not found: {path}")
-    config_path = Path(config_file) if config_file else path.parent / "config.json"
-    model = TextToTextModel(load_model_config(config_path))
+    model = TextToTextModel(load_model_config(weights_config_file(path, config_file)))
     if path.suffix == ".safetensors":
         state = load_safetensors(str(path))
     elif path.suffix == ".bin":
@@ -110,13 +140,16 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None) -> P
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    use_cache = model.config.use_cache
     try:
+        model.config.use_cache = True  # off while training; the saved model generates with the cache
         model.save_pretrained(str(tmp))
         if tokenizer is not None:
             write_tokenizer_files(tokenizer, tmp)
         _fsync_tree(tmp)
         replace_dir(tmp, out_dir)
     finally:
+        model.config.use_cache = use_cache
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
@@ -141,17 +174,19 @@ def _fsync_tree(root: Path) -> None:
 
 
 def write_tokenizer_files(tokenizer, out_dir: str | Path) -> None:
-    """`tokenizer.save_pretrained` plus the two details that keep older readers working.
+    """`tokenizer.save_pretrained` plus the details that keep other readers working.
 
     transformers 5 writes `tokenizer_class: TokenizersBackend` and no special_tokens_map.json;
     transformers 4 (and the original project's own code) needs `PreTrainedTokenizerFast`
-    and the map, and transformers 5 reads both as well.
+    and the map, and transformers 5 reads both as well. Load-time keys are left out.
     """
     out_dir = Path(out_dir)
     tokenizer.save_pretrained(str(out_dir))
     cfg_path = out_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    for key in LOAD_TIME_TOKENIZER_KEYS:
+        cfg.pop(key, None)
     cfg_path.write_text(json.dumps(cfg, ensure_ascii=False, indent=2), encoding="utf-8")
     special = {k: cfg[k] for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
                                    "cls_token", "mask_token") if cfg.get(k)}

@@ -22,9 +22,10 @@ import torch
 
 from utils.cli import UserError
 
-from .chat_model import load_model, load_tokenizer, save_model
+from .chat_model import check_vocab, load_model, load_tokenizer, save_model
 from .dpo_trainer import (CsvLogCallback, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
                           preference_metrics, score_pairs)
+from .tokenizer import tokenizer_dir_for
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -130,8 +131,9 @@ def train(cfg) -> Path:
     elif cfg.dpo_eval_file:
         print(f"note: no eval file at {cfg.dpo_eval_file}; training without evaluation")
     _require_sft(cfg)
-    tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))
     policy = load_model(cfg.sft_model_file)
+    check_vocab(tokenizer, policy.config, cfg.sft_model_file)
     if cfg.disable_dropout:
         disable_dropout(policy)
     ref_model = None
@@ -205,8 +207,10 @@ def merge(cfg) -> Path:
     _require_sft(cfg)
     model = load_adapter_model(adapter_dir, cfg.sft_model_file)
     merged = model.merge_and_unload()
-    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer.json").is_file() else Path(cfg.tokenizer_dir)
-    out = save_model(merged, cfg.merged_output_dir, load_tokenizer(tokenizer_dir))
+    tokenizer = load_tokenizer(tokenizer_dir_for(
+        adapter_dir if (adapter_dir / "tokenizer.json").is_file() else cfg.sft_model_file, cfg))
+    check_vocab(tokenizer, merged.config, cfg.sft_model_file)
+    out = save_model(merged, cfg.merged_output_dir, tokenizer)
     print(f"merged {adapter_dir} into {cfg.sft_model_file}; wrote {out}")
     return out
 
@@ -222,7 +226,7 @@ def evaluate(cfg) -> dict:
     rows = load_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
     _require_sft(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))
     if is_adapter_dir(policy_path):
         policy, reference = load_adapter_model(policy_path, cfg.sft_model_file).to(device).eval(), None
     else:
@@ -233,6 +237,8 @@ def evaluate(cfg) -> dict:
             reference = policy
         else:
             reference = load_model(cfg.sft_model_file).to(device).eval()
+            check_vocab(tokenizer, reference.config, cfg.sft_model_file)
+    check_vocab(tokenizer, policy.config, str(policy_path))
     scores = score_pairs(policy, tokenizer, rows, cfg.max_seq_len, cfg.eval_batch_size, reference, device)
     metrics = {"policy": str(policy_path), "reference": str(cfg.sft_model_file), "eval_file": str(cfg.dpo_eval_file),
                **preference_metrics(scores, cfg.beta)}

@@ -31,10 +31,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from utils.cli import UserError, require_file
+from utils.cli import UserError, is_given, require_file
 from utils.parquet_io import atomic_write_text
 
 from .dataset import REQUIRED_COLUMNS, check_parquet, encode_batch
+from .tokenizer import tokenizer_dir_for
 from .trainer import OPTIMIZERS, adafactor_kwargs
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -107,8 +108,12 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
 
 
 def job_from_sft_config(cfg) -> Seq2SeqJob:
+    """SFT settings from SFTconfig. The tokenizer follows the model to fine-tune (its own,
+    unless --tokenizer_dir is given); --model_config_file builds a fresh model when there is
+    none, and describes a .bin / .safetensors weights file when given."""
+    start = cfg.finetune_from_ckp_file
     return Seq2SeqJob(
-        stage="sft", output_dir=cfg.output_dir, tokenizer_dir=cfg.tokenizer_dir,
+        stage="sft", output_dir=cfg.output_dir, tokenizer_dir=str(tokenizer_dir_for(start or None, cfg)),
         train_file=cfg.sft_train_file, eval_file=cfg.sft_eval_file, max_seq_len=cfg.max_seq_len,
         batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps, num_train_epochs=cfg.num_train_epochs,
@@ -116,9 +121,9 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
         optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
-        allow_json=True, init_model_dir=cfg.finetune_from_ckp_file, per_sample_loss=cfg.per_sample_loss,
+        allow_json=True, init_model_dir=start, per_sample_loss=cfg.per_sample_loss,
         # no model to start from: a fresh one (the "from random initialisation" baseline)
-        model_config_file="" if cfg.finetune_from_ckp_file else cfg.model_config_file)
+        model_config_file=cfg.model_config_file if not start or is_given(cfg, "model_config_file") else "")
 
 
 # --- checks that run before anything heavy is imported ----------------------------------
@@ -442,7 +447,7 @@ def run(job: Seq2SeqJob) -> dict:
     tokenizer = load_tokenizer(job.tokenizer_dir)
     set_seed(job.seed)  # the fresh model's initial weights depend on it
     if job.init_model_dir:
-        model = load_model(job.init_model_dir)
+        model = load_model(job.init_model_dir, config_file=job.model_config_file or None)
         check_vocab(tokenizer, model.config, job.init_model_dir)
     else:
         model = build_model(job.model_config_file)

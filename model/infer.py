@@ -9,7 +9,9 @@
         print(piece, end="", flush=True)
 
 The model is a model directory, a `.safetensors` file or a legacy `.bin` state dict
-(`model.chat_model.load_model` reads all three); its tokenizer is the one in the model's
+(`model.chat_model.load_model` reads all three); left at its default, `model_dir` is
+model_save/final, else the model directory at model_save/ itself (where the original's
+README puts the published model): `find_model`. Its tokenizer is the one in the model's
 directory unless `tokenizer_dir` says otherwise. It runs on CUDA, MPS or the CPU, in half
 precision on a GPU and fp32 on the CPU. A question gets [EOS] appended exactly as in
 training (`model.dataset.encode_texts`).
@@ -28,10 +30,11 @@ from typing import AsyncIterator, Iterator, Sequence
 import torch
 from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-from config import InferConfig
-from model.chat_model import SEARCH_TYPES, check_vocab, load_model, load_tokenizer
+from config import MODEL_SAVE_DIR, InferConfig
+from model.chat_model import SEARCH_TYPES, check_vocab, is_model_dir, load_model, load_tokenizer
 from model.dataset import encode_texts
-from utils.cli import UserError
+from model.tokenizer import tokenizer_dir_for
+from utils.cli import UserError, is_given
 
 # The original project's answer when the model generates nothing printable.
 FALLBACK_ANSWER = "我是一个参数很少的AI模型🥺，知识库较少，无法直接回答您的问题，换个问题试试吧👋"
@@ -163,14 +166,29 @@ class AnswerStream:
             yield piece
 
 
+def find_model(config: InferConfig) -> Path:
+    """The model to chat with: `model_dir` when given; else the default, model_save/final,
+    else a model directory at model_save/ itself (where the original's README puts the
+    published model)."""
+    if is_given(config, "model_dir"):
+        path = Path(config.model_dir)
+        if not path.exists():
+            raise UserError(f"model not found: {path} (train one, or pass --model_dir)")
+        return path
+    final = MODEL_SAVE_DIR / "final"
+    if final.exists():
+        return final
+    if is_model_dir(MODEL_SAVE_DIR):
+        return MODEL_SAVE_DIR
+    raise UserError(f"model not found: neither {final} nor a model directory (config.json and "
+                    f"model.safetensors) in {MODEL_SAVE_DIR} (train one, or pass --model_dir)")
+
+
 class ChatBot:
     def __init__(self, config: InferConfig | None = None) -> None:
         self.config = config or InferConfig()
-        model_path = Path(self.config.model_dir)
-        if not model_path.exists():
-            raise UserError(f"model not found: {model_path} (train one, or pass --model_dir)")
-        tok_dir = Path(self.config.tokenizer_dir) if self.config.tokenizer_dir else (
-            model_path if model_path.is_dir() else model_path.parent)
+        model_path = self.model_path = find_model(self.config)
+        tok_dir = tokenizer_dir_for(model_path, self.config)
         if self.config.search_type not in SEARCH_TYPES:
             raise UserError(f"search_type must be one of {', '.join(SEARCH_TYPES)}, got {self.config.search_type!r}")
         self.device = pick_device(self.config.device)

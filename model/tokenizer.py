@@ -5,6 +5,10 @@ Run it through the root script:
     python train_tokenizer.py --corpus_file data/corpus.txt --vocab_size 8192 \
         --token_type char --library hf --output_dir model_save/tokenizer
 
+`tokenizer_dir_for(model_path, cfg)` says which tokenizer goes with a model: the
+`--tokenizer_dir` the user gave, else the model's own directory when it holds a tokenizer,
+else the default (model_save/tokenizer), so every stage uses the model's own vocabulary.
+
 Whatever the library, the result is saved as a `PreTrainedTokenizerFast` directory
 (tokenizer.json + tokenizer_config.json + special_tokens_map.json) that
 `AutoTokenizer.from_pretrained` loads, with [PAD]=0 and [EOS]=1 as the model expects.
@@ -22,8 +26,11 @@ import unicodedata
 from pathlib import Path
 from typing import Iterator
 
-from utils.cli import UserError
+from config import MODEL_SAVE_DIR
+from utils.cli import UserError, is_given
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+DEFAULT_TOKENIZER_DIR = MODEL_SAVE_DIR / "tokenizer"
 SPECIAL_TOKENS = ["[PAD]", "[EOS]", "[SEP]", "[BOS]", "[CLS]", "[MASK]", "[UNK]"]
 EXTRA_CHARS = ["\t", "\n"]  # kept as tokens: answers contain line breaks
 
@@ -50,6 +57,22 @@ def iter_corpus(corpus_file: str | Path, chunk_lines: int = 1, progress: bool = 
     finally:
         if bar is not None:
             bar.stop()
+
+
+def tokenizer_dir_for(model_path: str | Path | None, cfg=None) -> Path:
+    """The tokenizer to use with the model at `model_path` under settings `cfg` (any config
+    with a `tokenizer_dir` field): the tokenizer_dir the user gave; else the model's own
+    directory (the directory holding a weights file) when it holds a tokenizer; else the
+    default tokenizer_dir (model_save/tokenizer when that is "")."""
+    configured = getattr(cfg, "tokenizer_dir", "") if cfg is not None else ""
+    if configured and is_given(cfg, "tokenizer_dir"):
+        return Path(configured)
+    if model_path:
+        path = Path(model_path)
+        home = path if path.is_dir() else path.parent
+        if any((home / name).is_file() for name in TOKENIZER_FILES):
+            return home
+    return Path(configured) if configured else DEFAULT_TOKENIZER_DIR
 
 
 def _check_inputs(corpus_file: str | Path, vocab_size: int) -> Path:

@@ -35,12 +35,14 @@ from typing import Callable
 
 import torch
 
-from utils.cli import UserError, require_file
+from utils.cli import UserError, is_given, require_file
 from utils.parquet_io import atomic_write_text
 
 from . import checkpoint as ckpt_io
-from .chat_model import build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model
+from .chat_model import (build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model,
+                         weights_config_file)
 from .dataset import Collator, TokenizedPairs, check_parquet, open_training_data
+from .tokenizer import tokenizer_dir_for
 
 LOSS_CSV = "train_loss.csv"
 EVAL_CSV = "eval.csv"
@@ -212,7 +214,10 @@ class ChatTrainer:
     def train(self) -> dict:
         cfg = self.cfg
         resume = self._resume_dir() if cfg.is_keep_training else None
-        tokenizer = load_tokenizer(cfg.tokenizer_dir)
+        # a fine-tuned model keeps the tokenizer of the model it started from
+        tokenizer = load_tokenizer(tokenizer_dir_for(cfg.finetune_from_ckp_file if cfg.is_finetune else None, cfg))
+        # --model_config_file describes a fresh model, or a .bin state dict when given
+        weights_config = cfg.model_config_file if is_given(cfg, "model_config_file") else None
         if resume is not None:
             model_source = resume / "model"
             model_config = load_model_config(model_source / "config.json")
@@ -220,12 +225,12 @@ class ChatTrainer:
             model_source = Path(cfg.finetune_from_ckp_file)
             if not model_source.exists():
                 raise UserError(f"--finetune_from_ckp_file not found: {model_source}")
-            model_config = load_model_config(model_source / "config.json") if model_source.is_dir() else None
+            model_config = load_model_config(model_source / "config.json" if model_source.is_dir()
+                                             else weights_config_file(model_source, weights_config))
         else:
             model_source = None
             model_config = load_model_config(require_file(cfg.model_config_file, "--model_config_file"))
-        if model_config is not None:
-            self._check_inputs(tokenizer, model_config)
+        self._check_inputs(tokenizer, model_config)
 
         accelerator = self._accelerator()
         self.accelerator = accelerator
@@ -233,9 +238,8 @@ class ChatTrainer:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-        model = build_model(cfg.model_config_file) if model_source is None else load_model(model_source)
-        if model_config is None:
-            self._check_inputs(tokenizer, model.config)
+        model = build_model(cfg.model_config_file) if model_source is None else \
+            load_model(model_source, config_file=weights_config)
         if cfg.is_finetune:
             freeze_embedding_and_encoder(model)
 
@@ -509,8 +513,7 @@ class ChatTrainer:
         if not model_dir.exists():
             raise UserError(f"model to test not found: {model_dir} (set --test_model_dir)")
         check_parquet(cfg.test_file, "test data (--test_file)")
-        tok_dir = model_dir if (model_dir / "tokenizer.json").is_file() else Path(cfg.tokenizer_dir)
-        tokenizer = load_tokenizer(tok_dir)
+        tokenizer = load_tokenizer(tokenizer_dir_for(model_dir, cfg))
         model = load_model(model_dir)
         check_vocab(tokenizer, model.config, str(model_dir))
         self.accelerator = acc = self._accelerator()

@@ -51,7 +51,25 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None,
         (cfg,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as exc:  # unknown flags
         raise UserError(str(exc)) from None
+    options = parser._option_string_actions  # argparse's map of "--flag" to its action
+    setattr(cfg, _GIVEN, frozenset(options[a.split("=", 1)[0]].dest for a in argv
+                                   if a.startswith("--") and a.split("=", 1)[0] in options))
     return command, cfg
+
+
+_GIVEN = "_fields_given_on_command_line"
+
+
+def is_given(cfg, name: str) -> bool:
+    """Whether setting `name` of `cfg` was chosen by the user rather than left at its default.
+
+    Some defaults follow another setting (the tokenizer follows the model, the chat model is
+    model_save/final or else model_save/ itself), but a value the user gave always wins, even
+    one equal to the default: `parse_config` records the flags given. A config built in code
+    counts a field as given when it differs from the dataclass default.
+    """
+    default = next(f.default for f in fields(cfg) if f.name == name)
+    return name in getattr(cfg, _GIVEN, ()) or getattr(cfg, name) != default
 
 
 def config_fields(config_cls) -> list[str]:

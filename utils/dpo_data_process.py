@@ -346,7 +346,8 @@ def generate_rejected(rows: list[dict], cfg, report: Report,
     """Attach the SFT model's answer as `rejected` to each {'prompt', 'chosen'} row."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    from model.chat_model import SEARCH_TYPES, load_model, load_tokenizer
+    from model.chat_model import SEARCH_TYPES, check_vocab, load_model, load_tokenizer
+    from model.tokenizer import tokenizer_dir_for
 
     if cfg.search_type not in SEARCH_TYPES:
         raise UserError(f"--search_type must be one of {', '.join(SEARCH_TYPES)}, got {cfg.search_type!r}")
@@ -373,8 +374,9 @@ def generate_rejected(rows: list[dict], cfg, report: Report,
         from model.infer import pick_device
 
         device = pick_device(cfg.device)
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
         model = load_model(model_dir).to(device).eval()
+        check_vocab(tokenizer, model.config, str(model_dir))
         columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns) as bar, torch.inference_mode():
