@@ -23,12 +23,13 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
 from config import DATA_DIR, DataProcessConfig
 from utils.cli import UserError, parse_config, run_cli
-from utils.data_readers import BadRows, read_pairs
+from utils.data_readers import BadRows, detect_format, read_pairs
 
 # utils.parquet_io (pyarrow, ~50 MB) is imported inside the commands: the worker processes
 # of clean and dedup re-import this module (multiprocessing's spawn does that to the main
@@ -100,10 +101,15 @@ def cmd_clean(cfg: DataProcessConfig) -> None:
 
     t0 = time.time()
     workers = _num_workers(cfg)
+    if cfg.input_format == "auto" and cfg.input and Path(cfg.input).is_file():
+        cfg = replace(cfg, input_format=detect_format(cfg.input))  # detected once, read with it below
     pairs, bad, path = _inputs(cfg, "clean")
     out = _need(cfg.output, "output", "clean")
+    # BELLE instruction data: drop the translation and table tasks, as the original's SFT data does
+    belle = cfg.input_format == "belle"
     cleaner = PairCleaner(cfg.min_prompt_len, cfg.max_prompt_len, cfg.min_response_len,
-                          cfg.max_response_len, cfg.response_overflow)
+                          cfg.max_response_len, cfg.response_overflow,
+                          drop_translation=belle and not cfg.keep_translation, drop_tables=belle and not cfg.keep_tables)
     counted = _Counted(pairs)
     with PairWriter(out, cfg.row_group_size) as writer:
         writer.write_many(clean_stream(counted, cleaner, workers))

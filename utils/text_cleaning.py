@@ -4,7 +4,8 @@
 full-width letters and digits made half-width, English punctuation inside Chinese text
 made Chinese, runs of repeated punctuation collapsed, traditional characters converted
 to simplified with OpenCC (t2s). `PairCleaner` applies it to prompt/response pairs and
-drops or cuts pairs by length, recording why.
+drops or cuts pairs by length, recording why; for instruction data (BELLE) it also drops
+the original's translation and table tasks (`is_translation_task`, `is_table_task`).
 
 `clean_stream` runs a PairCleaner over a stream of pairs in worker processes, in order.
 
@@ -59,6 +60,19 @@ _SENTENCE_END_RE = re.compile(r"[。！？；…!?;\n]")
 
 
 _ASTRAL_RE = re.compile("[\U00010000-\U0010ffff]")
+
+# The original's SFT data (BELLE) has no translation tasks and no tables: a prompt naming
+# a translation, or a table in prompt or response (its markdown rule "-----"), is dropped.
+_TRANSLATION_RE = re.compile("翻译|英译|译英|中译|译中|汉译|译汉|translate", re.IGNORECASE)
+TABLE_RULE = "-----"
+
+
+def is_translation_task(prompt: str) -> bool:
+    return _TRANSLATION_RE.search(prompt) is not None
+
+
+def is_table_task(prompt: str, response: str) -> bool:
+    return "表格" in prompt or TABLE_RULE in prompt or TABLE_RULE in response
 
 
 def _char_test(chars: set[str]):
@@ -206,13 +220,17 @@ class PairCleaner:
     The original project keeps prompts and responses to 320 (pretraining, SFT) or 512
     (DPO) characters. A prompt over the limit is dropped (cutting a question changes it);
     a response over the limit is cut at a sentence end (`response_overflow="cut"`, as the
-    original does for encyclopedia text) or dropped (`"drop"`).
+    original does for encyclopedia text) or dropped (`"drop"`). `drop_translation` and
+    `drop_tables` drop the task types the original removed from its SFT data (BELLE), judged
+    on the raw text (cleaning would merge a table's "-----" rule).
     """
     min_prompt_len: int = 2
     max_prompt_len: int = 320
     min_response_len: int = 2
     max_response_len: int = 320
     response_overflow: str = "cut"
+    drop_translation: bool = False
+    drop_tables: bool = False
     stats: CleanStats = field(default_factory=CleanStats)
 
     def __post_init__(self):
@@ -231,6 +249,10 @@ class PairCleaner:
         return pair
 
     def _clean(self, prompt: str, response: str):
+        if self.drop_translation and is_translation_task(prompt):
+            return "translation_task", None
+        if self.drop_tables and is_table_task(prompt, response):
+            return "table_task", None
         prompt, response = clean_text(prompt), clean_text(response)
         if len(prompt) < self.min_prompt_len:
             return "prompt_too_short", None
