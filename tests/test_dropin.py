@@ -136,14 +136,10 @@ def test_cli_sft_and_finetune_accept_the_originals_trainer_output(original_bin, 
     _run(ROOT / "sft_train.py", ["--finetune_from_ckp_file", original_bin, "--sft_train_file", pairs_file,
                                  "--output_dir", tmp_path / "sft", "--batch_size", 4, *common], tmp_path)
     assert (tmp_path / "sft" / "best" / "model.safetensors").is_file()
-    # a .bin with no config beside it: --model_config_file says what it is (sft_train.py and train.py)
+    # a .bin with no config beside it: --model_config_file says what it is
     lone = tmp_path / "weights" / "chat_small_t5.best.bin"
     lone.parent.mkdir()
     shutil.copy(original_bin, lone)
-    _run(ROOT / "sft_train.py", ["--finetune_from_ckp_file", lone, "--model_config_file", TINY_CONFIG,
-                                 "--sft_train_file", pairs_file, "--output_dir", tmp_path / "sft2", "--batch_size", 4,
-                                 *common], tmp_path)
-    assert (tmp_path / "sft2" / "best" / "model.safetensors").is_file()
     _run(ROOT / "train.py", ["train", "--is_finetune", "True", "--finetune_from_ckp_file", lone,
                              "--model_config_file", TINY_CONFIG, "--train_file", pairs_file,
                              "--validation_file", pairs_file, "--output_dir", tmp_path / "ft",
@@ -292,6 +288,19 @@ def small_vocab_model(tmp_path_factory, corpus_file) -> Path:
     out = tmp_path_factory.mktemp("small_vocab") / "sft_best"
     save_model(build_model(TINY_CONFIG, vocab_size=1000), out, train_tokenizer(corpus_file, 1000, "char", "hf"))
     return out
+
+
+def test_sft_reads_a_given_model_config_file_for_the_weights(original_bin):
+    from config import SFTconfig
+    from model.hf_seq2seq import job_from_sft_config
+    from utils.cli import parse_config
+
+    # the default model_config.json describes a fresh model only; given, it describes the .bin
+    _, cfg = parse_config(SFTconfig, ["--finetune_from_ckp_file", str(original_bin)])
+    assert job_from_sft_config(cfg).model_config_file == ""
+    _, cfg = parse_config(SFTconfig, ["--finetune_from_ckp_file", str(original_bin),
+                                      "--model_config_file", str(TINY_CONFIG)])
+    assert job_from_sft_config(cfg).model_config_file == str(TINY_CONFIG)
 
 
 def test_sft_takes_the_tokenizer_of_the_model_unless_one_is_given(small_vocab_model, tokenizer_dir):
