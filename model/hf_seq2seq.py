@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +41,8 @@ from .trainer import OPTIMIZERS, adafactor_kwargs
 CHECKPOINT_PREFIX = "checkpoint-"
 PRECISIONS = ("no", "fp16", "bf16")
 SUMMARY_FILE = "train_summary.json"
+# what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
+OWN_OUTPUTS = ("best", SUMMARY_FILE, "runs/events.out.tfevents.*")
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Seq2SeqJob:
     group_by_length: bool = False
     eval_max_samples: int = -1
     resume_from_checkpoint: str = ""  # "" | "last" | a checkpoint dir
+    overwrite_output_dir: bool = False  # a fresh run: remove an earlier run's checkpoints and outputs
     allow_json: bool = False
     model_config_file: str = ""  # pretraining: build a fresh model from this config
     init_model_dir: str = ""  # fine-tuning: load this model (strictly)
@@ -103,7 +107,7 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
         save_steps=cfg.save_steps, save_total_limit=cfg.keep_latest_n_ckp, seed=cfg.seed,
         mixed_precision=cfg.mixed_precision, optimizer=cfg.optimizer, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=resume,
-        model_config_file=cfg.model_config_file)
+        overwrite_output_dir=cfg.overwrite_output_dir, model_config_file=cfg.model_config_file)
 
 
 def job_from_sft_config(cfg) -> Seq2SeqJob:
@@ -116,7 +120,8 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
         optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
-        allow_json=True, init_model_dir=cfg.finetune_from_ckp_file, per_sample_loss=cfg.per_sample_loss,
+        overwrite_output_dir=cfg.overwrite_output_dir, allow_json=True, init_model_dir=cfg.finetune_from_ckp_file,
+        per_sample_loss=cfg.per_sample_loss,
         # no model to start from: a fresh one (the "from random initialisation" baseline)
         model_config_file="" if cfg.finetune_from_ckp_file else cfg.model_config_file)
 
@@ -174,21 +179,27 @@ def resolve_checkpoint(spec: str, checkpoints_dir: Path) -> str | None:
 
     A checkpoint is complete once trainer_state.json exists: the Trainer writes it after
     the weights, optimiser and RNG states, so a kill during a save leaves a directory
-    without it, which is skipped here and the previous checkpoint is used instead.
+    without it, which is skipped here and the previous checkpoint is used instead. One whose
+    files do not read (truncated) is moved aside for the previous one, with a warning.
     """
     if not spec:
         return None
+    from .checkpoint import check_resumable, pick_resumable
+
+    # The Trainer loads its states with weights_only=True (transformers 5), but a planted
+    # pickle would end in its traceback and a truncated file in another: every file is
+    # checked first (model.checkpoint.checkpoint_problem), without unpickling anything.
     if spec == "last":
         found = complete_checkpoints(checkpoints_dir)
         if not found:
             raise UserError(f"no complete checkpoint to resume from in {checkpoints_dir}")
-        return str(found[-1])
+        return str(pick_resumable(found, checkpoints_dir))
     path = Path(spec)
     if not path.is_dir():
         raise UserError(f"checkpoint to resume from not found: {path}")
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"not a complete Trainer checkpoint (no trainer_state.json): {path}")
-    return str(path)
+    return str(check_resumable(path))
 
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -421,12 +432,18 @@ def run(job: Seq2SeqJob) -> dict:
     check_job(job)
     out = Path(job.output_dir)
     ckpt_dir = out / "checkpoints"
+    continue_flag = '--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'
+    if job.resume_from_checkpoint and job.overwrite_output_dir:
+        raise UserError(f"{continue_flag.split()[0]} continues a run, --overwrite_output_dir True starts over: "
+                        "choose one")
+    from .chat_model import check_replaceable
+    from .checkpoint import start_fresh
+
+    check_replaceable(out / "best")  # now, not after training
     resume = resolve_checkpoint(job.resume_from_checkpoint, ckpt_dir)
-    if resume is None and complete_checkpoints(ckpt_dir):
+    if resume is None and os.environ.get("RANK", "0") == "0":
         # A fresh run would mix its checkpoints with these and rotate them away.
-        raise UserError(f"{ckpt_dir} already holds checkpoints of an earlier run: continue it with "
-                        f"{'--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'},"
-                        " or choose another --output_dir")
+        start_fresh(out, ckpt_dir, job.overwrite_output_dir, continue_flag, OWN_OUTPUTS)
 
     import torch
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, set_seed
