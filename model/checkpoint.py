@@ -109,6 +109,8 @@ def save_checkpoint(accelerator, root: str | Path, step: int, model, tokenizer, 
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        for left in root.glob(".step-*.deleting"):  # left by a run killed mid-prune
+            shutil.rmtree(left, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
     if _is_deepspeed(accelerator):
@@ -124,10 +126,10 @@ def save_checkpoint(accelerator, root: str | Path, step: int, model, tokenizer, 
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():  # the same step saved twice (e.g. epoch end == save_steps)
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         for old in list_checkpoints(root)[:-max(1, keep_latest_n)]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     accelerator.wait_for_everyone()
     return final
 
@@ -226,15 +228,31 @@ _NOT_LOADED_ON_RESUME = {"training_args.bin"}
 _SKIPPED_DIRS = {"accelerate"}
 
 
+def _missing(ckpt: Path, files: list[Path]) -> str | None:
+    """The first state file a resume needs that `ckpt` lacks (this format, or the Trainer's)."""
+    names = {p.name for p in files}
+    if not any(p.suffix in (".safetensors", ".bin") or p.name == "model.safetensors.index.json" for p in files) \
+            and not (ckpt / "accelerate").is_dir():
+        return "model weights"
+    ours = (ckpt / "model").is_dir() or (ckpt / "accelerate").is_dir()
+    rng = "rng_state_0.pt" if ours else "rng_state.pth"
+    needed = [STATE_FILE, "scheduler.pt"] + ([] if (ckpt / "accelerate").is_dir() else ["optimizer.pt"])
+    for name in needed:
+        if name not in names:
+            return name
+    if not any(n.startswith("rng_state") for n in names):
+        return rng
+    return None
+
+
 def checkpoint_problem(ckpt: str | Path) -> str | None:
     """None if every state file of `ckpt` reads; else what is damaged. Pickled code raises UnsafeCheckpoint."""
     ckpt = Path(ckpt)
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name not in _NOT_LOADED_ON_RESUME
                    and not _SKIPPED_DIRS & set(p.relative_to(ckpt).parts[:-1]))
-    has_weights = any(p.suffix in (".safetensors", ".bin") or p.name == "model.safetensors.index.json"
-                      for p in files)
-    if not has_weights and not (ckpt / "accelerate").is_dir():
-        return f"no model weights in {ckpt}"
+    missing = _missing(ckpt, files)
+    if missing:
+        return f"{missing} missing from {ckpt}"
     for path in files:
         try:
             _check_file(path)
@@ -243,21 +261,24 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
     return None
 
 
-def pick_resumable(candidates: list[Path], where: str | Path) -> Path:
+def pick_resumable(candidates: list[Path], where: str | Path, move_aside: bool = True) -> Path:
     """The newest of `candidates` (oldest first) whose files all read.
 
     A damaged newer one is renamed `damaged-<name>` (so neither a later resume nor the
-    rotation of old checkpoints counts it) with a warning naming it.
+    rotation of old checkpoints counts it) with a warning naming it. Of several processes
+    only one moves (`move_aside`); the others skip a checkpoint that has gone the same way.
     """
     damaged = []
     for ckpt in reversed(candidates):
-        problem = checkpoint_problem(ckpt)
+        problem = checkpoint_problem(ckpt) if ckpt.is_dir() else "moved aside by another process"
         if problem is None:
             return ckpt
+        damaged.append(ckpt.name)
+        if not move_aside:
+            continue
         aside = ckpt.with_name(f"damaged-{ckpt.name}")
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(ckpt, aside)
-        damaged.append(ckpt.name)
         print(f"warning: checkpoint {ckpt} is damaged ({problem}); moved aside to {aside}, "
               "falling back to the previous one", file=sys.stderr)
     raise UserError(f"no usable checkpoint under {where}: "
@@ -270,6 +291,19 @@ def check_resumable(ckpt: Path) -> Path:
     if problem is not None:
         raise DamagedCheckpoint(f"cannot resume from {ckpt}: {problem}")
     return ckpt
+
+
+def _remove(ckpt: Path) -> None:
+    """Delete a checkpoint so that a kill never leaves part of it under its own name.
+
+    rmtree deletes file by file: killed half-way (measured: benchmarks/bench_reliability.py,
+    one of 4 kill -9s) it left a step-N with trainer_state.json but no weights. Renamed
+    first, a leftover is a hidden `.step-N.deleting` that the next save removes.
+    """
+    trash = ckpt.with_name(f".{ckpt.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(ckpt, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_state(ckpt: str | Path) -> dict:
@@ -302,7 +336,7 @@ def load_rng(accelerator, ckpt: str | Path) -> None:
 
 # Checkpoint directories either trainer writes (and their leftovers): this format's step-N and
 # .step-N.tmp, the Trainer's checkpoint-N and tmp-checkpoint-N, and both moved aside as damaged.
-_RUN_CHECKPOINT = re.compile(r"^(damaged-)?(step-\d+|checkpoint-\d+)$|^\.step-\d+\.tmp$|^tmp-checkpoint-\d+$")
+_RUN_CHECKPOINT = re.compile(r"^(damaged-)?(step-\d+|checkpoint-\d+)$|^\.step-\d+\.(tmp|deleting)$|^tmp-checkpoint-\d+$")
 
 
 def run_checkpoints(root: str | Path) -> list[Path]:

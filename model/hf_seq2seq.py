@@ -70,6 +70,7 @@ class Seq2SeqJob:
     group_by_length: bool = False
     eval_max_samples: int = -1
     resume_from_checkpoint: str = ""  # "" | "last" | a checkpoint dir
+    checkpoints_dir: str = ""  # where checkpoints are written; "" = <output_dir>/checkpoints
     overwrite_output_dir: bool = False  # a fresh run: remove an earlier run's checkpoints and outputs
     allow_json: bool = False
     model_config_file: str = ""  # pretraining: build a fresh model from this config
@@ -80,7 +81,7 @@ class Seq2SeqJob:
         # Relative paths from the command line mean the current directory; made absolute
         # once so that messages and train_summary.json name the files unambiguously.
         for name in ("output_dir", "tokenizer_dir", "train_file", "eval_file", "model_config_file",
-                     "init_model_dir"):
+                     "init_model_dir", "checkpoints_dir"):
             if getattr(self, name):
                 setattr(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
         if self.resume_from_checkpoint not in ("", "last"):
@@ -92,13 +93,16 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
 
     TrainConfig describes a OneCycle schedule that peaks at learn_rate * div_factor; the
     Trainer's linear warm-up/decay schedule is given the same peak so both trainers train
-    the same model at comparable rates. is_keep_training resumes from train_state_dir when
-    that is set, else from the newest checkpoint under <output_dir>/checkpoints.
+    the same model at comparable rates. train_state_dir, as for train.py, is where the
+    checkpoints are written and is_keep_training reads them back (a checkpoint dir there:
+    resume from it); without it, <output_dir>/checkpoints.
     """
-    resume = ""
-    if cfg.is_keep_training:
-        resume = cfg.train_state_dir or "last"
-    return Seq2SeqJob(
+    from .checkpoint import is_checkpoint_dir
+
+    state_dir = cfg.train_state_dir
+    named = bool(state_dir) and (is_checkpoint_dir(state_dir) or Path(state_dir).name.startswith(CHECKPOINT_PREFIX))
+    resume = (state_dir if named else "last") if cfg.is_keep_training else ""
+    return Seq2SeqJob(checkpoints_dir="" if named else state_dir,
         stage="pretrain", output_dir=cfg.output_dir, tokenizer_dir=cfg.tokenizer_dir,
         train_file=cfg.train_file, eval_file=cfg.validation_file, max_seq_len=cfg.max_seq_len,
         batch_size=cfg.batch_size_per_gpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -193,7 +197,7 @@ def resolve_checkpoint(spec: str, checkpoints_dir: Path) -> str | None:
         found = complete_checkpoints(checkpoints_dir)
         if not found:
             raise UserError(f"no complete checkpoint to resume from in {checkpoints_dir}")
-        return str(pick_resumable(found, checkpoints_dir))
+        return str(pick_resumable(found, checkpoints_dir, move_aside=os.environ.get("RANK", "0") == "0"))
     path = Path(spec)
     if not path.is_dir():
         raise UserError(f"checkpoint to resume from not found: {path}")
@@ -431,7 +435,7 @@ def run(job: Seq2SeqJob) -> dict:
     wall_start = time.perf_counter()
     check_job(job)
     out = Path(job.output_dir)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = Path(job.checkpoints_dir) if job.checkpoints_dir else out / "checkpoints"
     continue_flag = '--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'
     if job.resume_from_checkpoint and job.overwrite_output_dir:
         raise UserError(f"{continue_flag.split()[0]} continues a run, --overwrite_output_dir True starts over: "
@@ -571,5 +575,6 @@ def _print_summary(s: dict, out: Path) -> None:
     print(f"  final train loss {_fmt(s['final_train_loss'])}, eval loss {_fmt(s['final_eval_loss'])}"
           f", BLEU-4 {_fmt(s['eval_bleu4'])}")
     print(f"  model ({which}) -> {s['model_dir']}")
-    print(f"  checkpoints -> {out / 'checkpoints'}, tensorboard -> {out / 'runs'}, summary -> {out / SUMMARY_FILE}")
+    print(f"  checkpoints -> {s['job']['checkpoints_dir'] or out / 'checkpoints'}, tensorboard -> {out / 'runs'}, "
+          f"summary -> {out / SUMMARY_FILE}")
     print(f"  total wall time {s['wall_seconds']:.1f} s")

@@ -213,7 +213,7 @@ class ChatTrainer:
         found = ckpt_io.list_checkpoints(self.ckpt_root)
         if not found:
             raise UserError(f"--is_keep_training: no checkpoint under {self.ckpt_root}")
-        return ckpt_io.pick_resumable(found, self.ckpt_root)
+        return ckpt_io.pick_resumable(found, self.ckpt_root, move_aside=os.environ.get("RANK", "0") == "0")
 
     def _start(self) -> Path | None:
         """Resume (is_keep_training) or start fresh without mixing with an earlier run's files."""

@@ -160,7 +160,7 @@ def _truncate(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damaged", ["optimizer.pt", "model/model.safetensors", "rng_state_0.pt",
-                                     "trainer_state.json"])
+                                     "trainer_state.json", "missing:scheduler.pt"])
 def test_damaged_newest_checkpoint_falls_back_exactly(run4, tmp_path, capsys, damaged):
     """The newest (step 4) is damaged: resume from step 2, warn naming step 4, end with the
     weights of the uninterrupted run."""
@@ -168,7 +168,11 @@ def test_damaged_newest_checkpoint_falls_back_exactly(run4, tmp_path, capsys, da
 
     cfg = _copy_run(run4, tmp_path / "run")
     root = Path(cfg.output_dir) / "checkpoints"
-    _truncate(root / "step-00000004" / damaged)
+    if damaged.startswith("missing:"):  # what a kill in the middle of deleting it leaves
+        damaged = damaged.split(":")[1]
+        (root / "step-00000004" / damaged).unlink()
+    else:
+        _truncate(root / "step-00000004" / damaged)
     ChatTrainer(replace(cfg, is_keep_training=True)).train()
     err = capsys.readouterr().err
     assert f"warning: checkpoint {root / 'step-00000004'} is damaged" in err and damaged.split("/")[-1] in err
@@ -176,6 +180,32 @@ def test_damaged_newest_checkpoint_falls_back_exactly(run4, tmp_path, capsys, da
     a, b = weights(Path(run4.output_dir) / "best"), weights(Path(cfg.output_dir) / "best")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_losses(Path(cfg.output_dir)) == pytest.approx(read_losses(Path(run4.output_dir)), abs=1e-6)
+
+
+def test_a_kill_while_pruning_never_leaves_a_partial_checkpoint(pairs_dir, tokenizer_dir, tmp_path,  # noqa: F811
+                                                                  monkeypatch):
+    """Pruning deleted an old checkpoint file by file under its own name: killed half-way, a
+    step-N with trainer_state.json and no weights looked complete (benchmarks/bench_reliability.py)."""
+    import model.checkpoint as ckpt_io
+    from model.trainer import ChatTrainer
+
+    real_rmtree = shutil.rmtree
+
+    def killed_rmtree(path, *args, **kwargs):
+        weights_file = Path(path) / "model" / "model.safetensors"
+        if "step-00000002" in str(path) and weights_file.exists():
+            weights_file.unlink()
+            raise SystemExit(137)  # killed after the first file
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt_io.shutil, "rmtree", killed_rmtree)
+    cfg = tiny_cfg(pairs_dir, tokenizer_dir, tmp_path / "out", max_steps=4, save_steps=2, keep_latest_n_ckp=1)
+    with pytest.raises(SystemExit):
+        ChatTrainer(cfg).train()
+    monkeypatch.setattr(ckpt_io.shutil, "rmtree", real_rmtree)
+    listed = ckpt_io.list_checkpoints(Path(cfg.output_dir) / "checkpoints")
+    assert [p.name for p in listed] == ["step-00000004"]
+    assert all(ckpt_io.checkpoint_problem(p) is None for p in listed)
 
 
 def test_no_usable_checkpoint_is_one_error(run4, tmp_path):
@@ -369,3 +399,14 @@ def test_train_state_dir_is_written_and_resumed_exactly(pairs_dir, tokenizer_dir
     a, b = weights(tmp_path / "straight" / "best"), weights(tmp_path / "out" / "best")
     assert all(torch.equal(a[key], b[key]) for key in a)
     assert sorted(p.name for p in state_dir.iterdir()) == [f"step-{k:08d}", f"step-{n_steps:08d}"]
+
+
+def test_pre_train_writes_and_resumes_in_train_state_dir(tokenizer_dir, pairs_dir, tmp_path):  # noqa: F811
+    from model.hf_seq2seq import run
+
+    state_dir, out = tmp_path / "train_latest_state", tmp_path / "out"
+    run(_hf_job(tokenizer_dir, pairs_dir, out, max_steps=2, train_state_dir=state_dir))
+    assert [p.name for p in state_dir.iterdir()] == ["checkpoint-2"] and not (out / "checkpoints").exists()
+    summary = run(_hf_job(tokenizer_dir, pairs_dir, out, max_steps=4, train_state_dir=state_dir,
+                          is_keep_training=True))
+    assert summary["resumed_from"] == str(state_dir / "checkpoint-2") and summary["steps_this_run"] == 2
