@@ -55,8 +55,9 @@ class TrainConfig:
     is_finetune: bool = False  # load finetune_from_ckp_file, freeze embedding + encoder
     finetune_from_ckp_file: str = _p("model_save", "pretrain", "best")
     is_keep_training: bool = False  # resume exactly from train_state_dir
-    train_state_dir: str = ""  # a checkpoint dir; "" = the latest under <output_dir>/checkpoints
+    train_state_dir: str = ""  # where checkpoints are written and resumed from (as the original's model_save/train_latest_state); a checkpoint dir: resume from it; "" = <output_dir>/checkpoints
     output_dir: str = _p("model_save", "pretrain")
+    overwrite_output_dir: bool = False  # a fresh run where an earlier run left checkpoints: remove that run's checkpoints and outputs (else an error)
     logging_steps: int = 50
     save_steps: int = 10000
     keep_latest_n_ckp: int = 8
@@ -91,6 +92,7 @@ class SFTconfig:
     mixed_precision: str = "bf16"
     seed: int = 23333
     resume_from_checkpoint: str = ""  # a checkpoint dir, or "last"
+    overwrite_output_dir: bool = False  # a fresh run where an earlier run left checkpoints: remove that run's checkpoints and outputs (else an error)
     per_sample_loss: bool = False  # weigh every pair equally (not every token): short answers learn as fast as long ones
     save_total_limit: int = 3  # checkpoints kept under <output_dir>/checkpoints (plus the best); 0 = all
     optimizer: str = "adamw"  # "adamw" | "adafactor" | "adafactor_scaled" (updates scaled by parameter RMS)
@@ -134,6 +136,7 @@ class DpoConfig:
     merged_output_dir: str = _p("model_save", "dpo_merged")
     adapter_dir: str = ""  # merge: the LoRA adapter; "" = <output_dir>/best
     resume_from_checkpoint: str = ""  # a checkpoint dir, or "last" (the latest under <output_dir>/checkpoints)
+    overwrite_output_dir: bool = False  # a fresh run where an earlier run left checkpoints: remove that run's checkpoints and outputs (else an error)
     report_to: str = "none"  # also log to "tensorboard" etc.; the CSV log is always written
     model: str = ""  # eval: the policy, a model dir or a LoRA adapter dir; "" = <output_dir>/best
     eval_output_file: str = ""  # eval: the JSON report; "" = <output_dir>/preference_eval.json

@@ -22,9 +22,11 @@ class TokenizerTrainConfig:
 
 
 def main() -> None:
+    from model.chat_model import check_replaceable
     from model.tokenizer import save_tokenizer, train_tokenizer
 
     _, cfg = parse_config(TokenizerTrainConfig, description=__doc__)
+    check_replaceable(cfg.output_dir)  # before training: a user's directory is never replaced
     tokenizer = train_tokenizer(cfg.corpus_file, cfg.vocab_size, cfg.token_type, cfg.library)
     out = save_tokenizer(tokenizer, cfg.output_dir)
     print(f"saved {cfg.library} {cfg.token_type}-level tokenizer with {len(tokenizer)} tokens to {out}")

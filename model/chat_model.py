@@ -18,6 +18,11 @@
   half-written model where a later stage would read it. The configs are written clean:
   `use_cache` on (training turns it off) and no load-time keys in tokenizer_config.json,
   so a copied directory loads and generates the same anywhere.
+- `replace_dir(src, dst)`: the one atomic directory replacement (models, tokenizers, LoRA
+  adapters). It replaces `dst` only when the project wrote it: a directory carrying the
+  marker file `OUTPUT_MARKER` (written into every directory it installs, listing its files),
+  or one holding only files of the known model/tokenizer set. Anything else (a user's
+  directory, a file) is a one-line error naming it, and nothing is touched.
 """
 from __future__ import annotations
 
@@ -45,6 +50,13 @@ ORIGINAL_CONFIG_NAME = "model_config.json"
 # (from a local folder, offline), not the tokenizer: copied elsewhere they would be wrong.
 LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "token",
                             "revision", "subfolder", "trust_remote_code", "_commit_hash")
+OUTPUT_MARKER = ".chatlm_output.json"
+# What a model, tokenizer or adapter directory of this project or the original's holds: such a
+# directory without the marker (written before the marker existed) may still be replaced.
+KNOWN_OUTPUT_FILES = frozenset(MODEL_FILES) | frozenset(WEIGHT_FILES) | {
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "tokenizer.model", "chat_template.jinja", ORIGINAL_CONFIG_NAME, "adapter_config.json",
+    "adapter_model.safetensors", "adapter_model.bin", "README.md", OUTPUT_MARKER}
 
 
 def load_model_config(config_file: str | Path, vocab_size: int | None = None) -> TextToTextModelConfig:
@@ -155,8 +167,37 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None) -> P
     return out_dir
 
 
+def check_replaceable(dst: str | Path) -> None:
+    """A UserError unless `dst` is absent, or a directory this project wrote (see the module doc)."""
+    dst = Path(dst)
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if dst.is_symlink() or not dst.is_dir():
+        raise UserError(f"output {dst} exists and is not a directory this project wrote: refusing to replace it "
+                        "(choose another output directory, or move it away)")
+    written = set(KNOWN_OUTPUT_FILES)
+    try:
+        written |= set(json.loads((dst / OUTPUT_MARKER).read_text(encoding="utf-8")).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        pass  # no (readable) marker: only the known file set counts
+    foreign = sorted(p.name + ("/" if p.is_dir() else "") for p in dst.iterdir()
+                     if p.name not in written or not p.is_file() or p.is_symlink())
+    if foreign:
+        raise UserError(f"output directory {dst} holds files this project did not write "
+                        f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): refusing to replace it "
+                        "(choose another output directory, or move those files away)")
+
+
 def replace_dir(src: Path, dst: Path) -> None:
-    """Move directory `src` to `dst`, replacing `dst`; at every instant one complete copy exists."""
+    """Move directory `src` to `dst`, replacing `dst`; at every instant one complete copy exists.
+
+    `dst` is replaced only when check_replaceable allows it; `src` gets the marker first.
+    """
+    src, dst = Path(src), Path(dst)
+    check_replaceable(dst)
+    files = sorted(p.name for p in src.iterdir()) + [OUTPUT_MARKER]
+    (src / OUTPUT_MARKER).write_text(json.dumps({"written_by": "ChatLM-mini-Chinese", "files": files}, indent=1),
+                                     encoding="utf-8")
     old = None
     if dst.exists():
         old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"

@@ -10,7 +10,15 @@ A checkpoint is a directory `<output_dir>/checkpoints/step-00001234/` holding
 
 It is written into `.step-00001234.tmp` and renamed when complete, so a kill during a save
 leaves the previous checkpoints untouched; a directory without trainer_state.json is
-never picked up. accelerate's save_state would store the weights a second time in its own
+never picked up.
+
+Loading never executes code: every torch.load is `weights_only=True` (the random states are
+stored as plain ints and tensors; numpy's arrays of older checkpoints are allowed through
+exactly the types transformers' Trainer allows for its rng_state.pth). Before a resume,
+`checkpoint_problem` reads every state file of a checkpoint (this format and the Trainer's
+`checkpoint-N`) without unpickling it: a file holding pickled code is refused with a
+one-line error; a truncated or unreadable one makes `pick_resumable` fall back to the newest
+readable checkpoint, moving the damaged one aside as `damaged-<name>`. accelerate's save_state would store the weights a second time in its own
 layout (not a loadable model directory), so the non-model state is saved here by hand;
 under DeepSpeed (optimizer state partitioned across ranks) accelerate's save_state is used.
 """
@@ -18,9 +26,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -47,15 +57,25 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """A checkpoint itself (step-N, or any directory holding trainer_state.json), not a directory of them."""
+    path = Path(path)
+    return bool(_NAME.match(path.name)) or (path / STATE_FILE).is_file()
+
+
 def latest_checkpoint(root: str | Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
 
 
 def rng_state() -> dict:
+    """Every generator's state as ints and tensors: what torch.load(weights_only=True) reads."""
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),  # (version, tuple of 625 ints, None): plain ints
+             "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -64,8 +84,11 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     import numpy as np
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    name, keys, *rest = state["numpy"]
+    if isinstance(keys, torch.Tensor):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -86,6 +109,8 @@ def save_checkpoint(accelerator, root: str | Path, step: int, model, tokenizer, 
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
+        for left in root.glob(".step-*.deleting"):  # left by a run killed mid-prune
+            shutil.rmtree(left, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
     if _is_deepspeed(accelerator):
@@ -101,19 +126,194 @@ def save_checkpoint(accelerator, root: str | Path, step: int, model, tokenizer, 
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
         _fsync_tree(tmp)
         if final.exists():  # the same step saved twice (e.g. epoch end == save_steps)
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         for old in list_checkpoints(root)[:-max(1, keep_latest_n)]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     accelerator.wait_for_everyone()
     return final
+
+
+class UnsafeCheckpoint(UserError):
+    """A state file holds pickled objects other than tensors: refused, never unpickled."""
+
+
+class DamagedCheckpoint(UserError):
+    """A state file is truncated or unreadable."""
+
+
+# What a weights_only load may build besides tensors and plain Python values: numpy arrays
+# and dtypes, which older checkpoints of this project and the Trainer's rng_state.pth hold
+# (the same list as transformers.trainer_pt_utils.safe_globals).
+_NUMPY_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                  "numpy.dtype", "numpy.dtypes.UInt32DType"}
+
+
+def _numpy_safe_globals():
+    import numpy as np
+
+    core = np._core if hasattr(np, "_core") else np.core
+    return torch.serialization.safe_globals([core.multiarray._reconstruct, np.ndarray, np.dtype,
+                                             type(np.dtype(np.uint32))])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def safe_load(path: str | Path):
+    """torch.load(weights_only=True); pickled code -> UnsafeCheckpoint, a damaged file -> DamagedCheckpoint."""
+    import warnings
+
+    path = Path(path)
+    try:
+        with _numpy_safe_globals(), warnings.catch_warnings():
+            # a plain pickle.dump (protocol 4) makes torch warn before it refuses: one line, not three
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            glob = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise UnsafeCheckpoint(f"refusing to load {path}: it holds pickled objects other than tensors"
+                                   f"{f' ({glob.group(1)})' if glob else ''}; a checkpoint must never run code")
+        raise DamagedCheckpoint(f"unreadable (truncated or damaged): {path} ({_first_line(exc)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
+        raise DamagedCheckpoint(f"unreadable (truncated or damaged): {path} ({_first_line(exc)})") from None
+
+
+def scan_torch_file(path: str | Path) -> None:
+    """Check a torch.save file without unpickling it: the same errors as safe_load.
+
+    torch.serialization.get_unsafe_globals_in_checkpoint reads only the pickle's opcodes
+    (nothing is built or run) and fails on a truncated archive (its directory is at the end).
+    A file in the legacy, non-zip format is checked by a weights_only load instead.
+    """
+    path = Path(path)
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except ValueError:  # not a zip archive: a legacy torch.save, or no torch file at all
+        safe_load(path)
+        return
+    except (RuntimeError, OSError, EOFError) as exc:
+        raise DamagedCheckpoint(f"unreadable (truncated or damaged): {path} ({_first_line(exc)})") from None
+    unsafe = [g for g in found if g not in _NUMPY_GLOBALS]
+    if unsafe:
+        raise UnsafeCheckpoint(f"refusing to load {path}: it holds pickled objects other than tensors "
+                               f"({', '.join(unsafe[:3])}); a checkpoint must never run code")
+
+
+def _check_file(path: Path) -> None:
+    from safetensors import safe_open
+
+    suffix = path.suffix
+    if suffix in (".pt", ".pth", ".bin"):
+        scan_torch_file(path)
+    elif suffix == ".safetensors":
+        try:
+            with safe_open(str(path), "pt") as fh:
+                fh.keys()
+        except Exception as exc:  # safetensors raises its own SafetensorError for a short file
+            raise DamagedCheckpoint(f"unreadable (truncated or damaged): {path} ({_first_line(exc)})") from None
+    elif suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
+            raise DamagedCheckpoint(f"unreadable (truncated or damaged): {path} ({_first_line(exc)})") from None
+
+
+# training_args.bin: the Trainer pickles its TrainingArguments there for the record and never
+# loads it on resume. accelerate/ (DeepSpeed's partitioned states) is read by DeepSpeed itself.
+_NOT_LOADED_ON_RESUME = {"training_args.bin"}
+_SKIPPED_DIRS = {"accelerate"}
+
+
+def _missing(ckpt: Path, files: list[Path]) -> str | None:
+    """The first state file a resume needs that `ckpt` lacks (this format, or the Trainer's)."""
+    names = {p.name for p in files}
+    if not any(p.suffix in (".safetensors", ".bin") or p.name == "model.safetensors.index.json" for p in files) \
+            and not (ckpt / "accelerate").is_dir():
+        return "model weights"
+    ours = (ckpt / "model").is_dir() or (ckpt / "accelerate").is_dir()
+    rng = "rng_state_0.pt" if ours else "rng_state.pth"
+    needed = [STATE_FILE, "scheduler.pt"] + ([] if (ckpt / "accelerate").is_dir() else ["optimizer.pt"])
+    for name in needed:
+        if name not in names:
+            return name
+    if not any(n.startswith("rng_state") for n in names):
+        return rng
+    return None
+
+
+def checkpoint_problem(ckpt: str | Path) -> str | None:
+    """None if every state file of `ckpt` reads; else what is damaged. Pickled code raises UnsafeCheckpoint."""
+    ckpt = Path(ckpt)
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name not in _NOT_LOADED_ON_RESUME
+                   and not _SKIPPED_DIRS & set(p.relative_to(ckpt).parts[:-1]))
+    missing = _missing(ckpt, files)
+    if missing:
+        return f"{missing} missing from {ckpt}"
+    for path in files:
+        try:
+            _check_file(path)
+        except DamagedCheckpoint as exc:
+            return str(exc)
+    return None
+
+
+def pick_resumable(candidates: list[Path], where: str | Path, move_aside: bool = True) -> Path:
+    """The newest of `candidates` (oldest first) whose files all read.
+
+    A damaged newer one is renamed `damaged-<name>` (so neither a later resume nor the
+    rotation of old checkpoints counts it) with a warning naming it. Of several processes
+    only one moves (`move_aside`); the others skip a checkpoint that has gone the same way.
+    """
+    damaged = []
+    for ckpt in reversed(candidates):
+        problem = checkpoint_problem(ckpt) if ckpt.is_dir() else "moved aside by another process"
+        if problem is None:
+            return ckpt
+        damaged.append(ckpt.name)
+        if not move_aside:
+            continue
+        aside = ckpt.with_name(f"damaged-{ckpt.name}")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(ckpt, aside)
+        print(f"warning: checkpoint {ckpt} is damaged ({problem}); moved aside to {aside}, "
+              "falling back to the previous one", file=sys.stderr)
+    raise UserError(f"no usable checkpoint under {where}: "
+                    f"{'damaged: ' + ', '.join(damaged) if damaged else 'none found'}")
+
+
+def check_resumable(ckpt: Path) -> Path:
+    """A checkpoint named by the user: every file must read (no fallback to another)."""
+    problem = checkpoint_problem(ckpt)
+    if problem is not None:
+        raise DamagedCheckpoint(f"cannot resume from {ckpt}: {problem}")
+    return ckpt
+
+
+def _remove(ckpt: Path) -> None:
+    """Delete a checkpoint so that a kill never leaves part of it under its own name.
+
+    rmtree deletes file by file: killed half-way (measured: benchmarks/bench_reliability.py,
+    one of 4 kill -9s) it left a step-N with trainer_state.json but no weights. Renamed
+    first, a leftover is a hidden `.step-N.deleting` that the next save removes.
+    """
+    trash = ckpt.with_name(f".{ckpt.name}.deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(ckpt, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_state(ckpt: str | Path) -> dict:
     ckpt = Path(ckpt)
     if not (ckpt / STATE_FILE).is_file():
         raise UserError(f"not a complete training checkpoint (no {STATE_FILE}): {ckpt}")
-    return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise DamagedCheckpoint(f"unreadable (truncated or damaged): {ckpt / STATE_FILE} ({_first_line(exc)})") from None
 
 
 def load_optimizer_and_scheduler(accelerator, ckpt: str | Path, optimizer, scheduler) -> None:
@@ -121,13 +321,60 @@ def load_optimizer_and_scheduler(accelerator, ckpt: str | Path, optimizer, sched
     if _is_deepspeed(accelerator):
         accelerator.load_state(str(ckpt / "accelerate"))
     else:
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=False))
+        optimizer.load_state_dict(safe_load(ckpt / "optimizer.pt"))
+    scheduler.load_state_dict(safe_load(ckpt / "scheduler.pt"))
 
 
 def load_rng(accelerator, ckpt: str | Path) -> None:
     path = Path(ckpt) / f"rng_state_{accelerator.process_index}.pt"
     if not path.is_file():
         raise UserError(f"checkpoint {ckpt} has no random state for rank {accelerator.process_index}")
-    # numpy/python states are plain tuples; the file is our own, written by save_checkpoint
-    set_rng_state(torch.load(path, weights_only=False))
+    set_rng_state(safe_load(path))
+
+
+# --- a fresh run next to an earlier one -------------------------------------------------------
+
+# Checkpoint directories either trainer writes (and their leftovers): this format's step-N and
+# .step-N.tmp, the Trainer's checkpoint-N and tmp-checkpoint-N, and both moved aside as damaged.
+_RUN_CHECKPOINT = re.compile(r"^(damaged-)?(step-\d+|checkpoint-\d+)$|^\.step-\d+\.(tmp|deleting)$|^tmp-checkpoint-\d+$")
+
+
+def run_checkpoints(root: str | Path) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and _RUN_CHECKPOINT.match(p.name))
+
+
+def start_fresh(out_dir: str | Path, ckpt_root: str | Path, overwrite: bool, continue_flag: str,
+                own_outputs: tuple[str, ...] = ()) -> None:
+    """Before a fresh (not resumed) run: refuse to mix with an earlier run's checkpoints.
+
+    With `overwrite` (--overwrite_output_dir True, as Hugging Face's flag) the earlier run's
+    checkpoints and the outputs named in `own_outputs` (globs under `out_dir`; a directory
+    only when this project wrote it) are removed; nothing else in the directories is touched.
+    """
+    from .chat_model import check_replaceable
+
+    out_dir, ckpt_root = Path(out_dir), Path(ckpt_root)
+    found = run_checkpoints(ckpt_root)
+    if found and not overwrite:
+        raise UserError(f"{ckpt_root} already holds checkpoints of an earlier run ({found[-1].name}): continue it "
+                        f"with {continue_flag}, start over with --overwrite_output_dir True, or choose another "
+                        "--output_dir")
+    if not overwrite:
+        return
+    outputs = [p for pattern in own_outputs for p in sorted(out_dir.glob(pattern))]
+    for p in outputs:
+        if p.is_dir() and not p.is_symlink():
+            check_replaceable(p)  # a directory the project did not write stays, with an error
+    for p in found:
+        shutil.rmtree(p)
+    for p in outputs:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    if found or outputs:
+        print(f"--overwrite_output_dir: removed {len(found)} checkpoint(s) and {len(outputs)} output(s) "
+              f"of an earlier run from {out_dir}", file=sys.stderr)

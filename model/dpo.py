@@ -16,18 +16,22 @@ to `<output_dir>/dpo_log.csv`.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
 
 from utils.cli import UserError
 
-from .chat_model import check_vocab, load_model, load_tokenizer, save_model
+from .chat_model import check_replaceable, check_vocab, load_model, load_tokenizer, save_model
 from .dpo_trainer import (CsvLogCallback, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
                           preference_metrics, score_pairs)
+from .hf_seq2seq import complete_checkpoints
 from .tokenizer import tokenizer_dir_for
 
 ADAPTER_CONFIG = "adapter_config.json"
+# what `train` writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
+OWN_OUTPUTS = ("best", "dpo_log.csv", "train_summary.json")
 
 
 def _check_config(cfg) -> None:
@@ -80,19 +84,21 @@ def lora_config(cfg):
 
 
 def _resume_path(cfg, checkpoints: Path) -> str | None:
-    if not cfg.resume_from_checkpoint:
-        return None
-    if cfg.resume_from_checkpoint == "last":
-        from transformers.trainer_utils import get_last_checkpoint
+    """The checkpoint to resume (checked, never unpickled: model.hf_seq2seq.resolve_checkpoint);
+    a fresh run refuses to mix with an earlier run's checkpoints unless told to overwrite."""
+    from .checkpoint import start_fresh
+    from .hf_seq2seq import resolve_checkpoint
 
-        last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-        if last is None:
-            raise UserError(f"--resume_from_checkpoint last: no checkpoint under {checkpoints}")
-        return last
-    path = Path(cfg.resume_from_checkpoint)
-    if not path.is_dir():
-        raise UserError(f"checkpoint directory not found: {path}")
-    return str(path)
+    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
+        raise UserError("--resume_from_checkpoint continues a run, --overwrite_output_dir True starts over: "
+                        "choose one")
+    if cfg.resume_from_checkpoint == "last" and not complete_checkpoints(checkpoints):
+        raise UserError(f"--resume_from_checkpoint last: no checkpoint under {checkpoints}")
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, checkpoints)
+    if resume is None and os.environ.get("RANK", "0") == "0":
+        start_fresh(checkpoints.parent, checkpoints, cfg.overwrite_output_dir, "--resume_from_checkpoint last",
+                    OWN_OUTPUTS)
+    return resume
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -131,6 +137,9 @@ def train(cfg) -> Path:
     elif cfg.dpo_eval_file:
         print(f"note: no eval file at {cfg.dpo_eval_file}; training without evaluation")
     _require_sft(cfg)
+    checkpoints = out / "checkpoints"
+    check_replaceable(out / "best")  # now, not after training
+    resume = _resume_path(cfg, checkpoints)
     tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))
     policy = load_model(cfg.sft_model_file)
     check_vocab(tokenizer, policy.config, cfg.sft_model_file)
@@ -145,8 +154,6 @@ def train(cfg) -> Path:
     else:
         ref_model = load_model(cfg.sft_model_file)
 
-    checkpoints = out / "checkpoints"
-    resume = _resume_path(cfg, checkpoints)
     has_eval = bool(eval_rows)
     args = TrainingArguments(
         output_dir=str(checkpoints),
@@ -205,6 +212,7 @@ def merge(cfg) -> Path:
     if not is_adapter_dir(adapter_dir):
         raise UserError(f"not a LoRA adapter directory (no {ADAPTER_CONFIG}): {adapter_dir}")
     _require_sft(cfg)
+    check_replaceable(cfg.merged_output_dir)  # before the merge: a user's directory is never replaced
     model = load_adapter_model(adapter_dir, cfg.sft_model_file)
     merged = model.merge_and_unload()
     tokenizer = load_tokenizer(tokenizer_dir_for(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -41,6 +42,8 @@ from .trainer import OPTIMIZERS, adafactor_kwargs
 CHECKPOINT_PREFIX = "checkpoint-"
 PRECISIONS = ("no", "fp16", "bf16")
 SUMMARY_FILE = "train_summary.json"
+# what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
+OWN_OUTPUTS = ("best", SUMMARY_FILE, "runs/events.out.tfevents.*")
 
 
 @dataclass
@@ -68,6 +71,8 @@ class Seq2SeqJob:
     group_by_length: bool = False
     eval_max_samples: int = -1
     resume_from_checkpoint: str = ""  # "" | "last" | a checkpoint dir
+    checkpoints_dir: str = ""  # where checkpoints are written; "" = <output_dir>/checkpoints
+    overwrite_output_dir: bool = False  # a fresh run: remove an earlier run's checkpoints and outputs
     allow_json: bool = False
     model_config_file: str = ""  # pretraining: build a fresh model from this config
     init_model_dir: str = ""  # fine-tuning: load this model (strictly)
@@ -77,7 +82,7 @@ class Seq2SeqJob:
         # Relative paths from the command line mean the current directory; made absolute
         # once so that messages and train_summary.json name the files unambiguously.
         for name in ("output_dir", "tokenizer_dir", "train_file", "eval_file", "model_config_file",
-                     "init_model_dir"):
+                     "init_model_dir", "checkpoints_dir"):
             if getattr(self, name):
                 setattr(self, name, str(Path(getattr(self, name)).expanduser().resolve()))
         if self.resume_from_checkpoint not in ("", "last"):
@@ -89,13 +94,16 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
 
     TrainConfig describes a OneCycle schedule that peaks at learn_rate * div_factor; the
     Trainer's linear warm-up/decay schedule is given the same peak so both trainers train
-    the same model at comparable rates. is_keep_training resumes from train_state_dir when
-    that is set, else from the newest checkpoint under <output_dir>/checkpoints.
+    the same model at comparable rates. train_state_dir, as for train.py, is where the
+    checkpoints are written and is_keep_training reads them back (a checkpoint dir there:
+    resume from it); without it, <output_dir>/checkpoints.
     """
-    resume = ""
-    if cfg.is_keep_training:
-        resume = cfg.train_state_dir or "last"
-    return Seq2SeqJob(
+    from .checkpoint import is_checkpoint_dir
+
+    state_dir = cfg.train_state_dir
+    named = bool(state_dir) and (is_checkpoint_dir(state_dir) or Path(state_dir).name.startswith(CHECKPOINT_PREFIX))
+    resume = (state_dir if named else "last") if cfg.is_keep_training else ""
+    return Seq2SeqJob(checkpoints_dir="" if named else state_dir,
         stage="pretrain", output_dir=cfg.output_dir, tokenizer_dir=cfg.tokenizer_dir,
         train_file=cfg.train_file, eval_file=cfg.validation_file, max_seq_len=cfg.max_seq_len,
         batch_size=cfg.batch_size_per_gpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -104,7 +112,7 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
         save_steps=cfg.save_steps, save_total_limit=cfg.keep_latest_n_ckp, seed=cfg.seed,
         mixed_precision=cfg.mixed_precision, optimizer=cfg.optimizer, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=resume,
-        model_config_file=cfg.model_config_file)
+        overwrite_output_dir=cfg.overwrite_output_dir, model_config_file=cfg.model_config_file)
 
 
 def job_from_sft_config(cfg) -> Seq2SeqJob:
@@ -121,7 +129,8 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
         save_total_limit=cfg.save_total_limit, seed=cfg.seed, mixed_precision=cfg.mixed_precision,
         optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
-        allow_json=True, init_model_dir=start, per_sample_loss=cfg.per_sample_loss,
+        overwrite_output_dir=cfg.overwrite_output_dir, allow_json=True, init_model_dir=start,
+        per_sample_loss=cfg.per_sample_loss,
         # no model to start from: a fresh one (the "from random initialisation" baseline)
         model_config_file=cfg.model_config_file if not start or is_given(cfg, "model_config_file") else "")
 
@@ -179,21 +188,27 @@ def resolve_checkpoint(spec: str, checkpoints_dir: Path) -> str | None:
 
     A checkpoint is complete once trainer_state.json exists: the Trainer writes it after
     the weights, optimiser and RNG states, so a kill during a save leaves a directory
-    without it, which is skipped here and the previous checkpoint is used instead.
+    without it, which is skipped here and the previous checkpoint is used instead. One whose
+    files do not read (truncated) is moved aside for the previous one, with a warning.
     """
     if not spec:
         return None
+    from .checkpoint import check_resumable, pick_resumable
+
+    # The Trainer loads its states with weights_only=True (transformers 5), but a planted
+    # pickle would end in its traceback and a truncated file in another: every file is
+    # checked first (model.checkpoint.checkpoint_problem), without unpickling anything.
     if spec == "last":
         found = complete_checkpoints(checkpoints_dir)
         if not found:
             raise UserError(f"no complete checkpoint to resume from in {checkpoints_dir}")
-        return str(found[-1])
+        return str(pick_resumable(found, checkpoints_dir, move_aside=os.environ.get("RANK", "0") == "0"))
     path = Path(spec)
     if not path.is_dir():
         raise UserError(f"checkpoint to resume from not found: {path}")
     if not (path / "trainer_state.json").is_file():
         raise UserError(f"not a complete Trainer checkpoint (no trainer_state.json): {path}")
-    return str(path)
+    return str(check_resumable(path))
 
 
 def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -425,13 +440,19 @@ def run(job: Seq2SeqJob) -> dict:
     wall_start = time.perf_counter()
     check_job(job)
     out = Path(job.output_dir)
-    ckpt_dir = out / "checkpoints"
+    ckpt_dir = Path(job.checkpoints_dir) if job.checkpoints_dir else out / "checkpoints"
+    continue_flag = '--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'
+    if job.resume_from_checkpoint and job.overwrite_output_dir:
+        raise UserError(f"{continue_flag.split()[0]} continues a run, --overwrite_output_dir True starts over: "
+                        "choose one")
+    from .chat_model import check_replaceable
+    from .checkpoint import start_fresh
+
+    check_replaceable(out / "best")  # now, not after training
     resume = resolve_checkpoint(job.resume_from_checkpoint, ckpt_dir)
-    if resume is None and complete_checkpoints(ckpt_dir):
+    if resume is None and os.environ.get("RANK", "0") == "0":
         # A fresh run would mix its checkpoints with these and rotate them away.
-        raise UserError(f"{ckpt_dir} already holds checkpoints of an earlier run: continue it with "
-                        f"{'--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'},"
-                        " or choose another --output_dir")
+        start_fresh(out, ckpt_dir, job.overwrite_output_dir, continue_flag, OWN_OUTPUTS)
 
     import torch
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, set_seed
@@ -559,5 +580,6 @@ def _print_summary(s: dict, out: Path) -> None:
     print(f"  final train loss {_fmt(s['final_train_loss'])}, eval loss {_fmt(s['final_eval_loss'])}"
           f", BLEU-4 {_fmt(s['eval_bleu4'])}")
     print(f"  model ({which}) -> {s['model_dir']}")
-    print(f"  checkpoints -> {out / 'checkpoints'}, tensorboard -> {out / 'runs'}, summary -> {out / SUMMARY_FILE}")
+    print(f"  checkpoints -> {s['job']['checkpoints_dir'] or out / 'checkpoints'}, tensorboard -> {out / 'runs'}, "
+          f"summary -> {out / SUMMARY_FILE}")
     print(f"  total wall time {s['wall_seconds']:.1f} s")

@@ -21,6 +21,7 @@ settings added spaces around punctuation and needed a clean-up helper afterwards
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -234,6 +235,9 @@ def save_tokenizer(tokenizer, output_dir: str | Path) -> Path:
     out = Path(output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    write_tokenizer_files(tokenizer, tmp)
-    replace_dir(tmp, out)
+    try:
+        write_tokenizer_files(tokenizer, tmp)
+        replace_dir(tmp, out)  # refuses to replace a directory the project did not write
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

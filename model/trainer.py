@@ -49,6 +49,8 @@ EVAL_CSV = "eval.csv"
 LOSS_FIELDS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
 EVAL_FIELDS = ["step", "epoch", "valid_loss", "bleu4", "n_samples"]
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
+OWN_OUTPUTS = (LOSS_CSV, EVAL_CSV, "train.log", "train-rank*.log", "loss_curve.png", "train_summary.json", "best")
 OPTIMIZERS = ("adafactor", "adafactor_scaled", "adamw")
 
 
@@ -165,7 +167,12 @@ class ChatTrainer:
         self.cfg = cfg
         self.callbacks = list(callbacks or [])
         self.out = Path(cfg.output_dir)
-        self.ckpt_root = self.out / "checkpoints"
+        # train_state_dir, as in the original, is where the training state is written and read
+        # back; naming one checkpoint (step-N) resumes from it and writes under <output_dir>
+        state_dir = Path(cfg.train_state_dir) if cfg.train_state_dir else None
+        self.explicit_resume = state_dir if state_dir is not None and ckpt_io.is_checkpoint_dir(state_dir) else None
+        self.ckpt_root = state_dir if state_dir is not None and self.explicit_resume is None \
+            else self.out / "checkpoints"
 
     # ----------------------------------------------------------------------------- setup
     def _accelerator(self):
@@ -201,19 +208,35 @@ class ChatTrainer:
         check_vocab(tokenizer, model_config, "--tokenizer_dir vs the model")
 
     def _resume_dir(self) -> Path:
-        if self.cfg.train_state_dir:
-            d = Path(self.cfg.train_state_dir)
-            ckpt_io.read_state(d)  # a clear error if it is not a checkpoint
-            return d
-        d = ckpt_io.latest_checkpoint(self.ckpt_root)
-        if d is None:
-            raise UserError(f"--is_keep_training: no checkpoint under {self.ckpt_root} (and no --train_state_dir)")
-        return d
+        """The checkpoint to resume: the one named, else the newest readable one under ckpt_root."""
+        if self.explicit_resume is not None:
+            ckpt_io.read_state(self.explicit_resume)  # a clear error if it is not a complete checkpoint
+            return ckpt_io.check_resumable(self.explicit_resume)
+        found = ckpt_io.list_checkpoints(self.ckpt_root)
+        if not found:
+            raise UserError(f"--is_keep_training: no checkpoint under {self.ckpt_root}")
+        return ckpt_io.pick_resumable(found, self.ckpt_root, move_aside=os.environ.get("RANK", "0") == "0")
+
+    def _start(self) -> Path | None:
+        """Resume (is_keep_training) or start fresh without mixing with an earlier run's files."""
+        cfg = self.cfg
+        if cfg.is_keep_training and cfg.overwrite_output_dir:
+            raise UserError("--is_keep_training True continues a run, --overwrite_output_dir True starts over: "
+                            "choose one")
+        from .chat_model import check_replaceable
+
+        check_replaceable(self.out / "best")  # now, not after the first epoch
+        if cfg.is_keep_training:
+            return self._resume_dir()
+        if os.environ.get("RANK", "0") == "0":  # one rank checks and clears; the others write nothing yet
+            ckpt_io.start_fresh(self.out, self.ckpt_root, cfg.overwrite_output_dir, "--is_keep_training True",
+                                OWN_OUTPUTS)
+        return None
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> dict:
         cfg = self.cfg
-        resume = self._resume_dir() if cfg.is_keep_training else None
+        resume = self._start()
         # a fine-tuned model keeps the tokenizer of the model it started from
         tokenizer = load_tokenizer(tokenizer_dir_for(cfg.finetune_from_ckp_file if cfg.is_finetune else None, cfg))
         # --model_config_file describes a fresh model, or a .bin state dict when given
@@ -282,7 +305,9 @@ class ChatTrainer:
                      state["epoch"], state["batch_in_epoch"])
         if accelerator.is_main_process:
             self._trim_csv(self.out / LOSS_CSV, LOSS_FIELDS, state["global_step"] if resume else 0)
-            self._trim_csv(self.out / EVAL_CSV, EVAL_FIELDS, state["global_step"] if resume else 0)
+            # evaluations up to the checkpoint's last one: a run killed after an evaluation but
+            # before the checkpoint that follows it must not keep that row, or it is logged twice
+            self._trim_csv(self.out / EVAL_CSV, EVAL_FIELDS, max(state["last_eval_step"], 0) if resume else 0)
         if resume is not None:
             ckpt_io.load_rng(accelerator, resume)  # last: nothing may draw random numbers after this
 

@@ -178,7 +178,7 @@ def test_sft_from_a_model_dir_on_json_lowers_the_loss(tiny_model_dir, tokenizer_
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     # the Trainer really used the RMS-scaled Adafactor (HF's own "adafactor" turns scaling off)
     import torch
-    opt_state = torch.load(out / "checkpoints" / "checkpoint-12" / "optimizer.pt", weights_only=False)
+    opt_state = torch.load(out / "checkpoints" / "checkpoint-12" / "optimizer.pt", weights_only=True)
     assert all(g["scale_parameter"] and not g["relative_step"] for g in opt_state["param_groups"])
     assert summary["stage"] == "sft" and summary["steps"] == 12 and summary["model_dir"] == str(out / "best")
     tokenizer = load_tokenizer(tokenizer_dir)

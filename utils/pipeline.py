@@ -7,7 +7,9 @@
 
 Each stage runs the project's own script with its documented flags, as a separate process,
 exactly as a user would type it (no second implementation here): this module only orders
-them, skips what is finished, times them, and writes `model_save/report/report.md`.
+them, skips what is finished, times them, and writes `model_save/report/report.md`. A
+redone training stage passes `--overwrite_output_dir True`, so it never mixes with an earlier
+run and removes only that run's checkpoints and outputs (nothing else in the directory).
 A stage's output goes to `model_save/quickstart/logs/<stage>.log`; a failure names the
 stage and prints the command that reruns it.
 """
@@ -16,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -42,7 +43,6 @@ class Stage:
     title: str
     argv: list[str]  # the command, as a user would type it (python = this interpreter)
     outputs: list[Path] = field(default_factory=list)  # all must exist for the stage to count as done
-    fresh_dir: Path | None = None  # emptied before the stage runs: a redo never mixes with an earlier run
 
 
 def _sizes(small: bool) -> dict:
@@ -96,8 +96,9 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      "--warmup_steps", max(1, s["pre_steps"] // 20), "--optimizer", "adafactor_scaled",
                      "--mixed_precision", "no", "--max_seq_len", s["seq"], "--logging_steps", 20,
                      "--save_steps", max(10, s["pre_steps"] // 2), "--keep_latest_n_ckp", 1,
-                     "--eval_max_samples", s["eval_rows"], "--group_by_length", True),
-              [pre / "best" / "model.safetensors"], fresh_dir=pre),
+                     "--eval_max_samples", s["eval_rows"], "--group_by_length", True,
+                     "--overwrite_output_dir", True),
+              [pre / "best" / "model.safetensors"]),
         Stage("bleu_pretrain", "BLEU-4 of the pretrained model (train.py test)",
               script("train.py", "test", "--test_model_dir", pre / "best", "--tokenizer_dir", tok,
                      "--test_file", data / "pretrain_test.parquet", "--output_dir", pre,
@@ -113,8 +114,8 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      max(1, s["sft_steps"] // 20), "--max_seq_len", s["seq"], "--logging_steps", 20,
                      "--save_steps", max(10, s["sft_steps"] // 2), "--mixed_precision", "no",
                      "--eval_max_samples", s["eval_rows"], "--per_sample_loss", True,
-                     "--optimizer", "adafactor_scaled", "--group_by_length", True),
-              [sft / "best" / "model.safetensors"], fresh_dir=sft),
+                     "--optimizer", "adafactor_scaled", "--group_by_length", True, "--overwrite_output_dir", True),
+              [sft / "best" / "model.safetensors"]),
         evaluate("sft_sentiment", sft / "best", data / "sentiment_test.parquet", "sentiment"),
         evaluate("sft_entity", sft / "best", data / "entity_test.parquet", "entity"),
         Stage("dpo_data", "preference pairs, rejected = the SFT model's answers",
@@ -137,8 +138,8 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      "--per_device_train_batch_size", 8, "--gradient_accumulation_steps", 1,
                      "--learning_rate", 2e-4, "--warmup_steps", max(1, s["dpo_steps"] // 10),
                      "--max_seq_len", s["seq"], "--logging_steps", 10, "--save_steps", s["dpo_steps"],
-                     "--mixed_precision", "no"),
-              [dpo / "best" / "adapter_config.json"], fresh_dir=dpo),
+                     "--mixed_precision", "no", "--overwrite_output_dir", True),
+              [dpo / "best" / "adapter_config.json"]),
         Stage("merge", "merge the LoRA adapter into the model (dpo_train.py merge)",
               script("dpo_train.py", "merge", "--sft_model_file", sft / "best", "--tokenizer_dir", sft / "best",
                      "--adapter_dir", dpo / "best", "--merged_output_dir", final, "--output_dir", dpo),
@@ -198,8 +199,6 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
                           f"{state[st.name]['wall_s']:.0f} s; skipped)[/dim]")
             continue
         command = f"cd {shlex.quote(str(PROJECT_ROOT))} && {shlex.join(st.argv)}"
-        if st.fresh_dir is not None and st.fresh_dir.exists():
-            shutil.rmtree(st.fresh_dir)
         log_path = log_dir / f"{st.name}.log"
         start = time.time()
         with console.status(f"[bold]{st.name}[/bold]: {st.title} … (log: {log_path})"), \
