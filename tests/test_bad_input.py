@@ -104,3 +104,136 @@ def test_dpo_and_eval_readers_reject_invalid_utf8(tmp_path):
     assert [(m.position, m.reason.split(":")[0]) for m in report.malformed] == [("line 2", "not UTF-8")]
     with pytest.raises(UserError, match=r"pred\.jsonl line 2: not UTF-8: byte 0xc4 at byte offset"):
         list(iter_json_lines(_bytes_file(tmp_path / "pred.jsonl", _line(GOOD), GBK_ROW), "predictions"))
+
+
+# ------------------------------------------------------------------ impossible settings
+
+def _bad_values(rule) -> list[str]:
+    """Values just outside what `rule.text` says is valid (and NaN / infinity for numbers)."""
+    import re
+
+    text = rule.text
+    if m := re.match(r"-1 \(.*\) or an integer >= (\d+)", text):
+        return ["0", "-2"] if m.group(1) == "1" else [str(int(m.group(1)) - 1)]
+    if m := re.match(r"an integer >= (-?\d+)", text):
+        return [str(int(m.group(1)) - 1)]
+    if m := re.match(r"an integer in \[(\d+), (\d+)\]", text):
+        return [str(int(m.group(1)) - 1), str(int(m.group(2)) + 1)]
+    if text == "a finite number > 0":
+        return ["0", "-1e-5", "nan", "inf"]
+    if m := re.match(r"a number in ([\[(])0, 1([\])])", text):
+        return ["-0.1", "1.5", "nan"] + (["0"] if m.group(1) == "(" else []) + (["1"] if m.group(2) == ")" else [])
+    return ["bogus"]  # one of a list of names
+
+
+def _cases():
+    import config
+    from utils.settings import Settings
+
+    for cls in vars(config).values():
+        if isinstance(cls, type) and issubclass(cls, Settings) and cls is not Settings:
+            for name, rule in cls.rules.items():
+                for bad in _bad_values(rule):
+                    yield pytest.param(cls, name, bad, id=f"{cls.__name__}.{name}={bad}")
+
+
+@pytest.mark.parametrize("cls, name, bad", list(_cases()))
+def test_every_setting_out_of_range_is_one_line_error(cls, name, bad):
+    from utils.cli import parse_config
+
+    with pytest.raises(UserError) as exc:
+        parse_config(cls, [f"--{name}={bad}"])
+    message = str(exc.value)
+    assert message.startswith(f"--{name} must be ") and ", got " in message and "\n" not in message
+
+
+def test_every_numeric_or_choice_setting_has_a_rule():
+    import dataclasses
+
+    import config
+    from utils.settings import Settings
+
+    classes = [c for c in vars(config).values() if isinstance(c, type) and issubclass(c, Settings) and c is not Settings]
+    assert len(classes) == 7
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            if f.type in (int, float):
+                assert f.name in cls.rules, f"{cls.__name__}.{f.name} has no valid range in config.py"
+    for cls, choices in ((config.TrainConfig, ("mixed_precision", "optimizer", "streaming")),
+                         (config.DataProcessConfig, ("input_format", "response_overflow")),
+                         (config.InferConfig, ("device", "search_type", "mixed_precision", "log_level")),
+                         (config.DpoDataConfig, ("device", "search_type"))):
+        assert set(choices) <= cls.rules.keys()
+
+
+def test_range_boundaries_sentinels_and_cross_checks():
+    from dataclasses import replace
+
+    from config import DataProcessConfig, DpoConfig, InferConfig, SFTconfig, TrainConfig
+    from model.modeling_chat_model import SEARCH_TYPES
+
+    # the smallest valid values and the documented sentinels are accepted
+    DataProcessConfig(ngram=1, num_perm=2, bins=1, num_workers=0, max_rows=-1, min_prompt_len=0,
+                      train_ratio=1.0, valid_ratio=0.0, test_ratio=0.0)
+    TrainConfig(max_steps=-1, eval_max_samples=-1, warmup_steps=0, seed=0, learn_rate=1e-12)
+    SFTconfig(save_total_limit=0, max_steps=1)
+    DpoConfig(lora_r=1, lora_dropout=0.0, max_eval_pairs=-1, optim="adamw_torch")
+    InferConfig(device="cuda:1", port=65535)
+    # programmatic construction and dataclasses.replace are checked too
+    with pytest.raises(UserError, match=r"^--lora_r must be an integer >= 1, got 0$"):
+        replace(DpoConfig(), lora_r=0)
+    with pytest.raises(UserError, match=r"must add up to 1, got 0\.8 \+ 0\.0025 \+ 0\.0875 = 0\.89$"):
+        DataProcessConfig(train_ratio=0.8)
+    with pytest.raises(UserError, match=r"--min_response_len \(9\) must not exceed --max_response_len \(8\)"):
+        DataProcessConfig(min_response_len=9, max_response_len=8)
+    with pytest.raises(UserError, match=r"--demo_valid_ratio \+ --demo_test_ratio must be < 1"):
+        DataProcessConfig(demo_valid_ratio=0.5, demo_test_ratio=0.5)
+    DpoConfig(lora_target_modules="q, v,wo")
+    with pytest.raises(UserError, match=r"--lora_target_modules must be a comma-separated list of one or more of: q, "):
+        DpoConfig(lora_target_modules=" , ")
+    with pytest.raises(UserError, match=r"--epochs must be an integer >= 1, got True"):
+        TrainConfig(epochs=True)  # a bool is not a count
+    import config
+    assert config.SEARCH_TYPES == SEARCH_TYPES  # the model file ships its own copy
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dedup", "--ngram", "0"], "--ngram must be an integer >= 1, got 0"),
+    (["dedup", "--ngram", "-3"], "--ngram must be an integer >= 1, got -3"),
+    (["dedup", "--num_perm", "0"], "--num_perm must be an integer >= 2, got 0"),
+    (["dedup", "--num_perm", "8"], "--num_perm 8 is too few for --dedup_threshold 0.85"),
+    (["stats", "--bins", "0"], "--bins must be an integer >= 1, got 0"),
+    (["split", "--train_ratio", "2"], "--train_ratio must be a number in [0, 1], got 2.0"),
+    (["clean", "--response_overflow", "wrap"], "--response_overflow must be one of: cut, drop, got 'wrap'"),
+])
+def test_data_pipeline_refuses_impossible_settings_and_writes_nothing(tmp_path, capsys, argv, message):
+    from utils.parquet_io import write_pairs
+    from utils.raw_data_process import main
+
+    src = write_pairs(tmp_path / "in.parquet", [(f"第{i}个问题是什么", f"这是第{i}个不同的回答。") for i in range(16)]).path
+    out = tmp_path / ("lengths.png" if argv[0] == "stats" else "out.parquet")
+    line = one_line_error(capsys, main, argv + ["--input", str(src), "--output", str(out),
+                                                "--output_dir", str(tmp_path / "split")])
+    assert line == f"error: {message}" or line.startswith(f"error: {message} (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet"]
+
+
+def test_training_scripts_refuse_impossible_settings(tmp_path, capsys, monkeypatch):
+    import dpo_train
+    import sft_train
+    from utils import dpo_data_process
+
+    line = one_line_error(capsys, sft_train.main, ["--learning_rate", "nan", "--output_dir", str(tmp_path / "sft")])
+    assert line == "error: --learning_rate must be a finite number > 0, got nan"
+    line = one_line_error(capsys, dpo_data_process.main, ["--eval_ratio", "2", "--train_file", str(tmp_path / "d.json")])
+    assert line == "error: --eval_ratio must be a number in [0, 1), got 2.0"
+    monkeypatch.setattr(sys, "argv", ["dpo_train.py", "train", "--use_lora", "True", "--lora_r", "0",
+                                      "--output_dir", str(tmp_path / "dpo")])
+    line = one_line_error(capsys, lambda argv: dpo_train.main(), None)
+    assert line == "error: --lora_r must be an integer >= 1, got 0"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_setting_through_a_real_process():
+    proc = run_script("-m", "utils.raw_data_process", "dedup", "--ngram", "0", "--input", "x.parquet", "--output", "y")
+    assert assert_one_line(proc) == "error: --ngram must be an integer >= 1, got 0"

@@ -28,10 +28,11 @@ from typing import Callable, Iterator
 
 import ujson
 
+from config import INPUT_FORMATS
 from utils.cli import UserError
 from utils.text_files import HINT, first_char, iter_utf8_lines, read_utf8
 
-FORMATS = ("auto", "belle", "wiki", "web_text_zh", "baike_qa", "prompt_response")
+FORMATS = INPUT_FORMATS  # config.py: the one list
 
 # Questions the original asks about an encyclopedia title.
 WIKI_PROMPTS = ("{}是什么？", "介绍一下{}", "你知道{}吗？", "什么是{}？", "请介绍一下{}。",

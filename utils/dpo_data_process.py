@@ -347,12 +347,8 @@ def generate_rejected(rows: list[dict], cfg, report: Report,
     """Attach the SFT model's answer as `rejected` to each {'prompt', 'chosen'} row."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    from model.chat_model import SEARCH_TYPES, load_model, load_tokenizer
+    from model.chat_model import load_model, load_tokenizer
 
-    if cfg.search_type not in SEARCH_TYPES:
-        raise UserError(f"--search_type must be one of {', '.join(SEARCH_TYPES)}, got {cfg.search_type!r}")
-    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise UserError("--batch_size and --max_new_tokens must be at least 1")
     model_dir = Path(cfg.sft_model_dir)
     if not model_dir.is_dir():
         raise UserError(f"SFT model directory not found: {model_dir} (train one with sft_train.py)")
