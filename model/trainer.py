@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from config import MIXED_PRECISION, OPTIMIZERS  # noqa: F401 (the one list of each is in config.py)
 from utils.cli import UserError, require_file
 from utils.parquet_io import atomic_write_text
 

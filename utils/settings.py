@@ -1,11 +1,13 @@
 """Valid values of settings, checked whenever a config dataclass is made (command line or code).
 
-    class TrainConfig(Settings): ...                       # config.py
-    TrainConfig.rules = {"epochs": at_least(1), "mixed_precision": one_of("no", "fp16", "bf16")}
-    TrainConfig.checks = (lambda c: "" if ... else "what is wrong",)
+    @dataclass
+    class TrainConfig(Settings, rules={"epochs": at_least(1), "optimizer": one_of("adamw", "adafactor")},
+                      checks=(lambda c: "" if ... else "what is wrong",)):
+        epochs: int = 8
 
 A config dataclass that derives from `Settings` checks every field named in its `rules`,
-then each of its `checks` (settings that must agree with each other), in `__post_init__`:
+then each of its `checks` (settings that must agree with each other; each returns "" or
+what is wrong), in `__post_init__`:
 so `parse_config` (which builds the dataclass), `dataclasses.replace` and code that
 builds a config directly all get the same one-line UserError, e.g.
 `--ngram must be an integer >= 1, got 0`, before anything is read or trained. A NaN or
@@ -81,6 +83,10 @@ class Settings:
     """Base of the config dataclasses: checks `rules` and `checks` when an instance is made."""
     rules: ClassVar[dict[str, Rule]] = {}
     checks: ClassVar[tuple[Callable[[object], str], ...]] = ()
+
+    def __init_subclass__(cls, rules: dict[str, Rule] | None = None, checks=(), **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.rules, cls.checks = dict(rules or {}), tuple(checks)
 
     def __post_init__(self) -> None:
         for name, rule in type(self).rules.items():
