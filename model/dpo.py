@@ -200,6 +200,9 @@ def evaluate(cfg) -> dict:
     from utils.dpo_data_process import load_pairs
 
     policy_path = Path(cfg.model) if cfg.model else Path(cfg.output_dir) / "best"
+    if not policy_path.exists():  # the subject of the command: checked before its tokenizer, data or reference
+        raise UserError(f"policy model not found: {policy_path} (--model: a model directory or a LoRA adapter "
+                        f"directory; default <output_dir>/best)")
     if not cfg.dpo_eval_file:
         raise UserError("--dpo_eval_file is required for eval")
     rows = load_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
@@ -209,8 +212,6 @@ def evaluate(cfg) -> dict:
     if is_adapter_dir(policy_path):
         policy, reference = load_adapter_model(policy_path, cfg.sft_model_file).to(device).eval(), None
     else:
-        if not policy_path.exists():
-            raise UserError(f"policy model not found: {policy_path}")
         policy = load_model(policy_path).to(device).eval()
         if policy_path.resolve() == Path(cfg.sft_model_file).resolve():
             reference = policy

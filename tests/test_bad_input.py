@@ -238,3 +238,129 @@ def test_training_scripts_refuse_impossible_settings(tmp_path, capsys, monkeypat
 def test_bad_setting_through_a_real_process():
     proc = run_script("-m", "utils.raw_data_process", "dedup", "--ngram", "0", "--input", "x.parquet", "--output", "y")
     assert assert_one_line(proc) == "error: --ngram must be an integer >= 1, got 0"
+
+
+# ------------------------------------------------------------------ outputs that cannot be written
+
+def _script_main(name: str):
+    """`main` of a root script taking argv (the ones that read sys.argv get it set)."""
+    import importlib
+
+    module = importlib.import_module(name)
+
+    def main(argv):
+        old = sys.argv
+        sys.argv = [f"{name}.py", *argv]
+        try:
+            return module.main()
+        finally:
+            sys.argv = old
+    return main
+
+
+UNWRITABLE = [
+    ("utils.raw_data_process", ["clean", "--output", "{out}/x.parquet"], "--output"),
+    ("utils.raw_data_process", ["dedup", "--output", "{out}/x.parquet"], "--output"),
+    ("utils.raw_data_process", ["to_text", "--output", "{out}/x.txt"], "--output"),
+    ("utils.raw_data_process", ["stats", "--output", "{out}/x.png"], "--output"),
+    ("utils.raw_data_process", ["split", "--output_dir", "{out}/splits"], "--output_dir"),
+    ("train", ["train", "--output_dir", "{out}/pre"], "--output_dir"),
+    ("pre_train", ["--output_dir", "{out}/pre"], "--output_dir"),
+    ("sft_train", ["--output_dir", "{out}/sft"], "--output_dir"),
+    ("dpo_train", ["train", "--output_dir", "{out}/dpo"], "--output_dir"),
+    ("dpo_train", ["merge", "--merged_output_dir", "{out}/merged"], "--merged_output_dir"),
+    ("dpo_train", ["eval", "--eval_output_file", "{out}/e.json"], "--eval_output_file"),
+    ("utils.dpo_data_process", ["--train_file", "{out}/d.json"], "--train_file"),
+]
+
+
+@pytest.mark.parametrize("where", ["parent_is_a_file", "proc"])
+@pytest.mark.parametrize("module, argv, flag", UNWRITABLE, ids=[f"{m}-{a[0]}" for m, a, _ in UNWRITABLE])
+def test_unwritable_output_is_one_line_error(tmp_path, capsys, where, module, argv, flag):
+    from utils.parquet_io import write_pairs
+
+    if where == "proc" and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
+    src = write_pairs(tmp_path / "in.parquet", [("你好吗", "我很好，谢谢。")]).path
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a directory", encoding="utf-8")
+    out = blocker if where == "parent_is_a_file" else Path("/proc")
+    argv = [a.format(out=out) for a in argv]
+    main = (lambda a: __import__(module, fromlist=["main"]).main(a)) if module.startswith("utils.") else \
+        _script_main(module)
+    if module == "utils.raw_data_process":
+        argv += ["--input", str(src)]
+    line = one_line_error(capsys, main, argv)
+    expected_why = f"{blocker} is a file, not a directory" if where == "parent_is_a_file" else "cannot create files in /proc"
+    assert line.startswith(f"error: {flag} {out}/") and f"cannot be written: {expected_why}" in line
+    assert blocker.read_text(encoding="utf-8") == "a file, not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.parquet", "notes.txt"]
+
+
+# ------------------------------------------------------------------ damaged models
+
+def _damaged_copy(src: Path, dst: Path, name: str, damage) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    p = dst / name
+    damage(p)
+    return dst
+
+
+def _truncate(p: Path) -> None:
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+DAMAGE = {
+    "truncated_safetensors": ("model.safetensors", _truncate, "model.safetensors is damaged or truncated"),
+    "safetensors_header_only": ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:200]),
+                                "model.safetensors is damaged or truncated"),
+    "broken_config_json": ("config.json", lambda p: p.write_text('{"d_model": 64,', encoding="utf-8"),
+                           "model config file is not valid JSON: {dir}/config.json"),
+    "config_json_not_object": ("config.json", lambda p: p.write_text("[1, 2]", encoding="utf-8"),
+                               "model config file is not a JSON object of settings: {dir}/config.json"),
+    "broken_tokenizer_json": ("tokenizer.json", _truncate, "cannot read the tokenizer in {dir}"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("script", ["cli_demo", "api_demo"])
+def test_damaged_model_is_one_line_error(tiny_model_dir, tmp_path, capsys, script, damage):
+    name, fn, message = DAMAGE[damage]
+    model_dir = _damaged_copy(tiny_model_dir, tmp_path / "model", name, fn)
+    line = one_line_error(capsys, _script_main(script), ["--model_dir", str(model_dir), "--port", "1"])
+    assert message.format(dir=model_dir) in line
+
+
+def test_damaged_weight_files_given_directly(tiny_model_dir, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from model.chat_model import load_model
+
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    torch.save(load_file(str(tiny_model_dir / "model.safetensors")), legacy / "chat_small_t5.bin")
+    _truncate(legacy / "chat_small_t5.bin")
+    with pytest.raises(UserError, match=r"chat_small_t5\.bin is damaged or truncated \(.*\): save, copy or download"):
+        load_model(legacy / "chat_small_t5.bin")
+    (legacy / "model.safetensors").write_bytes((tiny_model_dir / "model.safetensors").read_bytes()[:-10])
+    with pytest.raises(UserError, match=r"model\.safetensors is damaged or truncated"):
+        load_model(legacy / "model.safetensors")
+
+
+def test_damaged_model_through_a_real_process(tiny_model_dir, tmp_path):
+    model_dir = _damaged_copy(tiny_model_dir, tmp_path / "model", "model.safetensors", _truncate)
+    proc = subprocess.run([sys.executable, str(ROOT / "cli_demo.py"), "--model_dir", str(model_dir)], input="exit\n",
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert assert_one_line(proc).startswith(f"error: {model_dir}/model.safetensors is damaged or truncated (")
+
+
+def test_dpo_eval_names_a_missing_model_first(tmp_path, capsys):
+    line = one_line_error(capsys, _script_main("dpo_train"),
+                          ["eval", "--model", str(tmp_path / "nonexistent"), "--dpo_eval_file", str(tmp_path / "e.json"),
+                           "--sft_model_file", str(tmp_path / "sft"), "--tokenizer_dir", str(tmp_path / "tok")])
+    assert line.startswith(f"error: policy model not found: {tmp_path / 'nonexistent'} (--model: a model directory")

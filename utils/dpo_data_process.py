@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from utils.cli import UserError, parse_config, run_cli
+from utils.cli import UserError, parse_config, require_writable, run_cli
 from utils.text_files import first_char, iter_utf8_lines, read_utf8
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
@@ -442,6 +442,8 @@ def build(cfg, generate: Callable[..., list[str]] = generate_answers) -> Report:
         raise UserError("--train_file and --eval_file must end in .json (a .parquet copy is written beside them)")
     if train_path.resolve() == eval_path.resolve():
         raise UserError("--train_file and --eval_file must differ")
+    for flag, path in (("--train_file", train_path), ("--eval_file", eval_path)):
+        require_writable(path, flag)
     extra = [p.strip() for p in cfg.preference_files.split(",") if p.strip()]
     if not cfg.instruction_file and not extra:
         raise UserError("nothing to read: give --instruction_file and/or --preference_files")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from config import DATA_DIR, DataProcessConfig
-from utils.cli import UserError, parse_config, run_cli
+from utils.cli import UserError, parse_config, require_writable, run_cli
 from utils.data_readers import BadRows, read_pairs
 
 # utils.parquet_io (pyarrow, ~50 MB) is imported inside the commands: the worker processes
@@ -41,6 +41,10 @@ def _need(value: str, flag: str, command: str) -> Path:
     if not value:
         raise UserError(f"{command} needs --{flag}")
     return Path(value)
+
+
+def _output(cfg: DataProcessConfig, command: str) -> Path:
+    return require_writable(_need(cfg.output, "output", command), "--output")
 
 
 def _inputs(cfg: DataProcessConfig, command: str) -> tuple[Iterator[tuple[str, str]], BadRows, Path]:
@@ -99,7 +103,7 @@ def cmd_clean(cfg: DataProcessConfig) -> None:
     t0 = time.time()
     workers = _num_workers(cfg)
     pairs, bad, path = _inputs(cfg, "clean")
-    out = _need(cfg.output, "output", "clean")
+    out = _output(cfg, "clean")
     cleaner = PairCleaner(cfg.min_prompt_len, cfg.max_prompt_len, cfg.min_response_len,
                           cfg.max_response_len, cfg.response_overflow)
     counted = _Counted(pairs)
@@ -119,7 +123,7 @@ def cmd_dedup(cfg: DataProcessConfig) -> None:
     t0 = time.time()
     workers = _num_workers(cfg)
     pairs, bad, path = _inputs(cfg, "dedup")
-    out = _need(cfg.output, "output", "dedup")
+    out = _output(cfg, "dedup")
     # The scratch index goes beside the output by default: the same disk the user chose
     # for a file of about the input's size, where /tmp may be a small RAM disk.
     index_dir = Path(cfg.index_dir) if cfg.index_dir else out.absolute().parent
@@ -158,6 +162,7 @@ def cmd_split(cfg: DataProcessConfig) -> None:
         raise UserError(f"--split_names needs three comma-separated names, got {cfg.split_names!r}")
     pairs, bad, path = _inputs(cfg, "split")
     out_dir = Path(cfg.output_dir) if cfg.output_dir else DATA_DIR
+    require_writable(out_dir, "--output_dir", is_dir=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_buckets = max(1, math.ceil(path.stat().st_size / (cfg.shuffle_bucket_mb * 2**20)))
     rng = random.Random(cfg.seed)
@@ -211,7 +216,7 @@ def cmd_to_text(cfg: DataProcessConfig) -> None:
 
     t0 = time.time()
     pairs, bad, path = _inputs(cfg, "to_text")
-    out = _need(cfg.output, "output", "to_text")
+    out = _output(cfg, "to_text")
     counted = _Counted(pairs)
     with AtomicTextWriter(out) as tw:
         for prompt, response in counted:
@@ -233,7 +238,7 @@ def cmd_stats(cfg: DataProcessConfig) -> None:
     from utils.parquet_io import temp_path
 
     pairs, bad, path = _inputs(cfg, "stats")
-    out = _need(cfg.output, "output", "stats")
+    out = _output(cfg, "stats")
     plens, rlens = array("i"), array("i")  # 4 bytes a row: bounded well below the data itself
     counted = _Counted(pairs)
     for prompt, response in counted:
@@ -268,6 +273,7 @@ def cmd_demo(cfg: DataProcessConfig) -> None:
     from utils.embedded_corpus import DemoSettings, build_demo_corpus
 
     out = Path(cfg.output_dir) if cfg.output_dir else DATA_DIR / "demo"
+    require_writable(out, "--output_dir", is_dir=True)
     result = build_demo_corpus(DemoSettings(
         output_dir=out, max_rows=cfg.max_rows, seed=cfg.seed, valid_ratio=cfg.demo_valid_ratio,
         test_ratio=cfg.demo_test_ratio, threshold=cfg.dedup_threshold, num_perm=cfg.num_perm,
