@@ -101,9 +101,9 @@ _SFT_RULES = {
 _DPO_RULES = {
     "max_seq_len": _SEQ, "per_device_train_batch_size": _COUNT, "num_train_epochs": _COUNT, "max_steps": _LIMIT,
     "optim": TRANSFORMERS_OPTIM, "gradient_accumulation_steps": _COUNT, "learning_rate": positive(),
-    "logging_steps": _COUNT, "save_steps": _COUNT, "save_total_limit": at_least(0, " (0 = keep all)"), "warmup_steps": _STEPS,
-    "mixed_precision": one_of(*MIXED_PRECISION), "seed": SEED, "beta": positive(), "lora_r": _COUNT,
-    "lora_alpha": _COUNT, "lora_dropout": fraction(high_open=True),
+    "logging_steps": _COUNT, "save_steps": _COUNT, "save_total_limit": at_least(0, " (0 = keep all)"),
+    "warmup_steps": _STEPS, "mixed_precision": one_of(*MIXED_PRECISION), "seed": SEED, "beta": positive(),
+    "lora_r": _COUNT, "lora_alpha": _COUNT, "lora_dropout": fraction(high_open=True),
     "lora_target_modules": names_from(*T5_LINEAR_LAYERS), "eval_batch_size": _COUNT,
     "max_eval_pairs": unset_or_at_least(1, "all"),
 }

@@ -44,7 +44,8 @@ def load_model_config(config_file: str | Path, vocab_size: int | None = None) ->
     except (ValueError, json.JSONDecodeError) as exc:
         raise UserError(f"model config file is not valid JSON: {path} ({exc}); fix or replace it") from None
     except TypeError as exc:  # valid JSON that is not an object of settings
-        raise UserError(f"model config file is not a JSON object of settings: {path} ({exc}); fix or replace it") from None
+        raise UserError(f"model config file is not a JSON object of settings: {path} ({exc}); "
+                        "fix or replace it") from None
     if config.d_model != config.num_heads * config.d_kv:
         raise UserError(f"{path}: d_model ({config.d_model}) must equal num_heads * d_kv "
                         f"({config.num_heads} * {config.d_kv})")

@@ -17,7 +17,8 @@ from utils.cli import UserError, run_cli
 
 GOOD = {"prompt": "今天天气怎么样", "response": "今天是晴天，适合出门散步。"}
 # A row whose prompt holds GBK bytes (你好) in an otherwise UTF-8 JSON-lines file.
-GBK_ROW = b'{"prompt": "' + "你好".encode("gbk") + b'", "response": "' + "很好，谢谢你的关心。".encode() + b'"}\n'
+GBK_ROW = (b'{"prompt": "' + "你好".encode("gbk") + b'", "response": "' + "很好，谢谢你的关心。".encode()
+           + b'"}\n')
 
 
 def one_line_error(capsys, main, argv) -> str:
@@ -77,7 +78,8 @@ def test_csv_and_wiki_readers_drop_only_the_row_with_invalid_utf8(tmp_path):
     assert bad.count == 1 and bad.examples[0].startswith(f"{csv_file}:line 3: not UTF-8: byte 0xc4")
 
     wiki = _bytes_file(tmp_path / "wiki.txt", '<doc id="1" title="北京">\n北京\n北京是中国的首都。\n</doc>\n'.encode(),
-                       '<doc id="2" title="上海">\n上海\n'.encode(), "上海是城市。".encode("gbk"), b"\n</doc>\n")
+                       '<doc id="2" title="上海">\n上海\n'.encode(), "上海是城市。".encode("gbk"),
+                       b"\n</doc>\n")
     bad = BadRows()
     assert [p[1] for p in read_pairs(wiki, bad=bad)] == ["北京是中国的首都。"]
     assert bad.count == 1 and "not UTF-8" in bad.examples[0] and "(line 7)" in bad.examples[0]
