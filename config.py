@@ -4,6 +4,10 @@ One config mechanism for the whole repository: each script parses the dataclass 
 needs with `utils.cli.parse_config`, so any field can be overridden as `--field value`
 (or `--field=value`) and `--help` lists them all with their defaults.
 
+Every setting is checked when a config is made, from the command line or in code: the
+rules below (utils/settings.py) give a one-line error with the valid range, e.g.
+`--ngram must be an integer >= 1, got 0`, before any work starts.
+
 Paths default to locations under the project root, never the current directory, so a
 script behaves the same wherever it is started from. Relative paths given on the command
 line are resolved against the current directory as a user would expect.
@@ -15,6 +19,9 @@ to the next stage (best by its validation metric, else the last) as a model dire
 from dataclasses import dataclass
 from pathlib import Path
 
+from utils.settings import (SEED, Rule, Settings, at_least, fraction, in_range, matches, names_from, one_of,
+                            positive, unset_or_at_least)
+
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_ROOT / "data"
 MODEL_SAVE_DIR = PROJECT_ROOT / "model_save"
@@ -24,8 +31,118 @@ def _p(*parts: str) -> str:
     return str(PROJECT_ROOT.joinpath(*parts))
 
 
+# --- Valid values of every setting, checked whenever a config is made (utils/settings.py): a
+# bad value is a one-line error naming the flag and the valid range, before any work. Each
+# dataclass below names its rules on its class line. The choices are the one list each;
+# the modules that act on them import them from here.
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adafactor", "adafactor_scaled", "adamw")
+STREAMING = ("auto", "yes", "no")
+SEARCH_TYPES = ("greedy", "beam", "sampling", "contrastive")  # model/modeling_chat_model.py ships its own copy
+INPUT_FORMATS = ("auto", "belle", "wiki", "web_text_zh", "baike_qa", "prompt_response")
+RESPONSE_OVERFLOW = ("cut", "drop")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+T5_LINEAR_LAYERS = ("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1")  # what LoRA can adapt in T5's blocks
+DEVICE = matches(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
+
+
+def _transformers_optimizer(name) -> bool:
+    from transformers.training_args import OptimizerNames  # only DPO needs it, and imports it anyway
+
+    return name in {o.value for o in OptimizerNames}
+
+
+TRANSFORMERS_OPTIM = Rule(_transformers_optimizer, "a transformers optimizer name, e.g. adafactor, adamw_torch, "
+                          "sgd (transformers.training_args.OptimizerNames lists them)")
+
+_COUNT = at_least(1)
+_STEPS = at_least(0)
+_LIMIT = unset_or_at_least(1)
+_SEQ = at_least(2, " (one token plus [EOS])")
+
+
+def _adds_up(c) -> str:
+    ratios = (c.train_ratio, c.valid_ratio, c.test_ratio)
+    if abs(sum(ratios) - 1) > 1e-6:
+        return (f"--train_ratio, --valid_ratio and --test_ratio must add up to 1, got "
+                f"{' + '.join(map(str, ratios))} = {sum(ratios):g}")
+    return ""
+
+
+def _min_max(kind: str):
+    def check(c) -> str:
+        lo, hi = getattr(c, f"min_{kind}_len"), getattr(c, f"max_{kind}_len")
+        return f"--min_{kind}_len ({lo}) must not exceed --max_{kind}_len ({hi})" if lo > hi else ""
+    return check
+
+
+_T5_MODEL_RULES = {name: _COUNT for name in ("d_ff", "d_model", "num_heads", "d_kv", "num_decoder_layers",
+                                              "num_layers")}
+_T5_MODEL_CHECKS = (lambda c: "" if c.d_model == c.num_heads * c.d_kv else
+                    f"--d_model ({c.d_model}) must equal --num_heads * --d_kv ({c.num_heads} * {c.d_kv})",)
+
+_TRAIN_RULES = {
+    "epochs": _COUNT, "batch_size_per_gpu": _COUNT, "learn_rate": positive(), "div_factor": _COUNT,
+    "mixed_precision": one_of(*MIXED_PRECISION), "gradient_accumulation_steps": _COUNT, "warmup_steps": _STEPS,
+    "max_steps": _LIMIT, "optimizer": one_of(*OPTIMIZERS), "logging_steps": _COUNT, "save_steps": _COUNT,
+    "keep_latest_n_ckp": _COUNT, "seed": SEED, "dataloader_buffer_size": _COUNT, "streaming": one_of(*STREAMING),
+    "max_seq_len": _SEQ, "eval_max_samples": unset_or_at_least(1, "all"),
+}
+
+_SFT_RULES = {
+    "max_seq_len": _SEQ, "batch_size": _COUNT, "num_train_epochs": _COUNT, "max_steps": _LIMIT,
+    "save_steps": _COUNT, "gradient_accumulation_steps": _COUNT, "learning_rate": positive(),
+    "logging_steps": _COUNT, "warmup_steps": _STEPS, "mixed_precision": one_of(*MIXED_PRECISION), "seed": SEED,
+    "save_total_limit": at_least(0, " (0 = keep all)"), "optimizer": one_of(*OPTIMIZERS),
+    "eval_max_samples": unset_or_at_least(1, "all"),
+}
+
+_DPO_RULES = {
+    "max_seq_len": _SEQ, "per_device_train_batch_size": _COUNT, "num_train_epochs": _COUNT, "max_steps": _LIMIT,
+    "optim": TRANSFORMERS_OPTIM, "gradient_accumulation_steps": _COUNT, "learning_rate": positive(),
+    "logging_steps": _COUNT, "save_steps": _COUNT, "save_total_limit": at_least(0, " (0 = keep all)"),
+    "warmup_steps": _STEPS, "mixed_precision": one_of(*MIXED_PRECISION), "seed": SEED, "beta": positive(),
+    "lora_r": _COUNT, "lora_alpha": _COUNT, "lora_dropout": fraction(high_open=True),
+    "lora_target_modules": names_from(*T5_LINEAR_LAYERS), "eval_batch_size": _COUNT,
+    "max_eval_pairs": unset_or_at_least(1, "all"),
+}
+
+_DPO_DATA_RULES = {
+    "eval_ratio": fraction(high_open=True), "eval_rows": unset_or_at_least(1, "use --eval_ratio"), "seed": SEED,
+    "max_len": _COUNT, "max_rows": unset_or_at_least(1, "all"), "batch_size": _COUNT, "max_new_tokens": _COUNT,
+    "max_seq_len": _SEQ, "search_type": one_of(*SEARCH_TYPES), "device": DEVICE,
+}
+
+_INFER_RULES = {
+    "max_seq_len": _COUNT, "mixed_precision": one_of(*MIXED_PRECISION), "device": DEVICE,
+    "search_type": one_of(*SEARCH_TYPES), "port": in_range(1, 65535), "workers": _COUNT,
+    "log_level": one_of(*LOG_LEVELS), "max_input_chars": _COUNT, "max_new_tokens_cap": _COUNT,
+    "max_body_bytes": _COUNT,
+}
+
+_DATA_PROCESS_RULES = {
+    "input_format": one_of(*INPUT_FORMATS), "max_rows": unset_or_at_least(1, "all"), "seed": SEED,
+    "min_prompt_len": at_least(0), "max_prompt_len": _COUNT, "min_response_len": at_least(0),
+    "max_response_len": _COUNT, "response_overflow": one_of(*RESPONSE_OVERFLOW),
+    # 1 itself admits no LSH banding (datasketch needs two bands); utils/dedup.py says so for
+    # a --num_perm too small for the threshold
+    "dedup_threshold": fraction(low_open=True, high_open=True), "num_perm": at_least(2), "ngram": _COUNT,
+    "group_size": _COUNT, "index_cache_mb": positive(), "num_workers": at_least(0, " (0 = one per CPU)"),
+    "train_ratio": fraction(), "valid_ratio": fraction(), "test_ratio": fraction(),
+    "shuffle_bucket_mb": positive(), "demo_valid_ratio": fraction(high_open=True),
+    "demo_test_ratio": fraction(high_open=True), "row_group_size": _COUNT, "bins": _COUNT,
+}
+_DATA_PROCESS_CHECKS = (
+    _adds_up, _min_max("prompt"), _min_max("response"),
+    lambda c: "" if c.demo_valid_ratio + c.demo_test_ratio < 1 else
+    f"--demo_valid_ratio + --demo_test_ratio must be < 1 (train keeps the rest), got "
+    f"{c.demo_valid_ratio} + {c.demo_test_ratio}",
+)
+
+
 @dataclass
-class T5ModelConfig:
+class T5ModelConfig(Settings, rules=_T5_MODEL_RULES, checks=_T5_MODEL_CHECKS):
     """The published 0.2B architecture (model_config.json holds the same numbers)."""
     d_ff: int = 3072
     d_model: int = 768
@@ -36,7 +153,7 @@ class T5ModelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings, rules=_TRAIN_RULES):
     """Text-to-text pretraining with the project's accelerate trainer (train.py)."""
     epochs: int = 8
     batch_size_per_gpu: int = 16
@@ -71,7 +188,7 @@ class TrainConfig:
 
 
 @dataclass
-class SFTconfig:
+class SFTconfig(Settings, rules=_SFT_RULES):
     """Instruction fine-tuning with transformers' Seq2SeqTrainer (sft_train.py)."""
     max_seq_len: int = 384 + 8
     finetune_from_ckp_file: str = _p("model_save", "pretrain", "best")  # "": start from random weights
@@ -101,7 +218,7 @@ class SFTconfig:
 
 
 @dataclass
-class DpoConfig:
+class DpoConfig(Settings, rules=_DPO_RULES):
     """DPO on the SFT model, the rejected side generated by the SFT model (dpo_train.py).
 
     `dpo_train.py [train]` trains (full DPO, or LoRA with --use_lora True), `merge` folds a
@@ -145,7 +262,7 @@ class DpoConfig:
 
 
 @dataclass
-class DpoDataConfig:
+class DpoDataConfig(Settings, rules=_DPO_DATA_RULES):
     """Preference data for DPO: python -m utils.dpo_data_process (rejected = the SFT model's answer)."""
     instruction_file: str = _p("data", "alpaca_gpt4_data_zh.json")  # parquet prompt/response or alpaca JSON; "" = none
     preference_files: str = ""  # comma-separated prompt/chosen/rejected files (JSON, JSONL, parquet) merged in
@@ -169,7 +286,7 @@ class DpoDataConfig:
 
 
 @dataclass
-class InferConfig:
+class InferConfig(Settings, rules=_INFER_RULES):
     """Chat CLI (cli_demo.py) and HTTP API (api_demo.py)."""
     max_seq_len: int = 320  # default number of new tokens of an answer
     mixed_precision: str = "bf16"  # on a GPU: "bf16" (fp16 where bf16 is unsupported) | "fp16" | "no"; CPU: fp32
@@ -191,7 +308,7 @@ class InferConfig:
 
 
 @dataclass
-class DataProcessConfig:
+class DataProcessConfig(Settings, rules=_DATA_PROCESS_RULES, checks=_DATA_PROCESS_CHECKS):
     """The data pipeline: python -m utils.raw_data_process {demo|clean|dedup|split|to_text|stats}."""
     input: str = ""  # clean/dedup/split/to_text/stats: the input file
     output: str = ""  # clean/dedup: parquet; to_text: .txt; stats: .png

@@ -11,12 +11,19 @@ project's own seq2seq DPO on transformers' Trainer (model/dpo_trainer.py says wh
 DPOTrainer is not used). `--help` lists every setting (config.DpoConfig).
 """
 from config import DpoConfig
-from utils.cli import parse_config, run_cli
+from utils.cli import parse_config, require_writable, run_cli
 
 
 def main() -> None:
     command, cfg = parse_config(DpoConfig, commands=("train", "merge", "eval"), default_command="train",
                                 description=__doc__)
+    # what the command writes, checked before any loading
+    if command == "merge":
+        require_writable(cfg.merged_output_dir, "--merged_output_dir", is_dir=True)
+    elif command == "eval" and cfg.eval_output_file:
+        require_writable(cfg.eval_output_file, "--eval_output_file")
+    else:
+        require_writable(cfg.output_dir, "--output_dir", is_dir=True)
     from model import dpo
 
     {"train": dpo.train, "merge": dpo.merge, "eval": dpo.evaluate}[command](cfg)

@@ -16,11 +16,12 @@ Writes `<output_dir>/best` (best validation loss), `<output_dir>/checkpoints/`,
 `<output_dir>/runs/` and `<output_dir>/train_summary.json`; see model/hf_seq2seq.py.
 """
 from config import TrainConfig
-from utils.cli import parse_config, run_cli
+from utils.cli import parse_config, require_writable, run_cli
 
 
 def main(argv=None) -> None:
     _, cfg = parse_config(TrainConfig, argv, description=__doc__)
+    require_writable(cfg.output_dir, "--output_dir", is_dir=True)  # before any loading, not at the first save
     from model.hf_seq2seq import job_from_train_config, run
 
     run(job_from_train_config(cfg))

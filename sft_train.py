@@ -13,11 +13,12 @@ the best eval loss, else the last step), `<output_dir>/checkpoints/`, `<output_d
 (`python sft_train.py --help`); the logic is model/hf_seq2seq.py.
 """
 from config import SFTconfig
-from utils.cli import parse_config, run_cli
+from utils.cli import parse_config, require_writable, run_cli
 
 
 def main(argv=None) -> None:
     _, cfg = parse_config(SFTconfig, argv, description=__doc__)
+    require_writable(cfg.output_dir, "--output_dir", is_dir=True)  # before any loading, not at the first save
     from model.hf_seq2seq import job_from_sft_config, run
 
     run(job_from_sft_config(cfg))

@@ -18,11 +18,12 @@ On a CPU-only machine `accelerate launch --multi_gpu --num_processes 2` starts t
 independent single-process runs; use torchrun for two real ranks.
 """
 from config import TrainConfig
-from utils.cli import parse_config, run_cli
+from utils.cli import parse_config, require_writable, run_cli
 
 
 def main() -> None:
     command, cfg = parse_config(TrainConfig, commands=("train", "test"), default_command="train", description=__doc__)
+    require_writable(cfg.output_dir, "--output_dir", is_dir=True)  # before any loading, not at the first save
     from model.trainer import ChatTrainer
 
     trainer = ChatTrainer(cfg)

@@ -66,7 +66,10 @@ def load_model_config(config_file: str | Path, vocab_size: int | None = None) ->
     try:
         config = TextToTextModelConfig.from_json_file(str(path))
     except (ValueError, json.JSONDecodeError) as exc:
-        raise UserError(f"model config file is not valid JSON: {path} ({exc})") from None
+        raise UserError(f"model config file is not valid JSON: {path} ({exc}); fix or replace it") from None
+    except TypeError as exc:  # valid JSON that is not an object of settings
+        raise UserError(f"model config file is not a JSON object of settings: {path} ({exc}); "
+                        "fix or replace it") from None
     if config.d_model != config.num_heads * config.d_kv:
         raise UserError(f"{path}: d_model ({config.d_model}) must equal num_heads * d_kv "
                         f"({config.num_heads} * {config.d_kv})")
@@ -74,6 +77,21 @@ def load_model_config(config_file: str | Path, vocab_size: int | None = None) ->
         config.vocab_size = vocab_size
     config.decoder_start_token_id = config.pad_token_id
     return config
+
+
+DAMAGED_HINT = "save, copy or download the model again"
+
+
+def check_safetensors(path: Path) -> None:
+    """A truncated or corrupt .safetensors file is a one-line error naming it (safetensors
+    checks that the header is whole and that the tensors cover the file exactly)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is damaged or truncated ({str(exc).splitlines()[0]}): {DAMAGED_HINT}") from None
 
 
 def build_model(config_file: str | Path, vocab_size: int | None = None) -> TextToTextModel:
@@ -124,6 +142,9 @@ def load_model(path: str | Path, config_file: str | Path | None = None,
             raise UserError(f"not a model directory (no config.json): {path}")
         if not any((path / name).is_file() for name in WEIGHT_FILES):
             raise UserError(f"model directory has no weights (model.safetensors): {path}")
+        load_model_config(path / "config.json")  # a broken config.json: one line naming it
+        if (path / "model.safetensors").is_file():
+            check_safetensors(path / "model.safetensors")
         model, info = TextToTextModel.from_pretrained(str(path), output_loading_info=True, dtype=dtype)
         _check_keys(info.get("missing_keys", []), info.get("unexpected_keys", []), path)
         return model
@@ -131,6 +152,7 @@ def load_model(path: str | Path, config_file: str | Path | None = None,
         raise UserError(f"model not found: {path}")
     model = TextToTextModel(load_model_config(weights_config_file(path, config_file)))
     if path.suffix == ".safetensors":
+        check_safetensors(path)
         state = load_safetensors(str(path))
     elif path.suffix == ".bin":
         try:
@@ -138,6 +160,8 @@ def load_model(path: str | Path, config_file: str | Path | None = None,
         except pickle.UnpicklingError as exc:
             raise UserError(f"{path} holds pickled objects other than tensors; refusing to unpickle it "
                             f"({str(exc).splitlines()[0]})") from None
+        except (RuntimeError, EOFError) as exc:  # torch's errors for a truncated or corrupt archive
+            raise UserError(f"{path} is damaged or truncated ({str(exc).splitlines()[0]}): {DAMAGED_HINT}") from None
     else:
         raise UserError(f"unknown model file type {path.suffix!r} (expected a directory, .safetensors or .bin): {path}")
     state = {k.removeprefix("model."): v for k, v in state.items()}  # original wrapper's prefix
@@ -241,7 +265,13 @@ def load_tokenizer(tokenizer_dir: str | Path):
     path = Path(tokenizer_dir)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise UserError(f"no tokenizer found in {path} (train one with train_tokenizer.py)")
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # json's, the tokenizers library's and transformers' errors for damaged files
+        if (path / "config.json").is_file():  # transformers reads a model's config.json beside a tokenizer too
+            load_model_config(path / "config.json")  # names config.json if that is the damaged file
+        raise UserError(f"cannot read the tokenizer in {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
+                        "its files are damaged; copy them again or retrain with train_tokenizer.py") from None
 
 
 def check_vocab(tokenizer, model_config, where: str = "") -> None:

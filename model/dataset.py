@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 from typing import Sequence
 
+from config import STREAMING
 from utils.cli import UserError
 
 REQUIRED_COLUMNS = ("prompt", "response")
@@ -61,7 +62,7 @@ def encode_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], ma
 # makes the resume exact and the per-rank shares disjoint.
 # ---------------------------------------------------------------------------------------
 
-STREAMING_MODES = ("auto", "yes", "no")
+STREAMING_MODES = STREAMING  # config.py: the one list
 # In memory, a tokenised row costs about as much as its uncompressed text (int32 ids,
 # roughly one per CJK character of 3 UTF-8 bytes) plus Python/numpy overhead.
 _IN_MEMORY_BYTES_PER_TEXT_BYTE = 3.0

@@ -37,10 +37,9 @@ from utils.parquet_io import atomic_write_text
 
 from .dataset import REQUIRED_COLUMNS, check_parquet, encode_batch
 from .tokenizer import tokenizer_dir_for
-from .trainer import OPTIMIZERS, adafactor_kwargs
+from .trainer import adafactor_kwargs
 
 CHECKPOINT_PREFIX = "checkpoint-"
-PRECISIONS = ("no", "fp16", "bf16")
 SUMMARY_FILE = "train_summary.json"
 # what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
 OWN_OUTPUTS = ("best", SUMMARY_FILE, "runs/events.out.tfevents.*")
@@ -138,20 +137,8 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
 # --- checks that run before anything heavy is imported ----------------------------------
 
 def check_job(job: Seq2SeqJob) -> None:
-    """Every setting and input file that can be checked without loading a model."""
-    for name in ("batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
-        if getattr(job, name) <= 0:
-            raise UserError(f"{name} must be at least 1, got {getattr(job, name)}")
-    if job.max_seq_len < 2:
-        raise UserError(f"max_seq_len must be at least 2 (one token plus [EOS]), got {job.max_seq_len}")
-    if job.max_steps <= 0 and job.num_train_epochs <= 0:
-        raise UserError("nothing to train: set max_steps > 0 or a positive number of epochs")
-    if job.learning_rate <= 0:
-        raise UserError(f"the learning rate must be positive, got {job.learning_rate}")
-    if job.mixed_precision not in PRECISIONS:
-        raise UserError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {job.mixed_precision!r}")
-    if job.optimizer not in OPTIMIZERS:
-        raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {job.optimizer!r}")
+    """Every input file that can be checked without loading a model (the settings were
+    checked when the TrainConfig / SFTconfig it came from was made)."""
     check_pairs_file(job.train_file, "train", job.allow_json)
     if job.eval_file:
         check_pairs_file(job.eval_file, "eval", job.allow_json)

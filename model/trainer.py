@@ -35,6 +35,7 @@ from typing import Callable
 
 import torch
 
+from config import MIXED_PRECISION, OPTIMIZERS  # noqa: F401 (the one list of each is in config.py)
 from utils.cli import UserError, is_given, require_file
 from utils.parquet_io import atomic_write_text
 
@@ -48,28 +49,8 @@ LOSS_CSV = "train_loss.csv"
 EVAL_CSV = "eval.csv"
 LOSS_FIELDS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
 EVAL_FIELDS = ["step", "epoch", "valid_loss", "bleu4", "n_samples"]
-MIXED_PRECISION = ("no", "fp16", "bf16")
 # what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
 OWN_OUTPUTS = (LOSS_CSV, EVAL_CSV, "train.log", "train-rank*.log", "loss_curve.png", "train_summary.json", "best")
-OPTIMIZERS = ("adafactor", "adafactor_scaled", "adamw")
-
-
-def validate_config(cfg) -> None:
-    """Settings that cannot work, as a one-line UserError before anything is loaded."""
-    for name in ("batch_size_per_gpu", "gradient_accumulation_steps", "epochs", "logging_steps",
-                 "save_steps", "max_seq_len", "keep_latest_n_ckp"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
-    if cfg.max_seq_len < 2:
-        raise UserError(f"--max_seq_len must be at least 2, got {cfg.max_seq_len}")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
-    if cfg.mixed_precision not in MIXED_PRECISION:
-        raise UserError(f"--mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {cfg.mixed_precision!r}")
-    if cfg.learn_rate <= 0 or cfg.div_factor < 1:
-        raise UserError("--learn_rate must be positive and --div_factor at least 1")
-    if cfg.streaming not in ("auto", "yes", "no"):
-        raise UserError(f"--streaming must be auto, yes or no, got {cfg.streaming!r}")
 
 
 def freeze_embedding_and_encoder(model) -> None:
@@ -163,8 +144,7 @@ class ChatTrainer:
     """
 
     def __init__(self, cfg, callbacks: list[Callable] | None = None):
-        validate_config(cfg)
-        self.cfg = cfg
+        self.cfg = cfg  # its settings were checked when it was made (config.py)
         self.callbacks = list(callbacks or [])
         self.out = Path(cfg.output_dir)
         # train_state_dir, as in the original, is where the training state is written and read

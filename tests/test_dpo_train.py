@@ -158,7 +158,7 @@ def test_bad_input_is_one_line_error(tiny_model_dir, pair_file, tmp_path, monkey
 
     with pytest.raises(UserError, match="DPO training file not found"):
         dpo.train(_cfg(tiny_model_dir, tmp_path / "missing.json", tmp_path / "o"))
-    with pytest.raises(UserError, match="--beta must be positive"):
+    with pytest.raises(UserError, match="--beta must be a finite number > 0"):
         dpo.train(_cfg(tiny_model_dir, pair_file, tmp_path / "o", beta=0.0))
     with pytest.raises(UserError, match="no checkpoint under"):
         dpo.train(_cfg(tiny_model_dir, pair_file, tmp_path / "o", resume_from_checkpoint="last"))
@@ -167,7 +167,8 @@ def test_bad_input_is_one_line_error(tiny_model_dir, pair_file, tmp_path, monkey
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "a", "chosen": "b"}\n', encoding="utf-8")
     with pytest.raises(UserError, match="no valid prompt/chosen/rejected rows"):
-        dpo.evaluate(_cfg(tiny_model_dir, pair_file, tmp_path / "o", dpo_eval_file=str(broken)))
+        dpo.evaluate(_cfg(tiny_model_dir, pair_file, tmp_path / "o", dpo_eval_file=str(broken),
+                          model=str(tiny_model_dir)))
     assert f"{broken}: line 1: missing field 'rejected'" in capsys.readouterr().err
 
     import dpo_train

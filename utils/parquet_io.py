@@ -154,17 +154,19 @@ class AtomicTextWriter:
 
 def iter_json_lines(path: str | Path, what: str = ""):
     """(line number, object) for each non-blank line of a JSON-lines file; a line that is
-    not JSON is a UserError naming the file and line (for inputs that must be clean)."""
+    not UTF-8 or not JSON is a UserError naming the file and line (for inputs that must be clean)."""
     import json
 
     from utils.cli import UserError
+    from utils.text_files import HINT, iter_utf8_lines
 
     prefix = f"{what} " if what else ""
-    with open(path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{prefix}{path} line {line_no}: not valid JSON ({exc.msg})") from None
+    for line_no, line, problem in iter_utf8_lines(path):
+        if problem:
+            raise UserError(f"{prefix}{path} line {line_no}: {problem}; {HINT}")
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{prefix}{path} line {line_no}: not valid JSON ({exc.msg})") from None

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from config import DATA_DIR, DataProcessConfig
-from utils.cli import UserError, parse_config, run_cli
+from utils.cli import UserError, parse_config, require_writable, run_cli
 from utils.data_readers import BadRows, detect_format, read_pairs
 
 # utils.parquet_io (pyarrow, ~50 MB) is imported inside the commands: the worker processes
@@ -44,6 +44,10 @@ def _need(value: str, flag: str, command: str) -> Path:
     if not value:
         raise UserError(f"{command} needs --{flag}")
     return Path(value)
+
+
+def _output(cfg: DataProcessConfig, command: str) -> Path:
+    return require_writable(_need(cfg.output, "output", command), "--output")
 
 
 def _inputs(cfg: DataProcessConfig, command: str) -> tuple[Iterator[tuple[str, str]], BadRows, Path]:
@@ -92,8 +96,6 @@ def _rate(n: int, t0: float) -> str:
 def _num_workers(cfg: DataProcessConfig) -> int:
     from utils.parallel import default_num_workers
 
-    if cfg.num_workers < 0:
-        raise UserError(f"--num_workers must be >= 0 (0 = one per CPU), got {cfg.num_workers}")
     return cfg.num_workers or default_num_workers()
 
 
@@ -106,7 +108,7 @@ def cmd_clean(cfg: DataProcessConfig) -> None:
     if cfg.input_format == "auto" and cfg.input and Path(cfg.input).is_file():
         cfg = replace(cfg, input_format=detect_format(cfg.input))  # detected once, read with it below
     pairs, bad, path = _inputs(cfg, "clean")
-    out = _need(cfg.output, "output", "clean")
+    out = _output(cfg, "clean")
     # BELLE instruction data: drop the translation and table tasks, as the original's SFT data does
     belle = cfg.input_format == "belle"
     cleaner = PairCleaner(cfg.min_prompt_len, cfg.max_prompt_len, cfg.min_response_len,
@@ -129,7 +131,7 @@ def cmd_dedup(cfg: DataProcessConfig) -> None:
     t0 = time.time()
     workers = _num_workers(cfg)
     pairs, bad, path = _inputs(cfg, "dedup")
-    out = _need(cfg.output, "output", "dedup")
+    out = _output(cfg, "dedup")
     # The scratch index goes beside the output by default: the same disk the user chose
     # for a file of about the input's size, where /tmp may be a small RAM disk.
     index_dir = Path(cfg.index_dir) if cfg.index_dir else out.absolute().parent
@@ -162,16 +164,13 @@ def cmd_split(cfg: DataProcessConfig) -> None:
     from utils.parquet_io import PairWriter, iter_parquet_rows
 
     t0 = time.time()
-    ratios = (cfg.train_ratio, cfg.valid_ratio, cfg.test_ratio)
-    if any(r < 0 for r in ratios) or sum(ratios) <= 0:
-        raise UserError(f"split ratios must be >= 0 and not all 0, got {ratios}")
+    ratios = (cfg.train_ratio, cfg.valid_ratio, cfg.test_ratio)  # each in [0, 1], adding up to 1: config.py
     names = [s.strip() for s in cfg.split_names.split(",")]
     if len(names) != 3 or not all(names):
         raise UserError(f"--split_names needs three comma-separated names, got {cfg.split_names!r}")
-    if cfg.shuffle_bucket_mb <= 0:
-        raise UserError(f"--shuffle_bucket_mb must be > 0, got {cfg.shuffle_bucket_mb}")
     pairs, bad, path = _inputs(cfg, "split")
     out_dir = Path(cfg.output_dir) if cfg.output_dir else DATA_DIR
+    require_writable(out_dir, "--output_dir", is_dir=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_buckets = max(1, math.ceil(path.stat().st_size / (cfg.shuffle_bucket_mb * 2**20)))
     rng = random.Random(cfg.seed)
@@ -225,7 +224,7 @@ def cmd_to_text(cfg: DataProcessConfig) -> None:
 
     t0 = time.time()
     pairs, bad, path = _inputs(cfg, "to_text")
-    out = _need(cfg.output, "output", "to_text")
+    out = _output(cfg, "to_text")
     counted = _Counted(pairs)
     with AtomicTextWriter(out) as tw:
         for prompt, response in counted:
@@ -247,7 +246,7 @@ def cmd_stats(cfg: DataProcessConfig) -> None:
     from utils.parquet_io import temp_path
 
     pairs, bad, path = _inputs(cfg, "stats")
-    out = _need(cfg.output, "output", "stats")
+    out = _output(cfg, "stats")
     plens, rlens = array("i"), array("i")  # 4 bytes a row: bounded well below the data itself
     counted = _Counted(pairs)
     for prompt, response in counted:
@@ -282,6 +281,7 @@ def cmd_demo(cfg: DataProcessConfig) -> None:
     from utils.embedded_corpus import DemoSettings, build_demo_corpus
 
     out = Path(cfg.output_dir) if cfg.output_dir else DATA_DIR / "demo"
+    require_writable(out, "--output_dir", is_dir=True)
     result = build_demo_corpus(DemoSettings(
         output_dir=out, max_rows=cfg.max_rows, seed=cfg.seed, valid_ratio=cfg.demo_valid_ratio,
         test_ratio=cfg.demo_test_ratio, threshold=cfg.dedup_threshold, num_perm=cfg.num_perm,
