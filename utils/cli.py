@@ -5,11 +5,14 @@ Every root script is `main()` wrapped in `run_cli`, and reads its settings with
 works too, booleans accept True/False/yes/no/1/0), `--help` lists every field with its
 default. transformers' HfArgumentParser does the parsing; this module adds the optional
 leading sub-command (`train.py train`, `dpo_train.py merge`) and the rule that bad input
-ends in one line on stderr and exit status 2, never in a traceback.
+ends in one line on stderr and exit status 2, never in a traceback. SIGTERM (`kill`,
+`timeout`, a job scheduler) is handled like Ctrl+C: the run unwinds, removing its scratch
+and partial outputs, and ends in one line with exit status 143 (130 for Ctrl+C).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 from dataclasses import fields
@@ -21,6 +24,18 @@ T = TypeVar("T")
 
 class UserError(Exception):
     """Bad input a user can fix (missing file, malformed config...). Printed as one line."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl+C's KeyboardInterrupt so the same clean-up runs (a subclass:
+    every `except KeyboardInterrupt` and `finally` that tidies up after Ctrl+C covers it)."""
+
+
+def _raise_terminated(signum, frame):
+    # A second SIGTERM during the clean-up stops at once (the default action), as Ctrl+C
+    # does in the trainers; scratch it leaves is removed by the next run.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise Terminated
 
 
 def parse_config(config_cls: type[T], argv: Sequence[str] | None = None,
@@ -112,12 +127,19 @@ def require_file(path: str | Path, what: str) -> Path:
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main(); turn UserError (and Ctrl+C) into a one-line exit."""
+    """Run a script's main(); turn UserError, Ctrl+C and SIGTERM into a one-line exit."""
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)  # (run_cli runs in the main thread)
     try:
         main()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if previous is not None:  # None: a handler installed outside Python, never replaced here
+            signal.signal(signal.SIGTERM, previous)

@@ -21,7 +21,8 @@ in flight. Measured on 400,000 short distinct rows, one process: the old in-RAM 
 grew from 198 to 552 MiB RSS between rows 100k and 400k (1.2 KB a row); this index,
 with a 16 MB cache, stayed at 111 MiB over the same rows (with the default 64 MB, 118
 to 166 MiB while the cache fills, then flat). The file takes ~0.2 KB a kept row (76 MB
-for those 400k rows); it is deleted when the run ends, also after an error. Each
+for those 400k rows); it is deleted when the run ends, also after an error (one left by a
+killed run is removed by the next `raw_data_process dedup`, see utils/scratch.py). Each
 sketching worker process adds ~85 MiB (its imports). In `raw_data_process dedup` the
 parquet reader and writer add their own bounded share, up to about a row group each.
 """
@@ -30,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import sqlite3
 import tempfile
@@ -150,6 +153,13 @@ class _DiskKeySet:
                             f"{exc} (--index_dir puts it elsewhere)") from None
 
 
+# The scratch index directory: its name carries the owner's process id, so a later run can
+# remove the index of a killed run without touching a live one's (utils/scratch.py).
+# mkdtemp adds 8 characters of [a-z0-9_].
+INDEX_PATTERN = re.compile(r"\.dedup-index-(?P<pid>\d+)-[a-z0-9_]{8}")
+INDEX_FILES = frozenset({"index.sqlite", "index.sqlite-journal"})
+
+
 def _remove_index(con: sqlite3.Connection, directory: str) -> None:
     try:
         con.close()
@@ -196,7 +206,7 @@ class Deduplicator:
         try:
             if index_dir is not None:
                 Path(index_dir).mkdir(parents=True, exist_ok=True)
-            self.index_dir = Path(tempfile.mkdtemp(prefix=".dedup-index-", dir=index_dir))
+            self.index_dir = Path(tempfile.mkdtemp(prefix=f".dedup-index-{os.getpid()}-", dir=index_dir))
         except OSError as exc:
             raise UserError(f"cannot create the de-duplication index under {index_dir}: {exc}") from None
         # isolation_level=None: no implicit transactions; each statement stands alone.

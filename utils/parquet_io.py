@@ -8,6 +8,7 @@ killed or failed run leaves no half-written file that a later stage would accept
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -23,6 +24,11 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def temp_pattern(path: Path) -> re.Pattern:
+    """The names temp_path gives `path` in any process (for utils.scratch.remove_stale)."""
+    return re.compile(rf"\.{re.escape(Path(path).name)}\.tmp-(?P<pid>\d+)")
+
+
 class PairWriter:
     """Write (prompt, response) rows to `path` in row groups, atomically.
 
@@ -35,7 +41,11 @@ class PairWriter:
         self.row_group_size = max(1, int(row_group_size))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = temp_path(self.path)
-        self._writer = pq.ParquetWriter(self._tmp, SCHEMA)
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, SCHEMA)
+        except BaseException:  # a Ctrl+C / SIGTERM once the file exists: no __exit__ will remove it
+            self._tmp.unlink(missing_ok=True)
+            raise
         self._prompts: list[str] = []
         self._responses: list[str] = []
         self.rows = 0

@@ -99,6 +99,21 @@ def _num_workers(cfg: DataProcessConfig) -> int:
     return cfg.num_workers or default_num_workers()
 
 
+def _remove_stale_scratch(out: Path, index_dir: Path | None = None) -> None:
+    """Remove what runs killed with kill -9 left beside `out` (and in the dedup index
+    directory), if their process is gone; one line says what (utils/scratch.py)."""
+    from utils.parquet_io import temp_pattern
+    from utils.scratch import remove_stale, report
+
+    removed = remove_stale(out.absolute().parent, temp_pattern(out))
+    if index_dir is not None:
+        from utils.dedup import INDEX_FILES, INDEX_PATTERN
+
+        removed += remove_stale(index_dir, INDEX_PATTERN, INDEX_FILES)
+    if removed:
+        print(report(removed))
+
+
 def cmd_clean(cfg: DataProcessConfig) -> None:
     from utils.parquet_io import PairWriter
     from utils.text_cleaning import PairCleaner, clean_stream
@@ -109,6 +124,7 @@ def cmd_clean(cfg: DataProcessConfig) -> None:
         cfg = replace(cfg, input_format=detect_format(cfg.input))  # detected once, read with it below
     pairs, bad, path = _inputs(cfg, "clean")
     out = _output(cfg, "clean")
+    _remove_stale_scratch(out)
     # BELLE instruction data: drop the translation and table tasks, as the original's SFT data does
     belle = cfg.input_format == "belle"
     cleaner = PairCleaner(cfg.min_prompt_len, cfg.max_prompt_len, cfg.min_response_len,
@@ -135,6 +151,7 @@ def cmd_dedup(cfg: DataProcessConfig) -> None:
     # The scratch index goes beside the output by default: the same disk the user chose
     # for a file of about the input's size, where /tmp may be a small RAM disk.
     index_dir = Path(cfg.index_dir) if cfg.index_dir else out.absolute().parent
+    _remove_stale_scratch(out, index_dir)
     counted = _Counted(pairs)
     with Deduplicator(cfg.dedup_threshold, cfg.num_perm, cfg.ngram, index_dir=index_dir,
                       cache_mb=cfg.index_cache_mb, num_workers=workers) as dedup, \
