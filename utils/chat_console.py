@@ -64,8 +64,9 @@ class TerminalReader:
     KeyboardInterrupt is raised when the main thread next runs Python code, which it does
     when read(2) fails with EINTR. A SIGINT handled just before read(2) started, or on
     another thread (torch's and tokenizers' threads can take it), interrupts nothing: the
-    chat sat at its prompt, `用户：^C` on screen, until Enter (issue 18, 1 of 13 tries with
-    the Ctrl+C sent as an answer ended). Here the line is read after select() on the terminal
+    chat sat at its prompt, `用户：^C` on screen, until Enter (issue 18; here once in 38 tries
+    with the Ctrl+C sent at a random moment near the end of an answer, main thread in read(2)).
+    Here the line is read after select() on the terminal
     and on signal.set_wakeup_fd's pipe, which the signal handler writes to whenever and
     wherever it runs, so select() returns and the KeyboardInterrupt follows at once.
 
