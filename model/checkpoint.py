@@ -223,20 +223,26 @@ def _check_file(path: Path) -> None:
 
 
 # training_args.bin: the Trainer pickles its TrainingArguments there for the record and never
-# loads it on resume. accelerate/ (DeepSpeed's partitioned states) is read by DeepSpeed itself.
+# loads it on resume. Partitioned optimiser states (accelerate/ of train.py under DeepSpeed,
+# the Trainer's global_stepN/ and FSDP's optimizer_N/) are read by DeepSpeed / FSDP themselves.
 _NOT_LOADED_ON_RESUME = {"training_args.bin"}
-_SKIPPED_DIRS = {"accelerate"}
+_PARTITIONED = ("accelerate", "global_step", "optimizer_")
+
+
+def _partitioned(ckpt: Path) -> bool:
+    return any(p.is_dir() and p.name.startswith(_PARTITIONED) for p in ckpt.iterdir())
 
 
 def _missing(ckpt: Path, files: list[Path]) -> str | None:
     """The first state file a resume needs that `ckpt` lacks (this format, or the Trainer's)."""
     names = {p.name for p in files}
-    if not any(p.suffix in (".safetensors", ".bin") or p.name == "model.safetensors.index.json" for p in files) \
-            and not (ckpt / "accelerate").is_dir():
+    partitioned = _partitioned(ckpt)
+    if not partitioned and not any(p.suffix in (".safetensors", ".bin") or p.name == "model.safetensors.index.json"
+                                   for p in files):
         return "model weights"
     ours = (ckpt / "model").is_dir() or (ckpt / "accelerate").is_dir()
     rng = "rng_state_0.pt" if ours else "rng_state.pth"
-    needed = [STATE_FILE, "scheduler.pt"] + ([] if (ckpt / "accelerate").is_dir() else ["optimizer.pt"])
+    needed = [STATE_FILE, "scheduler.pt"] + ([] if partitioned else ["optimizer.pt"])
     for name in needed:
         if name not in names:
             return name
@@ -249,7 +255,7 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
     """None if every state file of `ckpt` reads; else what is damaged. Pickled code raises UnsafeCheckpoint."""
     ckpt = Path(ckpt)
     files = sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name not in _NOT_LOADED_ON_RESUME
-                   and not _SKIPPED_DIRS & set(p.relative_to(ckpt).parts[:-1]))
+                   and not p.relative_to(ckpt).parts[0].startswith(_PARTITIONED))
     missing = _missing(ckpt, files)
     if missing:
         return f"{missing} missing from {ckpt}"
