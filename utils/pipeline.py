@@ -50,9 +50,9 @@ def _sizes(small: bool) -> dict:
     2-core CPU (see README); --small only checks that every stage works."""
     if small:
         return dict(max_rows=200, vocab=3000, pre_steps=8, pre_batch=16, sft_steps=8, sft_batch=16,
-                    dpo_rows=48, dpo_steps=4, eval_rows=16, seq=48)
+                    dpo_rows=48, dpo_steps=4, eval_rows=16, test_rows=16, seq=48)
     return dict(max_rows=-1, vocab=8192, pre_steps=300, pre_batch=32, sft_steps=1800, sft_batch=32,
-                dpo_rows=800, dpo_steps=60, eval_rows=400, seq=128)
+                dpo_rows=800, dpo_steps=60, eval_rows=400, test_rows=-1, seq=128)
 
 
 def build_stages(cfg: QuickstartConfig) -> list[Stage]:
@@ -68,11 +68,12 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
     def script(name: str, *args) -> list[str]:
         return [py, str(root / name), *map(str, args)]
 
-    def evaluate(tag: str, model_dir: Path, test_file: Path, task: str) -> Stage:
-        return Stage(f"eval_{tag}", f"evaluate {task} ({tag})",
+    def evaluate(tag: str, model_dir: Path, test_file: Path, task: str, *extra, name: str = "",
+                 title: str = "") -> Stage:
+        return Stage(name or f"eval_{tag}", title or f"evaluate {task} ({tag})",
                      script("eval/eval_tasks.py", "--model_dir", model_dir, "--test_file", test_file,
-                            "--task", task, "--max_rows", s["eval_rows"], "--batch_size", 32,
-                            "--max_seq_len", s["seq"], "--output_json", ev / f"{tag}.json"),
+                            "--task", task, "--max_rows", s["test_rows"], "--batch_size", 64,
+                            "--max_seq_len", s["seq"], "--output_json", ev / f"{tag}.json", *extra),
                      [ev / f"{tag}.json"])
 
     dpo_train_file, dpo_eval_file = data / "dpo_train.json", data / "dpo_eval.json"
@@ -105,6 +106,9 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      "--batch_size_per_gpu", 32, "--eval_max_samples", s["eval_rows"],
                      "--mixed_precision", "no"),
               [pre / "test_results.json"]),
+        evaluate("pretrain_lm", pre / "best", data / "pretrain_valid.parquet", "lm", "--show_rows", 5,
+                 "--max_new_tokens", 40, name="lm_pretrain",
+                 title="validation loss vs unigram entropy, continuations (eval/eval_tasks.py --task lm)"),
         Stage("sft", "supervised fine-tuning (sft_train.py)",
               script("sft_train.py", "--finetune_from_ckp_file", pre / "best", "--tokenizer_dir", tok,
                      "--sft_train_file", data / "sft_train.parquet", "--sft_eval_file", data / "sft_valid.parquet",
@@ -151,6 +155,9 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
               [ev / "dpo_after.json"]),
         evaluate("final_sentiment", final, data / "sentiment_test.parquet", "sentiment"),
         evaluate("final_entity", final, data / "entity_test.parquet", "entity"),
+        evaluate("final_chat", final, data / "chat_probes.parquet", "answers", "--show_rows", 10,
+                 "--max_new_tokens", 48, name="chat_final",
+                 title="the final model's answers to the chat probes (eval/eval_tasks.py --task answers)"),
     ]
 
 
