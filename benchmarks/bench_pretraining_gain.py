@@ -4,6 +4,7 @@ random initialisation: same steps, data, settings and seed, scored on every held
     python quickstart.py                                   # first: the pretrained model and the data
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_pretraining_gain.py [--seeds 23333,42]
     .venv/bin/python benchmarks/bench_pretraining_gain.py --short True   # a few minutes: checks it works
+    .venv/bin/python benchmarks/bench_pretraining_gain.py --workdir W --small True --short True  # on a --small run
 
 The original reports the same ablation for its triple-extraction fine-tune: F1 0.74 from the
 pretrained model, 0.51 from random initialisation. Here each run is the quickstart's own `sft`
@@ -40,6 +41,7 @@ class BenchConfig:
     sft_steps: int = -1  # -1: the quickstart's SFT steps
     max_rows: int = -1  # held-out rows scored per task; -1: all
     short: bool = False  # a check that it works: 20 SFT steps, 32 rows
+    small: bool = False  # the workdir holds a `quickstart.py --small True` run (its SFT settings)
 
 
 def _flag(argv: list[str], name: str, value) -> list[str]:
@@ -66,7 +68,7 @@ def main() -> None:
     from utils.pipeline import QuickstartConfig, build_stages
 
     _, cfg = parse_config(BenchConfig, description=__doc__)
-    stages = {st.name: st for st in build_stages(QuickstartConfig(workdir=cfg.workdir))}
+    stages = {st.name: st for st in build_stages(QuickstartConfig(workdir=cfg.workdir, small=cfg.small))}
     sft_argv = stages["sft"].argv
     pretrained = Path(sft_argv[sft_argv.index("--finetune_from_ckp_file") + 1])
     data = Path(cfg.workdir).resolve() / "data" / "demo"
