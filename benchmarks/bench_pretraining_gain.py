@@ -106,7 +106,7 @@ def main() -> None:
             for task, test_file in tests.items():
                 out_json = run_dir / f"eval_{task}.json"
                 _run([sys.executable, str(ROOT / "eval" / "eval_tasks.py"), "--model_dir", str(run_dir / "best"),
-                      "--test_file", str(test_file), "--task", task, "--max_rows", str(rows), "--batch_size", "64",
+                      "--test_file", str(test_file), "--task", task, "--max_rows", str(rows), "--batch_size", "32",
                       "--max_seq_len", str(sft_argv[sft_argv.index("--max_seq_len") + 1]),
                       "--output_json", str(out_json)], log)
                 row[task] = json.loads(out_json.read_text(encoding="utf-8"))

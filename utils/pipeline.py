@@ -50,17 +50,19 @@ def _sizes(small: bool) -> dict:
     2-core CPU (see README); --small only checks that every stage works.
 
     Pretraining, measured on the embedded corpus from random init with a hand loop of the same
-    model, optimiser (adafactor_scaled) and OneCycle schedule, one thread (validation loss of the
-    first 200 validation pairs, whose unigram entropy is 7.33, after 1,200 training pairs = 87k
-    tokens): batch 8 peak 1e-2 7.30; batch 8 peak 3e-2 7.20; batch 8 peak 1e-1 7.36; batch 16
-    peak 3e-2 7.25. The previous setting, batch 32 peak 1e-2 (validation: the first 300 pairs): 7.38 after 1,600
-    pairs, 7.10 after 4,800. After 2,400 pairs: batch 8 peak 1e-2 7.12, peak 3e-2 6.98. Small
-    batches and a 3e-2 peak learn the most per token (300 steps of 32 were too few updates, not
-    a schedule bug), and batch 16 costs 11% less CPU per token than batch 8 (4,829 vs 4,289
-    tokens per CPU-second), so: batch 16, peak 3e-2, 1,600 steps (~0.9 epoch, < 1 so the best
-    model by BLEU is the last). SFT learning rate 2e-2: entity F1 0.625 on all held-out rows
-    (1e-2: 0.53 on 400 rows), sentiment 0.826 (1e-2: 0.831), session 2; its 1,200 steps (was
-    1,800) pay for the pretraining.
+    model, optimiser (adafactor_scaled) and OneCycle schedule, one thread (validation loss of
+    the first 200 validation pairs, whose unigram entropy is 7.33, after 1,200 training pairs =
+    87k tokens): batch 8 peak 1e-2 7.30; batch 8 peak 3e-2 7.20; batch 8 peak 1e-1 7.36; batch
+    16 peak 3e-2 7.25. The previous setting, batch 32 peak 1e-2 (validation: the first 300
+    pairs): 7.38 after 1,600 pairs, 7.10 after 4,800. After 2,400 pairs: batch 8 peak 1e-2 7.12,
+    peak 3e-2 6.98; batch 16 peak 3e-2 7.02. At the end of a 600-step schedule of batch 8 (4,800
+    pairs, 352k tokens): peak 1e-2 7.00, peak 3e-2 6.82, where the old 300 steps of 32 (9,600
+    pairs) ended at 7.12 (quickstart card). Small batches and a 3e-2 peak learn the most per
+    token (300 steps of 32 were too few updates, not a schedule bug), and batch 16 costs 11%
+    less CPU per token than batch 8 (4,829 vs 4,289 tokens per CPU-second), so: batch 16, peak
+    3e-2, 1,600 steps (~0.9 epoch, < 1 so the best model by BLEU is the last). SFT learning rate
+    2e-2: entity F1 0.625 on all held-out rows (1e-2: 0.53 on 400 rows), sentiment 0.826 (1e-2:
+    0.831), session 2; its 1,200 steps (was 1,800) pay for the pretraining.
     test_rows -1: the held-out sets are scored on every row.
     """
     if small:
@@ -87,7 +89,7 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                  title: str = "") -> Stage:
         return Stage(name or f"eval_{tag}", title or f"evaluate {task} ({tag})",
                      script("eval/eval_tasks.py", "--model_dir", model_dir, "--test_file", test_file,
-                            "--task", task, "--max_rows", s["test_rows"], "--batch_size", 64,
+                            "--task", task, "--max_rows", s["test_rows"], "--batch_size", 32,
                             "--max_seq_len", s["seq"], "--output_json", ev / f"{tag}.json", *extra),
                      [ev / f"{tag}.json"])
 

@@ -104,8 +104,8 @@ def _trainer_stage(name: str, out: Path, report_dir: Path, eval_key: str = "eval
 
 
 def _cell(text) -> str:
-    """A table cell: one line, pipes escaped, long text cut (the JSON has it whole)."""
-    text = " ".join(str(text or "").split()).replace("|", "\\|")
+    """A table cell: one line, pipes escaped, long text cut (the JSON has it whole), "(nothing)" if empty."""
+    text = " ".join(str(text or "").split()).replace("|", "\\|") or "(nothing)"
     return text if len(text) <= 120 else text[:119] + "…"
 
 
