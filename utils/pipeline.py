@@ -56,13 +56,14 @@ def _sizes(small: bool) -> dict:
     16 peak 3e-2 7.25. The previous setting, batch 32 peak 1e-2 (validation: the first 300
     pairs): 7.38 after 1,600 pairs, 7.10 after 4,800. After 2,400 pairs: batch 8 peak 1e-2 7.12,
     peak 3e-2 6.98; batch 16 peak 3e-2 7.02. At the end of a 600-step schedule of batch 8 (4,800
-    pairs, 352k tokens): peak 1e-2 7.00, peak 3e-2 6.82, where the old 300 steps of 32 (9,600
-    pairs) ended at 7.12 (quickstart card). Small batches and a 3e-2 peak learn the most per
-    token (300 steps of 32 were too few updates, not a schedule bug), and batch 16 costs 11%
-    less CPU per token than batch 8 (4,829 vs 4,289 tokens per CPU-second), so: batch 16, peak
-    3e-2, 1,600 steps (~0.9 epoch, < 1 so the best model by BLEU is the last). SFT learning rate
-    2e-2: entity F1 0.625 on all held-out rows (1e-2: 0.53 on 400 rows), sentiment 0.826 (1e-2:
-    0.831), session 2; its 1,200 steps (was 1,800) pay for the pretraining.
+    pairs, 352k tokens): peak 1e-2 7.00, peak 3e-2 6.82 (batch 16 peak 3e-2, 300 steps: 6.88),
+    where the old 300 steps of 32 (9,600 pairs) ended at 7.12 (quickstart card). Small batches
+    and a 3e-2 peak learn the most per token (300 steps of 32 were too few updates, not a
+    schedule bug), and batch 16 costs 11% less CPU per token than batch 8 (4,829 vs 4,289 tokens
+    per CPU-second), so: batch 16, peak 3e-2, 1,600 steps (~0.9 epoch, < 1 so the best model by
+    BLEU is the last). SFT learning rate 2e-2: entity F1 0.625 on all held-out rows (1e-2: 0.53
+    on 400 rows), sentiment 0.826 (1e-2: 0.831), session 2; its 1,200 steps (was 1,800) pay for
+    the pretraining.
     test_rows -1: the held-out sets are scored on every row.
     """
     if small:
