@@ -1,4 +1,4 @@
-"""Generation tasks of the embedded corpus: sentiment accuracy, entity F1, BLEU-4.
+"""Tasks of the embedded corpus: sentiment accuracy, entity F1, BLEU-4, language-model figures.
 
 `eval/eval_tasks.py` runs `evaluate_file`: answers are generated greedily in batches (the
 prompt plus [EOS] as encoder input, exactly as in training, then `my_generate`), written
@@ -9,6 +9,15 @@ as JSON lines (prompt, response = the generated answer, reference), and scored:
   same file is reported next to it (a model that always answers the commoner label).
 - entity: micro F1 / precision / recall of the (entity, type) pairs (utils.metrics.tuple_prf).
 - bleu: corpus BLEU-4 (utils.metrics.corpus_bleu4, the implementation training reports).
+- lm: what pretraining learnt, on a pretraining split: the per-token loss of the reference
+  continuations given their openings (teacher-forced, as in training) over every row, its
+  perplexity, and next to it the unigram entropy of the same tokens (the loss of a model
+  that knows only how often each token occurs in this very split: a floor for any
+  unigram model); greedy continuations are generated for the first --show_rows rows only.
+- answers: greedy answers to every prompt, unscored (e.g. chat probes for a report).
+
+Every task keeps the first --show_rows (prompt, answer, reference) triples in its JSON as
+`samples`, so a report can show what the model says next to the figures.
 """
 from __future__ import annotations
 
@@ -21,7 +30,7 @@ from typing import Sequence
 from config import PROJECT_ROOT
 from utils.cli import UserError
 
-TASKS = ("sentiment", "entity", "bleu")
+TASKS = ("sentiment", "entity", "bleu", "lm", "answers")
 SENTIMENT_LABELS = ("积极", "消极")
 
 
@@ -30,13 +39,14 @@ class EvalTasksConfig:
     """Generation-task evaluation (eval/eval_tasks.py)."""
     model_dir: str = str(PROJECT_ROOT / "model_save" / "sft" / "best")
     test_file: str = ""  # parquet (or JSON lines) with prompt and response columns
-    task: str = ""  # sentiment | entity | bleu
+    task: str = ""  # sentiment | entity | bleu | lm | answers
     max_rows: int = -1  # > 0: only the first max_rows rows
     batch_size: int = 16
     max_seq_len: int = 256  # prompt tokens, [EOS] included; longer prompts are cut at the end
     max_new_tokens: int = 128  # generated tokens per answer at most
     output_json: str = ""  # default: model_save/eval/<task>_<test file name>.json
     predictions_file: str = ""  # default: the output_json path with _predictions.jsonl
+    show_rows: int = 5  # (prompt, answer, reference) of the first rows kept in the JSON as `samples`
 
 
 def sentiment_scores(predictions: Sequence[str], references: Sequence[str]) -> dict:
@@ -60,6 +70,39 @@ def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> d
     if task == "bleu":
         return {"bleu4": corpus_bleu4(predictions, references), "rows": len(references)}
     raise UserError(f"unknown --task {task!r}; expected one of: {', '.join(TASKS)}")
+
+
+def lm_figures(model, tokenizer, prompts: Sequence[str], references: Sequence[str], batch_size: int,
+               max_seq_len: int) -> dict:
+    """Teacher-forced per-token loss of `references` given `prompts`, and the unigram entropy
+    of the same reference tokens ([EOS] included on both sides, as the training loss counts it)."""
+    import math
+
+    import torch
+
+    from model.dataset import Collator, encode_batch
+
+    from .common import batches
+
+    device = next(model.parameters()).device
+    enc = encode_batch(tokenizer, prompts, references, max_seq_len)
+    rows = [{"input_ids": a, "labels": b} for a, b in zip(enc["input_ids"], enc["labels"])]
+    collate = Collator(tokenizer.pad_token_id)
+    nll, tokens = 0.0, 0
+    with torch.no_grad():
+        for chunk in batches(rows, batch_size):
+            b = collate(chunk)
+            labels = b["labels"].to(device)
+            logits = model(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                           labels=labels).logits
+            nll += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),
+                                                     ignore_index=-100, reduction="sum").item()
+            tokens += int((labels != -100).sum())
+    counts = Counter(t for ids in enc["labels"] for t in ids)
+    unigram = -sum(c / tokens * math.log(c / tokens) for c in counts.values())
+    loss = nll / tokens
+    return {"valid_loss": loss, "perplexity": math.exp(loss), "unigram_entropy": unigram,
+            "unigram_perplexity": math.exp(unigram), "tokens": tokens, "rows": len(rows)}
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, max_seq_len: int,
@@ -90,17 +133,26 @@ def evaluate_file(cfg: EvalTasksConfig) -> dict:
         raise UserError(f"--task must be one of: {', '.join(TASKS)} (got {cfg.task!r})")
     if not cfg.test_file:
         raise UserError("--test_file is required (parquet with prompt and response columns)")
-    if cfg.batch_size < 1 or cfg.max_seq_len < 2 or cfg.max_new_tokens < 1:
-        raise UserError("--batch_size and --max_new_tokens must be >= 1, --max_seq_len >= 2")
+    if cfg.batch_size < 1 or cfg.max_seq_len < 2 or cfg.max_new_tokens < 1 or cfg.show_rows < 0:
+        raise UserError("--batch_size and --max_new_tokens must be >= 1, --max_seq_len >= 2, --show_rows >= 0")
     rows = read_rows(cfg.test_file, ("prompt", "response"), "test file")
     if cfg.max_rows > 0:
         rows = rows[:cfg.max_rows]
     model, tokenizer = load_model_and_tokenizer(cfg.model_dir)
     prompts = [r["prompt"] for r in rows]
     references = [r["response"] for r in rows]
+    if cfg.task == "lm":  # figures over every row; continuations of the shown rows only
+        figures = lm_figures(model, tokenizer, prompts, references, cfg.batch_size, cfg.max_seq_len)
+        prompts, references = prompts[:cfg.show_rows], references[:cfg.show_rows]
     predictions = generate_answers(model, tokenizer, prompts, cfg.batch_size, cfg.max_seq_len, cfg.max_new_tokens)
+    if cfg.task == "answers":
+        figures = {"rows": len(rows)}
+    elif cfg.task != "lm":
+        figures = score(cfg.task, predictions, references)
+    samples = [{"prompt": p, "response": g, "reference": r}
+               for p, g, r in list(zip(prompts, predictions, references))[:cfg.show_rows]]
     metrics = {"task": cfg.task, "test_file": str(cfg.test_file), "model_dir": str(cfg.model_dir),
-               **score(cfg.task, predictions, references)}
+               **figures, "samples": samples}
     out_json = Path(cfg.output_json or PROJECT_ROOT / "model_save" / "eval" /
                     f"{cfg.task}_{Path(cfg.test_file).stem}.json")
     pred_file = Path(cfg.predictions_file or out_json.with_name(out_json.stem + "_predictions.jsonl"))

@@ -80,3 +80,45 @@ def test_generation_does_not_depend_on_batching(chatty_model_dir):
     one_by_one = generate_answers(model, tokenizer, prompts, 1, 6)
     assert one_by_one == generate_answers(model, tokenizer, prompts, 3, 6)
     assert all(one_by_one) and len(set(one_by_one)) > 1  # real, prompt-dependent text
+
+
+def test_lm_figures_against_the_models_own_loss(chatty_model_dir, tmp_path):
+    """--task lm: loss over every row (teacher-forced, each token weighted once, whatever the
+    batching), the unigram entropy of the same reference tokens, continuations of the first rows."""
+    import math
+    from collections import Counter
+
+    import torch
+
+    from eval.common import load_model_and_tokenizer
+    from model.dataset import encode_batch
+
+    model, tokenizer = load_model_and_tokenizer(chatty_model_dir)
+    prompts = ["今天天气很好，", "人民日报记者报道，", "这本书写得", "北京"]
+    refs = ["我们去公园散步吧。", "新年前夕各地举行活动。", "非常精彩，推荐。", "是中国的首都。"]
+    f = tmp_path / "lm.parquet"
+    pd.DataFrame({"prompt": prompts, "response": refs}).to_parquet(f)
+    m = evaluate_file(EvalTasksConfig(model_dir=str(chatty_model_dir), test_file=str(f), task="lm", batch_size=3,
+                                      max_seq_len=24, max_new_tokens=5, show_rows=2, output_json=str(tmp_path / "lm.json")))
+    enc = encode_batch(tokenizer, prompts, refs, 24)
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for a, b in zip(enc["input_ids"], enc["labels"]):  # one row at a time: no padding at all
+            loss = model(input_ids=torch.tensor([a]), labels=torch.tensor([b])).loss.item()
+            nll, n = nll + loss * len(b), n + len(b)
+    assert (m["rows"], m["tokens"]) == (4, n)
+    assert m["valid_loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert m["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-5)
+    counts = Counter(t for b in enc["labels"] for t in b)
+    assert m["unigram_entropy"] == pytest.approx(-sum(c / n * math.log(c / n) for c in counts.values()))
+    assert [s["prompt"] for s in m["samples"]] == prompts[:2] and all(s["response"] for s in m["samples"])
+    assert [s["reference"] for s in m["samples"]] == refs[:2]
+
+
+def test_answers_task_keeps_every_answer_unscored(chatty_model_dir, tmp_path):
+    f = tmp_path / "probes.parquet"
+    pd.DataFrame({"prompt": [SENT + "很好", "你好"], "response": ["积极", "(not taught)"]}).to_parquet(f)
+    m = evaluate_file(EvalTasksConfig(model_dir=str(chatty_model_dir), test_file=str(f), task="answers",
+                                      max_seq_len=16, max_new_tokens=4, output_json=str(tmp_path / "a.json")))
+    assert m["rows"] == 2 and "accuracy" not in m
+    assert [s["reference"] for s in m["samples"]] == ["积极", "(not taught)"] and all(s["response"] for s in m["samples"])

@@ -44,8 +44,18 @@ def test_report_card_has_every_section(pipeline):
     report = (workdir / "model_save" / "report" / "report.md").read_text(encoding="utf-8")
     for needle in ("## Corpus", "sft_train.parquet", "pretrain (train.py)", "SFT (sft_train.py)", "DPO, LoRA",
                    "BLEU-4", "sentiment accuracy", "majority baseline", "entity extraction F1",
-                   "preference accuracy", "SFT (before DPO)", "torch", "cores"):
+                   "preference accuracy", "SFT (before DPO)", "torch", "cores",
+                   "## What pretraining learnt", "validation perplexity", "unigram entropy of the same split",
+                   "pretrained model's continuation", "## The final model's answers", "请介绍一下你自己"):
         assert needle in report, needle
+    # the pretraining figures and the continuations come from the lm stage's JSON, one table row each
+    lm = json.loads((workdir / "model_save" / "report" / "eval" / "pretrain_lm.json").read_text(encoding="utf-8"))
+    assert lm["unigram_entropy"] > 0 and lm["valid_loss"] > 0 and len(lm["samples"]) == 5
+    assert f"| validation loss (nats/token) | {lm['valid_loss']:.4f} |" in report
+    pretraining = report.split("## What pretraining learnt")[1].split("## Evaluation")[0]
+    assert sum(line.startswith("| ") for line in pretraining.splitlines()) == 2 + 6 + 2 + 5
+    chat = report.split("## The final model's answers")[1].split("## Stage wall times")[0]
+    assert sum(line.startswith("| ") for line in chat.splitlines()) == 2 + 5
     assert (workdir / "model_save" / "report" / "pretrain_loss.png").is_file()
     assert "| n/a | n/a |" not in report.split("## Training")[1].split("## Evaluation")[0]
 
@@ -66,9 +76,9 @@ def test_rerun_skips_and_from_redoes(pipeline):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = " ".join(res.stdout.split())  # rich wraps long lines
     assert "pretrain" in out and "skipped" in out
-    for stage in ("merge", "dpo_eval_after", "eval_final_sentiment", "eval_final_entity"):
+    for stage in ("merge", "dpo_eval_after", "eval_final_sentiment", "eval_final_entity", "chat_final"):
         assert f"✓ {stage}" in out and f"{stage}" in out
-    assert out.count("skipped") == 10  # the ten stages before merge
+    assert out.count("skipped") == 11  # the eleven stages before merge
 
 
 def test_failing_stage_is_named_with_its_command(tmp_path):

@@ -9,6 +9,7 @@ From them `build_demo_corpus` writes:
   response = its continuation;
 - sft_train.parquet, sft_valid.parquet: sentiment and entity-extraction instructions;
 - sentiment_test.parquet, entity_test.parquet: held-out test sets per task;
+- chat_probes.parquet: CHAT_PROBES, a few fixed prompts a report shows the model's answers to;
 - corpus.txt (tokenizer training text) and stats.json (rows and characters per file).
 
 Honest held-out sets: paragraphs and reviews are cleaned and de-duplicated (exact and
@@ -42,6 +43,18 @@ ENTITY_PROMPT = "请抽取出给定句子中的所有人名、地名和机构名
 POSITIVE, NEGATIVE = "积极", "消极"
 ENTITY_TYPES = {"nr": "人名", "ns": "地名", "nt": "机构名"}
 ENTITY_RESPONSE_RE = re.compile(r"\(([^,()]+),(人名|地名|机构名)\)")
+
+# Fixed prompts whose answers the quickstart's report card shows: written for it (none occurs in
+# the corpus), four of the kinds the SFT data teaches, with the answer it teaches, and one it
+# does not teach (open chat), so a reader sees both what the model does and what it cannot.
+NOT_TAUGHT = "(not taught: no SFT row is open chat)"
+CHAT_PROBES = (
+    (SENTIMENT_PROMPT.format("房间干净整洁，服务员态度也很热情，下次出差还会住这里。"), POSITIVE),
+    (SENTIMENT_PROMPT.format("买回来第二天就坏了，联系客服也没人理，太失望了。"), NEGATIVE),
+    (ENTITY_PROMPT.format("江泽民主席昨天在中南海会见了美国客人。"), "[(江泽民,人名),(中南海,地名),(美国,地名)]"),
+    (ENTITY_PROMPT.format("中国人民银行行长戴相龙在天津考察。"), "[(中国人民银行,机构名),(戴相龙,人名),(天津,地名)]"),
+    ("你好，请介绍一下你自己。", NOT_TAUGHT),
+)
 
 MIN_SENTENCE, MAX_SENTENCE = 8, 150  # entity-task sentences, characters
 MIN_PRETRAIN, MAX_PRETRAIN = 16, 400  # pretraining chunks (prompt + response)
@@ -313,7 +326,7 @@ def _build(settings: DemoSettings, out: Path, files: dict, rng: random.Random, d
         "pretrain_train.parquet": pre["train"], "pretrain_valid.parquet": pre["valid"],
         "pretrain_test.parquet": pre["test"], "sft_train.parquet": sft["train"],
         "sft_valid.parquet": sft["valid"], "sentiment_test.parquet": sentiment["test"],
-        "entity_test.parquet": entity["test"],
+        "entity_test.parquet": entity["test"], "chat_probes.parquet": list(CHAT_PROBES),
     }
     empty = [name for name, rows in outputs.items() if not rows]
     if empty:

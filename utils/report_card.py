@@ -1,8 +1,10 @@
 """The quickstart's report card: model_save/report/report.md, from the files each stage wrote.
 
 Read-only over the stages' own outputs (stats.json of the corpus, train_summary.json and
-loss logs of each training stage, the evaluation JSONs), so the card always shows what
-the scripts measured; it computes nothing but presentation.
+loss logs of each training stage, the evaluation JSONs: eval/eval_tasks.py's `lm` figures
+and continuations of the pretrained model, its `answers` of the final model to the chat
+probes), so the card always shows what the scripts measured; it computes nothing but
+presentation.
 """
 from __future__ import annotations
 
@@ -101,6 +103,46 @@ def _trainer_stage(name: str, out: Path, report_dir: Path, eval_key: str = "eval
             "png": png}
 
 
+def _cell(text) -> str:
+    """A table cell: one line, pipes escaped, long text cut (the JSON has it whole), "(nothing)" if empty."""
+    text = " ".join(str(text or "").split()).replace("|", "\\|") or "(nothing)"
+    return text if len(text) <= 120 else text[:119] + "…"
+
+
+def _pretraining_section(lm: dict, bleu: dict) -> list[str]:
+    lines = ["## What pretraining learnt", "",
+             "Validation split of the pretraining pairs (held out from training), every row: the "
+             "pretrained model's per-token loss on the continuations, teacher-forced as in training, "
+             "against the unigram entropy of the same tokens (what a model that knows only how often "
+             "each token occurs in this split would score: below it, the model uses context).", "",
+             "| what | value |", "| --- | ---: |",
+             f"| validation loss (nats/token) | {_fmt(lm.get('valid_loss'))} |",
+             f"| validation perplexity | {_fmt(lm.get('perplexity'), 1)} |",
+             f"| unigram entropy of the same split (nats/token) | {_fmt(lm.get('unigram_entropy'))} |",
+             f"| unigram perplexity | {_fmt(lm.get('unigram_perplexity'), 1)} |",
+             f"| rows / tokens scored | {_fmt(lm.get('rows'))} / {_fmt(lm.get('tokens'))} |",
+             f"| BLEU-4 of greedy continuations, test split | {_fmt(bleu.get('bleu4'))} "
+             f"({_fmt(bleu.get('n_samples'))} rows) |", ""]
+    if lm.get("samples"):
+        lines += ["Greedy continuations of the first held-out openings of that split:", "",
+                  "| opening | pretrained model's continuation | reference |", "| --- | --- | --- |"]
+        lines += [f"| {_cell(x['prompt'])} | {_cell(x['response'])} | {_cell(x['reference'])} |"
+                  for x in lm["samples"]]
+        lines.append("")
+    return lines
+
+
+def _chat_section(chat: dict) -> list[str]:
+    if not chat.get("samples"):
+        return []
+    lines = ["## The final model's answers", "",
+             "Greedy answers of model_save/final (what cli_demo.py and api_demo.py load) to fixed prompts "
+             "(data/demo/chat_probes.parquet): four of the kinds its SFT data teaches and one it does not.",
+             "", "| prompt | answer | the answer SFT teaches |", "| --- | --- | --- |"]
+    lines += [f"| {_cell(x['prompt'])} | {_cell(x['response'])} | {_cell(x['reference'])} |" for x in chat["samples"]]
+    return lines + [""]
+
+
 def _machine() -> str:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -141,7 +183,8 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
               "DPO, LoRA (dpo_train.py)": _trainer_stage("dpo", saves / "dpo", report_dir)}
     bleu = _read_json(saves / "pretrain" / "test_results.json")
     ev_json = {name: _read_json(ev / f"{name}.json") for name in
-               ("sft_sentiment", "sft_entity", "final_sentiment", "final_entity", "dpo_before", "dpo_after")}
+               ("sft_sentiment", "sft_entity", "final_sentiment", "final_entity", "dpo_before", "dpo_after",
+                "pretrain_lm", "final_chat")}
 
     lines = ["# Report card: the whole pipeline on the embedded corpus", ""]
     if small:
@@ -163,9 +206,8 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
     for name, s in stages.items():
         if s["png"]:
             lines.append(f"![{name} loss]({Path(s['png']).name})")
-    lines += ["", "## Evaluation", "", "| what | model | result |", "| --- | --- | --- |"]
-    lines.append(f"| BLEU-4 on the pretraining test split | pretrained | {_fmt(bleu.get('bleu4'))} "
-                 f"({_fmt(bleu.get('n_samples'))} rows) |")
+    lines += [""] + _pretraining_section(ev_json["pretrain_lm"], bleu)
+    lines += ["## Evaluation", "", "| what | model | result |", "| --- | --- | --- |"]
     for tag, label in (("sft", "SFT"), ("final", "DPO (merged)")):
         s = ev_json[f"{tag}_sentiment"]
         lines.append(f"| sentiment accuracy, held-out reviews | {label} | {_fmt(s.get('accuracy'))} "
@@ -180,7 +222,8 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
                      f"{_fmt(d.get('logp_accuracy'))} (per-token {_fmt(d.get('logp_accuracy_per_token'))}; "
                      f"DPO reward accuracy {_fmt(d.get('reward_accuracy'))}, margin {_fmt(d.get('reward_margin'))}; "
                      f"{_fmt(d.get('pairs'))} pairs) |")
-    lines += ["", "## Stage wall times", "", "| stage | seconds |", "| --- | ---: |"]
+    lines += [""] + _chat_section(ev_json["final_chat"])
+    lines += ["## Stage wall times", "", "| stage | seconds |", "| --- | ---: |"]
     total = 0.0
     for name, info in state.items():
         lines.append(f"| {name} | {info['wall_s']:.0f} |")
