@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import AsyncIterator, Iterator, Sequence
 
 import torch
-from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (AsyncTextIteratorStreamer, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList, TextIteratorStreamer, TopPLogitsWarper)
 
 from config import InferConfig
 from model.chat_model import SEARCH_TYPES, check_vocab, load_model, load_tokenizer
@@ -96,6 +97,55 @@ class GenerationControl(StoppingCriteria):
         self.steps += 1
         return torch.full((input_ids.shape[0],), self.stop_event.is_set(), dtype=torch.bool,
                           device=input_ids.device)
+
+
+class Cancelled(Exception):
+    """Raised inside a generation loop that has no stopping criteria (contrastive search) to end it."""
+
+
+class StopOnCancel:
+    """A streamer for `my_generate`'s contrastive search, which takes no stopping criteria:
+    it raises Cancelled at the next token once `control` is stopped, and counts the steps."""
+
+    def __init__(self, control: GenerationControl) -> None:
+        self.control = control
+        self.started = False
+
+    def put(self, value) -> None:
+        if self.started:
+            self.control.steps += 1
+        self.started = True
+        if self.control.stopped:
+            raise Cancelled
+
+    def end(self) -> None:
+        pass
+
+
+class SamplingByRow(LogitsProcessor):
+    """Temperature and top_p for each row of a batch (OpenAI semantics: temperature 0 is greedy).
+
+    In place of transformers' TemperatureLogitsWarper, which divides the raw logits: with a tiny
+    temperature (1e-40) they overflow to inf and sampling fails ("probability tensor contains
+    inf"). Subtracting each row's maximum first keeps the best token at 0 and sends the others
+    to -inf, so any temperature > 0 is well defined and tends to the greedy answer.
+    """
+
+    def __init__(self, temperatures: Sequence[float], top_ps: Sequence[float]) -> None:
+        self.temperatures = list(temperatures)
+        self.top_ps = list(top_ps)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        rows = []
+        for i, (temperature, top_p) in enumerate(zip(self.temperatures, self.top_ps)):
+            row = scores[i:i + 1]
+            if temperature <= 0:  # greedy row in a sampled batch: only its best token can be drawn
+                rows.append(torch.where(row == 0, row, torch.full_like(row, -float("inf"))))
+                continue
+            row = row / temperature
+            rows.append(TopPLogitsWarper(top_p)(input_ids[i:i + 1], row) if top_p < 1 else row)
+        return torch.cat(rows)
 
 
 class AnswerStream:
@@ -197,17 +247,19 @@ class ChatBot:
         return len(encode_texts(self.tokenizer, [text], self.config.max_seq_len)[0])
 
     # ---- generation ----------------------------------------------------------------------
-    def _generation_config(self, max_new_tokens: int, temperature: float, top_p: float):
-        gc = self.model.generation_config_for("greedy", max_new_tokens)
-        if temperature > 0:
-            gc.do_sample = True
-            gc.temperature = temperature
-            gc.top_p = top_p
-            gc.top_k = 0  # OpenAI semantics: temperature and top_p only (transformers would add top_k=50)
-        return gc
+    def _run_search(self, inputs: dict, max_new_tokens: int, search_type: str, control: GenerationControl):
+        """A search type of my_generate's (beam, sampling, contrastive), stoppable by `control`."""
+        if search_type == "contrastive":  # its own loop, which takes no stopping criteria
+            try:
+                return self.model.my_generate(inputs["input_ids"], inputs["attention_mask"], max_seq_len=max_new_tokens,
+                                              search_type=search_type, streamer=StopOnCancel(control))
+            except Cancelled:
+                return torch.full((1, 1), self.model.config.decoder_start_token_id, device=self.device)
+        gc = self.model.generation_config_for(search_type, max_new_tokens)
+        return self.model.generate(**inputs, generation_config=gc, stopping_criteria=StoppingCriteriaList([control]))
 
     def _generate_one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                      control: GenerationControl, streamer=None) -> Answer:
+                      control: GenerationControl, streamer=None, search_type: str = "greedy") -> Answer:
         inputs = self.encode([prompt])
         prompt_tokens = int(inputs["input_ids"].shape[1])
         with self.lock:
@@ -216,9 +268,16 @@ class ChatBot:
                     streamer.end()
                 return Answer("", prompt_tokens, 0, "cancelled")
             try:
-                out = self.model.generate(**inputs, generation_config=self._generation_config(
-                    max_new_tokens, temperature, top_p), stopping_criteria=StoppingCriteriaList([control]),
-                    streamer=streamer)
+                if search_type != "greedy":
+                    out = self._run_search(inputs, max_new_tokens, search_type, control)
+                else:
+                    gc = self.model.generation_config_for("greedy", max_new_tokens)
+                    processors = LogitsProcessorList()
+                    if temperature > 0:  # sampling, with temperature and top_p only (OpenAI semantics)
+                        gc.do_sample, gc.top_k = True, 0
+                        processors.append(SamplingByRow([temperature], [top_p]))
+                    out = self.model.generate(**inputs, generation_config=gc, logits_processor=processors,
+                                              stopping_criteria=StoppingCriteriaList([control]), streamer=streamer)
             finally:
                 self.tokens_generated += control.steps
         new = out[0, 1:]  # drop the decoder start token
@@ -230,10 +289,13 @@ class ChatBot:
         return Answer(text, prompt_tokens, completion_tokens, reason)
 
     def answer(self, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.0,
-               top_p: float = 1.0, control: GenerationControl | None = None) -> Answer:
-        """One whole answer with token counts (greedy, or sampling when temperature > 0)."""
+               top_p: float = 1.0, search_type: str = "greedy", control: GenerationControl | None = None) -> Answer:
+        """One whole answer with token counts: greedy, or sampling when temperature > 0; another
+        search type of my_generate's (beam, sampling, contrastive) with its own settings."""
+        if search_type not in SEARCH_TYPES:
+            raise ValueError(f"search_type must be one of {SEARCH_TYPES}, got {search_type!r}")
         result = self._generate_one(prompt, max_new_tokens or self.config.max_seq_len, temperature, top_p,
-                                    control or GenerationControl())
+                                    control or GenerationControl(), search_type=search_type)
         if not result.text.strip() and result.finish_reason != "cancelled":
             result.text = FALLBACK_ANSWER
         return result
