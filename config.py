@@ -190,6 +190,8 @@ class InferConfig:
     header_timeout: float = 10.0  # seconds a connection may take to send a request's headers, else closed
     body_timeout: float = 30.0  # seconds a request may take to send its body, else 408
     keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
+    max_batch_size: int = 8  # concurrent answers generated together (model/infer.py Batcher)
+    batch_wait_ms: float = 20.0  # a batch waits this long after its first request for others to join
 
 
 @dataclass

@@ -257,7 +257,7 @@ def test_internal_errors_never_reach_the_client(client, bot, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("secret internal detail")
 
-    monkeypatch.setattr(bot, "_generate_one", broken)
+    monkeypatch.setattr(bot, "_generate_batch", broken)
     client = TestClient(client.app, raise_server_exceptions=False)  # answer as a server would
     for r in (client.post("/api/chat", headers=AUTH, json={"input_txt": "你好"}), completion(client, "你好")):
         assert r.status_code == 500

@@ -24,9 +24,11 @@ an int, "yes" not a bool): under /v1 a bad body is a 400 invalid_request_error i
 {"error": {...}} shape, so its clients show the message; /api/chat answers FastAPI's 422
 {"detail"}. No exception text ever reaches a client (500: "internal error", logged here).
 
-Generation runs in worker threads, one at a time on the model (ChatBot's lock), so the event
-loop keeps serving while requests queue; a client that disconnects (streaming, or while
-waiting for a whole answer) stops its generation within one decoding step, on every endpoint.
+Generation runs off the event loop in the model's Batcher thread (model/infer.py): requests
+arriving together are generated as one batch (up to max_batch_size; later ones join the next
+batch), each streamed to its own client and ending at its own EOS or max_tokens. A client that
+disconnects (streaming, or while waiting for a whole answer) leaves its batch within one
+decoding step, on every endpoint.
 """
 from __future__ import annotations
 
@@ -474,7 +476,7 @@ def check_server_settings(config: InferConfig) -> None:
     if not 0 < config.port < 65536:
         raise UserError(f"port must be 1-65535, got {config.port}")
     for name in ("max_new_tokens_cap", "max_input_chars", "max_body_bytes", "max_connections", "header_timeout",
-                 "body_timeout", "keep_alive_timeout"):
+                 "body_timeout", "keep_alive_timeout", "max_batch_size"):
         if not getattr(config, name) > 0:
             raise UserError(f"{name} must be positive, got {getattr(config, name)}")
 
