@@ -292,3 +292,24 @@ def test_only_one_choice(client):
 def test_unknown_v1_path_uses_openai_error_shape(client):
     r = client.get("/v1/nothing", headers=AUTH)
     assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+# ---- settings for `uvicorn api_demo:app`, and the key's sources --------------------------------
+def test_settings_from_environment(tmp_path):
+    from utils.api_app import config_from_env, resolve_api_key
+    from utils.cli import UserError
+
+    config = config_from_env({"CHATLM_MODEL_DIR": str(tmp_path), "CHATLM_MAX_SEQ_LEN": "7",
+                              "CHATLM_BATCH_WAIT_MS": "5", "CHATLM_API_KEY": "ignored-here"})
+    assert (config.model_dir, config.max_seq_len, config.batch_wait_ms, config.api_key) == (str(tmp_path), 7, 5.0, "")
+    with pytest.raises(UserError, match=r"^bad environment variable CHATLM_MAX_SEQ_LEN='abc': invalid int value"):
+        config_from_env({"CHATLM_MAX_SEQ_LEN": "abc"})
+    assert resolve_api_key(InferConfig(), {"CHATLM_API_KEY": "from-env"}).api_key == "from-env"
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert resolve_api_key(InferConfig(api_key_file=str(key_file)), {}).api_key == "from-file"
+    with pytest.raises(UserError, match="given twice"):
+        resolve_api_key(InferConfig(api_key_file=str(key_file)), {"CHATLM_API_KEY": "x"})
+    key_file.write_text("  \n")
+    with pytest.raises(UserError, match="is empty"):
+        resolve_api_key(InferConfig(api_key_file=str(key_file)), {})

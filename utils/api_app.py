@@ -33,12 +33,15 @@ decoding step, on every endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import io
 import hmac
 import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -425,13 +428,19 @@ def config_from_env(environ=os.environ) -> InferConfig:
         return InferConfig(**json.loads(raw))
     argv = []
     for f in fields(InferConfig):
-        value = environ.get(ENV_PREFIX + f.name.upper())
-        if value is not None and f.name != "api_key":  # the key is read by resolve_api_key
-            argv += [f"--{f.name}", value]
-    try:
-        return parse_config(InferConfig, argv)[1]
-    except SystemExit:  # argparse has printed the bad value
-        raise UserError(f"bad {ENV_PREFIX}<FIELD> environment variable(s): {' '.join(argv)}") from None
+        name = ENV_PREFIX + f.name.upper()
+        value = environ.get(name)
+        if value is None or f.name == "api_key":  # the key is read by resolve_api_key
+            continue
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):  # argparse's usage text would bury the one line that matters
+                parse_config(InferConfig, [f"--{f.name}", value])
+        except SystemExit:
+            reason = re.sub(r"^.*?error: (argument \S+: )?", "", stderr.getvalue().strip().splitlines()[-1])
+            raise UserError(f"bad environment variable {name}={value!r}: {reason}") from None
+        argv += [f"--{f.name}", value]
+    return parse_config(InferConfig, argv)[1]
 
 
 def resolve_api_key(config: InferConfig, environ=os.environ) -> InferConfig:
