@@ -145,9 +145,16 @@ def test_slow_body_gets_408(bot):
 
 def test_concurrent_requests_on_both_endpoints_share_a_batch(chatty_model_dir, monkeypatch):
     short = ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=8))
-    sizes = []
+    sizes, gate = [], threading.Event()
     real = short._generate_batch
-    monkeypatch.setattr(short, "_generate_batch", lambda jobs: (sizes.append(len(jobs)), real(jobs))[1])
+
+    def spy(jobs):  # the first batch waits for the gate: the requests sent meanwhile queue up
+        sizes.append(len(jobs))
+        if len(sizes) == 1:
+            gate.wait(60)
+        return real(jobs)
+
+    monkeypatch.setattr(short, "_generate_batch", spy)
     with serving(short) as port:
         base = f"http://127.0.0.1:{port}"
         results = {}
@@ -155,27 +162,26 @@ def test_concurrent_requests_on_both_endpoints_share_a_batch(chatty_model_dir, m
         def ask(name, path, body):
             results[name] = httpx.post(base + path, json=body, timeout=120, trust_env=False).json()
 
-        with httpx.Client(base_url=base, timeout=60, trust_env=False) as http:
-            with http.stream("POST", "/v1/chat/completions", json={
-                    "messages": [{"role": "user", "content": "占线"}], "max_tokens": 4000, "stream": True}) as busy:
-                for line in busy.iter_lines():  # the long answer is being generated
-                    if '"content": "' in line and '"content": ""' not in line:
-                        break
-                threads = [threading.Thread(target=ask, args=args) for args in [
+        requests = [("first", "/v1/chat/completions", {"messages": [{"role": "user", "content": "早"}], "max_tokens": 2}),
                     ("chat1", "/api/chat", {"input_txt": "你好"}), ("chat2", "/api/chat", {"input_txt": "再见"}),
                     ("v1", "/v1/chat/completions", {"messages": [{"role": "user", "content": "你好"}], "max_tokens": 5}),
                     ("v1s", "/v1/chat/completions", {"messages": [{"role": "user", "content": "再见"}],
-                                                     "max_tokens": 3, "temperature": 0.8})]]
-                for t in threads:
-                    t.start()
-                deadline = time.monotonic() + 60
-                while len(short.batcher.queue) < 4:  # all four wait while the long answer runs
-                    assert time.monotonic() < deadline
-                    time.sleep(0.05)
-            # the long answer's client has left: the four run together
-            for t in threads:
-                t.join(120)
-    assert sizes[:2] == [1, 4]
+                                                     "max_tokens": 3, "temperature": 0.8})]
+        threads = [threading.Thread(target=ask, args=args) for args in requests]
+        threads[0].start()
+        deadline = time.monotonic() + 60
+        while not sizes:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        for t in threads[1:]:
+            t.start()
+        while len(short.batcher.queue) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        gate.set()
+        for t in threads:
+            t.join(120)
+    assert sizes == [1, 4]
     assert results["chat1"] == {"response": short.chat("你好")}
     assert results["chat2"] == {"response": short.chat("再见")}
     assert results["v1"]["choices"][0]["message"]["content"] == short.chat("你好", max_new_tokens=5)

@@ -181,13 +181,11 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         if self.api_key and path.startswith(PROTECTED_PREFIXES):
             auth = headers.get("authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not token.strip():
-                resp = error_response(path, 401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                                      {"WWW-Authenticate": "Bearer"})
-                return await resp(scope, receive, send)
-            if not hmac.compare_digest(token.strip(), self.api_key):
-                resp = error_response(path, 401, "invalid API key", {"WWW-Authenticate": "Bearer"})
+            if not _has_key(auth, self.api_key):
+                scheme, _, token = auth.partition(b" ")
+                message = ("missing API key: send the header 'Authorization: Bearer <key>'"
+                           if scheme.lower() != b"bearer" or not token.strip() else "invalid API key")
+                resp = error_response(path, 401, message, {"WWW-Authenticate": "Bearer"})
                 return await resp(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
