@@ -213,7 +213,8 @@ def test_uvicorn_api_demo_app(chatty_model_dir, tmp_path):
                                "'model.infer' in sys.modules)"], cwd=str(PROJECT_ROOT), capture_output=True,
                               text=True, timeout=120)
     assert imported.stdout.split() == ["False", "False"], imported.stderr  # importing it loads no model
-    proc, base, log = _start(["-m", "uvicorn", "api_demo:app", "--log-level", "debug"],
+    proc, base, log = _start(["-m", "uvicorn", "api_demo:app", "--log-level", "debug", "--http",
+                              "utils.http_limits:LimitedH11Protocol", "--limit-concurrency", "64"],
                              {"CHATLM_MODEL_DIR": str(chatty_model_dir), "CHATLM_MAX_SEQ_LEN": "4",
                               "CHATLM_API_KEY": SECRET}, tmp_path / "uvicorn.log")
     try:

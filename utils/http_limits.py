@@ -2,7 +2,9 @@
 for each request's headers, so slow or idle clients cannot exhaust the server.
 
 Used through `utils.api_app.server_settings(config)`, which passes `LimitedH11Protocol` to
-uvicorn as its `http` protocol. Hand-written because uvicorn has neither: its
+uvicorn as its `http` protocol; with InferConfig's defaults from uvicorn's command line too:
+`uvicorn api_demo:app --http utils.http_limits:LimitedH11Protocol --limit-concurrency 64`.
+Hand-written because uvicorn has neither: its
 `limit_concurrency` answers 503 only once a request's headers are complete (a connection
 that never finishes them is never counted), and its keep-alive timer starts only after a
 first response and is cancelled by any byte received, so a client that opens a connection
@@ -16,13 +18,16 @@ import asyncio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from config import InferConfig
+
 
 class LimitedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol plus: at most `max_connections` open connections (later ones are
     closed at once), and `header_timeout` seconds to deliver each request's headers, counted
     from the connection's opening or the previous response (later, the connection is closed)."""
 
-    def __init__(self, *args, max_connections: int, header_timeout: float, **kwargs) -> None:
+    def __init__(self, *args, max_connections: int = InferConfig.max_connections,
+                 header_timeout: float = InferConfig.header_timeout, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections = max_connections
         self.header_timeout = header_timeout
