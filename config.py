@@ -295,7 +295,8 @@ class InferConfig(Settings, rules=_INFER_RULES):
     device: str = "auto"  # "auto" (CUDA, then MPS, then CPU) | "cuda" | "cuda:1" | "mps" | "cpu"
     stream: bool = True  # cli_demo: stream the answer; False waits for it behind a spinner
     search_type: str = "greedy"  # non-streamed answers (cli --stream False, /api/chat): greedy|beam|sampling|contrastive
-    api_key: str = ""  # non-empty: requests need "Authorization: Bearer <api_key>"
+    api_key: str = ""  # non-empty: requests need "Authorization: Bearer <api_key>" (or CHATLM_API_KEY, api_key_file)
+    api_key_file: str = ""  # a file holding the key (kept out of `ps`, unlike --api_key)
     host: str = "127.0.0.1"
     port: int = 8812
     reload: bool = False
@@ -305,6 +306,12 @@ class InferConfig(Settings, rules=_INFER_RULES):
     max_input_chars: int = 2048  # longer questions get 400
     max_new_tokens_cap: int = 1024  # larger max_tokens gets 400
     max_body_bytes: int = 65536  # larger request bodies get 413
+    max_connections: int = 64  # open connections beyond this are closed at once; requests beyond it get 503
+    header_timeout: float = 10.0  # seconds a connection may take to send a request's headers, else closed
+    body_timeout: float = 30.0  # seconds a request may take to send its body, else 408
+    keep_alive_timeout: int = 5  # seconds an idle keep-alive connection stays open
+    max_batch_size: int = 8  # concurrent answers generated together (model/infer.py Batcher)
+    batch_wait_ms: float = 20.0  # a batch waits this long after its first request for others to join
 
 
 @dataclass

@@ -16,19 +16,24 @@ directory unless `tokenizer_dir` says otherwise. It runs on CUDA, MPS or the CPU
 precision on a GPU and fp32 on the CPU. A question gets [EOS] appended exactly as in
 training (`model.dataset.encode_texts`).
 
-One generation runs at a time (a lock around the model): callers in several threads (the
-API's worker threads, a streaming thread) queue on it instead of interleaving on one device.
+`answer` and `stream_chat` (what the API uses) go through the bot's Batcher: answers asked for
+concurrently are generated as one batch, each row ending at its own EOS or max_new_tokens or
+when its caller stops it. One generation runs at a time on the model (a lock: the batcher's,
+or `chat`'s for the CLI and evaluation).
 """
 from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Iterator, Sequence
 
 import torch
-from transformers import AsyncTextIteratorStreamer, StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+from transformers import (AsyncTextIteratorStreamer, LogitsProcessor, LogitsProcessorList, StoppingCriteria,
+                          StoppingCriteriaList, TextIteratorStreamer, TopPLogitsWarper)
 
 from config import MODEL_SAVE_DIR, InferConfig
 from model.chat_model import SEARCH_TYPES, check_vocab, is_model_dir, load_model, load_tokenizer
@@ -101,42 +106,196 @@ class GenerationControl(StoppingCriteria):
                           device=input_ids.device)
 
 
+class Cancelled(Exception):
+    """Raised by a batch's streamer to end contrastive search (which takes no stopping
+    criteria) once every row of the batch has finished."""
+
+
+class SamplingByRow(LogitsProcessor):
+    """Temperature and top_p for each row of a batch (OpenAI semantics: temperature 0 is greedy).
+
+    In place of transformers' TemperatureLogitsWarper, which divides the raw logits: with a tiny
+    temperature (1e-40) they overflow to inf and sampling fails ("probability tensor contains
+    inf"). Subtracting each row's maximum first keeps the best token at 0 and sends the others
+    to -inf, so any temperature > 0 is well defined and tends to the greedy answer.
+    """
+
+    def __init__(self, temperatures: Sequence[float], top_ps: Sequence[float]) -> None:
+        self.temperatures = list(temperatures)
+        self.top_ps = list(top_ps)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores - scores.max(dim=-1, keepdim=True).values
+        rows = []
+        for i, (temperature, top_p) in enumerate(zip(self.temperatures, self.top_ps)):
+            row = scores[i:i + 1]
+            if temperature <= 0:  # greedy row in a sampled batch: only its best token can be drawn
+                rows.append(torch.where(row == 0, row, torch.full_like(row, -float("inf"))))
+                continue
+            row = row / temperature
+            rows.append(TopPLogitsWarper(top_p)(input_ids[i:i + 1], row) if top_p < 1 else row)
+        return torch.cat(rows)
+
+
+@dataclass
+class _Job:
+    """One answer asked of the Batcher: its prompt, limits, stop switch, and (once done) result."""
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    search_type: str  # "greedy" (sampling when temperature > 0), or my_generate's beam, sampling, contrastive
+    control: GenerationControl
+    streamer: TextIteratorStreamer | None  # gets the answer's tokens as they come (skip_prompt=False)
+    tokens: list[int] = field(default_factory=list)
+    answer: Answer | None = None
+    error: BaseException | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class _BatchRows(StoppingCriteria):
+    """A running batch's bookkeeping, as the streamer and the stopping criterion of its generation.
+
+    At every decoding step `generate` hands the streamer the step's token of every row (before
+    asking the stopping criteria): each row's token goes to its own job, which finishes at its
+    own EOS or max_new_tokens, or as soon as its client stops it; the criterion then tells
+    `generate` which rows are done (they get padding from then on; the generation ends when
+    all are). A job's answer is delivered when its row finishes, not at the end of the batch.
+    """
+
+    def __init__(self, bot: "ChatBot", jobs: list[_Job]) -> None:
+        self.bot = bot
+        self.jobs = jobs
+        self.eos = bot.tokenizer.eos_token_id
+        self.started = False
+        self.raise_when_done = False  # contrastive search: end its loop by raising Cancelled
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.started:  # the decoder start tokens
+            self.started = True
+            return
+        for job, token in zip(self.jobs, value.reshape(-1).tolist()):
+            if job.done.is_set():
+                continue
+            if job.control.stopped:
+                self.bot._finish(job, "cancelled")
+                continue
+            job.tokens.append(token)
+            self.bot.tokens_generated += 1
+            if job.streamer is not None:
+                try:
+                    job.streamer.put(torch.tensor([token]))
+                except Exception:  # its reader's event loop is gone: nobody is listening
+                    job.control.stop()
+            if token == self.eos:
+                self.bot._finish(job, "stop")
+            elif len(job.tokens) >= job.max_new_tokens:
+                self.bot._finish(job, "length")
+        if self.raise_when_done and all(job.done.is_set() for job in self.jobs):
+            raise Cancelled
+
+    def end(self) -> None:
+        pass
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = [job.done.is_set() or job.control.stopped for job in self.jobs]
+        if input_ids.shape[0] != len(done):  # beam search: num_beams rows for its one job
+            done = [all(done)] * input_ids.shape[0]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class Batcher:
+    """Runs the answers asked for concurrently as batches, in one thread: the jobs waiting when
+    a batch starts (up to max_batch_size, of the oldest job's search type) are generated
+    together, each row finishing on its own; jobs arriving meanwhile wait for the next batch.
+    Greedy and temperature sampling share batches (SamplingByRow applies each row's settings);
+    beam search, which cannot stream, runs one job at a time. A decoding step of 8 rows costs
+    little more than one of 1 (per-step overhead and reading the weights dominate: tiny config,
+    one thread, `generate` of 64 tokens measured 13.5 ms a step for 1 row, 21.0 ms for 8), so
+    concurrent clients share steps instead of queuing for the model (benchmarks/bench_serving.py;
+    figures in the README).
+    """
+
+    def __init__(self, bot: "ChatBot", max_batch_size: int, batch_wait_ms: float) -> None:
+        self.bot = bot
+        self.max_batch_size = max_batch_size
+        self.batch_wait = batch_wait_ms / 1000
+        self.queue: deque[_Job] = deque()
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def submit(self, job: _Job) -> _Job:
+        with self.cond:
+            self.queue.append(job)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="chatbot-batcher", daemon=True)
+                self.thread.start()
+            self.cond.notify()
+        return job
+
+    def _take(self) -> list[_Job]:
+        kind = self.queue[0].search_type
+        limit = 1 if kind == "beam" else self.max_batch_size
+        batch = [job for job in self.queue if job.search_type == kind][:limit]
+        for job in batch:
+            self.queue.remove(job)
+        return batch
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                # Wait for the batch to fill up to batch_wait_ms after its oldest job arrived:
+                # clients that get their answers together ask again a few ms apart (an HTTP round
+                # trip), and without the wait the first one would start a batch of its own.
+                while True:
+                    while not self.queue:
+                        self.cond.wait()
+                    left = self.queue[0].submitted + self.batch_wait - time.monotonic()
+                    if len(self.queue) >= self.max_batch_size or left <= 0:
+                        break
+                    self.cond.wait(left)
+                batch = self._take()
+            try:
+                self.bot._generate_batch(batch)
+            except BaseException as exc:  # handed to each waiting reader; the thread carries on
+                for job in batch:
+                    if not job.done.is_set():
+                        job.error = exc
+                        self.bot._finish(job, "error")
+
+
 class AnswerStream:
     """One streamed answer: iterate (or `async for`) over its text pieces as they are generated.
 
-    Generation runs in its own thread. When it produced no printable text the stream yields
-    FALLBACK_ANSWER instead; an error in the generation thread is raised to the reader.
-    `stop()` ends the generation early; `answer` holds the totals once the stream is done.
+    Generation runs in the bot's Batcher thread, batched with other concurrent answers. When it
+    produced no printable text the stream yields FALLBACK_ANSWER instead; an error in the
+    generation is raised to the reader. `stop()` ends the generation early; `answer` holds
+    the totals once the stream is done.
     """
 
     def __init__(self, bot: "ChatBot", prompt: str, max_new_tokens: int, temperature: float, top_p: float,
                  asynchronous: bool) -> None:
         self.control = GenerationControl()
-        self.answer: Answer | None = None
-        self.error: BaseException | None = None
-        self._bot = bot
         self._pieces: list[str] = []
         cls = AsyncTextIteratorStreamer if asynchronous else TextIteratorStreamer
-        self.streamer = cls(bot.tokenizer, skip_prompt=True, skip_special_tokens=True,
+        self.streamer = cls(bot.tokenizer, skip_prompt=False, skip_special_tokens=True,
                             clean_up_tokenization_spaces=False)
-        self._thread = threading.Thread(target=self._run, args=(prompt, max_new_tokens, temperature, top_p),
-                                        name="chatbot-generate", daemon=True)
-        self._thread.start()
+        self._job = bot._submit(prompt, max_new_tokens, temperature, top_p, "greedy", self.control, self.streamer)
 
-    def _run(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float) -> None:
-        try:
-            self.answer = self._bot._generate_one(prompt, max_new_tokens, temperature, top_p,
-                                                  self.control, self.streamer)
-        except BaseException as exc:  # handed to the reader; the thread itself must not die silently
-            self.error = exc
-            self.streamer.end()
+    @property
+    def answer(self) -> Answer | None:
+        return self._job.answer
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._job.error
 
     def stop(self) -> None:
         self.control.stop()
 
     def join(self, timeout: float | None = None) -> bool:
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+        return self._job.done.wait(timeout)
 
     def _tail(self) -> Iterator[str]:
         """What follows the model's pieces: an error, or the fallback for an empty answer."""
@@ -152,7 +311,7 @@ class AnswerStream:
             if piece:
                 self._pieces.append(piece)
                 yield piece
-        self._thread.join()
+        self._job.done.wait()
         yield from self._tail()
 
     async def __aiter__(self) -> AsyncIterator[str]:
@@ -160,8 +319,8 @@ class AnswerStream:
             if piece:
                 self._pieces.append(piece)
                 yield piece
-        # The streamer ends right before generate returns; wait for the thread without blocking the loop.
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        # The streamer ends as the job finishes; wait for that without blocking the loop.
+        await asyncio.get_running_loop().run_in_executor(None, self._job.done.wait)
         for piece in self._tail():
             yield piece
 
@@ -191,19 +350,26 @@ class ChatBot:
         tok_dir = tokenizer_dir_for(model_path, self.config)
         if self.config.search_type not in SEARCH_TYPES:
             raise UserError(f"search_type must be one of {', '.join(SEARCH_TYPES)}, got {self.config.search_type!r}")
+        if self.config.max_batch_size < 1:
+            raise UserError(f"max_batch_size must be >= 1, got {self.config.max_batch_size}")
+        if not 0 <= self.config.batch_wait_ms <= 10_000:
+            raise UserError(f"batch_wait_ms must be 0-10000, got {self.config.batch_wait_ms}")
         self.device = pick_device(self.config.device)
         self.dtype = pick_dtype(self.device, self.config.mixed_precision)
         self.tokenizer = load_tokenizer(tok_dir)
         model = load_model(model_path, dtype=self.dtype)
         check_vocab(self.tokenizer, model.config, where=str(model_path))
         self.model = model.to(self.device).eval()
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # one generation at a time on the model: the batcher's, or chat()'s
+        self.batcher = Batcher(self, self.config.max_batch_size, self.config.batch_wait_ms)
         self.tokens_generated = 0  # decoding steps since start, all requests together (for /health)
 
     # ---- encoding / decoding -------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded input_ids/attention_mask on the model's device, each text ending in [EOS]."""
-        ids = encode_texts(self.tokenizer, texts, self.config.max_seq_len)
+        return self._pad(encode_texts(self.tokenizer, texts, self.config.max_seq_len))
+
+    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
@@ -215,43 +381,73 @@ class ChatBot:
         return len(encode_texts(self.tokenizer, [text], self.config.max_seq_len)[0])
 
     # ---- generation ----------------------------------------------------------------------
-    def _generation_config(self, max_new_tokens: int, temperature: float, top_p: float):
-        gc = self.model.generation_config_for("greedy", max_new_tokens)
-        if temperature > 0:
-            gc.do_sample = True
-            gc.temperature = temperature
-            gc.top_p = top_p
-            gc.top_k = 0  # OpenAI semantics: temperature and top_p only (transformers would add top_k=50)
-        return gc
+    def _submit(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, search_type: str,
+                control: GenerationControl, streamer=None) -> _Job:
+        """Queue one answer for the batcher; the returned job's `done` is set when it is ready."""
+        ids = encode_texts(self.tokenizer, [prompt], self.config.max_seq_len)[0]
+        return self.batcher.submit(_Job(ids, max_new_tokens, temperature, top_p, search_type, control, streamer))
 
-    def _generate_one(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float,
-                      control: GenerationControl, streamer=None) -> Answer:
-        inputs = self.encode([prompt])
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        with self.lock:
-            if control.stopped:  # its client left while it waited for the model
-                if streamer is not None:
-                    streamer.end()
-                return Answer("", prompt_tokens, 0, "cancelled")
+    def _finish(self, job: _Job, reason: str) -> None:
+        """Deliver a job's answer (its row of the batch is done) and wake its reader."""
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        job.answer = Answer(text, len(job.ids), len(job.tokens), reason)
+        if job.streamer is not None:
             try:
-                out = self.model.generate(**inputs, generation_config=self._generation_config(
-                    max_new_tokens, temperature, top_p), stopping_criteria=StoppingCriteriaList([control]),
-                    streamer=streamer)
-            finally:
-                self.tokens_generated += control.steps
-        new = out[0, 1:]  # drop the decoder start token
-        eos = self.tokenizer.eos_token_id
-        ended = bool((new == eos).any())
-        completion_tokens = int((new == eos).nonzero()[0, 0]) + 1 if ended else int(new.numel())
-        reason = "stop" if ended else ("cancelled" if control.stopped else "length")
-        text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-        return Answer(text, prompt_tokens, completion_tokens, reason)
+                job.streamer.end()
+            except Exception:  # its reader's event loop is gone
+                pass
+        job.done.set()
+
+    @torch.no_grad()
+    def _generate_batch(self, jobs: list[_Job]) -> None:
+        """One generation for `jobs` (one search type; see Batcher), each row finishing on its own."""
+        for job in jobs:
+            if job.control.stopped:  # its client left while it waited
+                self._finish(job, "cancelled")
+        jobs = [job for job in jobs if not job.done.is_set()]
+        if not jobs:
+            return
+        search_type = jobs[0].search_type
+        inputs = self._pad([job.ids for job in jobs])
+        rows = _BatchRows(self, jobs)
+        max_new = max(job.max_new_tokens for job in jobs)
+        with self.lock:
+            if search_type == "contrastive":  # my_generate's own loop: the rows end it by raising Cancelled
+                rows.raise_when_done = True
+                try:
+                    self.model.my_generate(inputs["input_ids"], inputs["attention_mask"], max_seq_len=max_new,
+                                           search_type=search_type, streamer=rows)
+                except Cancelled:
+                    pass
+            else:
+                gc = self.model.generation_config_for(search_type, max_new)
+                processors = LogitsProcessorList()
+                if search_type == "greedy" and any(job.temperature > 0 for job in jobs):
+                    # sampling with temperature and top_p only, each row its own (OpenAI semantics)
+                    gc.do_sample, gc.top_k = True, 0
+                    processors.append(SamplingByRow([j.temperature for j in jobs], [j.top_p for j in jobs]))
+                out = self.model.generate(**inputs, generation_config=gc, logits_processor=processors,
+                                          stopping_criteria=StoppingCriteriaList([rows]),
+                                          streamer=None if search_type == "beam" else rows)
+                if search_type == "beam":  # transformers cannot stream beam search: hand over the result
+                    for step in out.T:
+                        rows.put(step.cpu())
+        for job in jobs:
+            if not job.done.is_set():
+                self._finish(job, "cancelled" if job.control.stopped else "length")
 
     def answer(self, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.0,
-               top_p: float = 1.0, control: GenerationControl | None = None) -> Answer:
-        """One whole answer with token counts (greedy, or sampling when temperature > 0)."""
-        result = self._generate_one(prompt, max_new_tokens or self.config.max_seq_len, temperature, top_p,
-                                    control or GenerationControl())
+               top_p: float = 1.0, search_type: str = "greedy", control: GenerationControl | None = None) -> Answer:
+        """One whole answer with token counts: greedy, or sampling when temperature > 0; another
+        search type of my_generate's (beam, sampling, contrastive) with its own settings."""
+        if search_type not in SEARCH_TYPES:
+            raise ValueError(f"search_type must be one of {SEARCH_TYPES}, got {search_type!r}")
+        job = self._submit(prompt, max_new_tokens or self.config.max_seq_len, temperature, top_p, search_type,
+                           control or GenerationControl())
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        result = job.answer
         if not result.text.strip() and result.finish_reason != "cancelled":
             result.text = FALLBACK_ANSWER
         return result

@@ -86,8 +86,15 @@ def test_health_and_page_need_no_key(client):
     health = client.get("/health")
     assert health.status_code == 200
     body = health.json()
-    assert body["status"] == "ok" and body["device"] == "cpu" and body["dtype"] == "float32"
-    assert isinstance(body["tokens_generated"], int) and body["active_requests"] == 0
+    assert body == {"status": "ok", "model": "chatlm-mini-chinese", "device": "cpu", "dtype": "float32"}
+    # the load counters only for holders of the key
+    assert client.get("/health", headers={"Authorization": "Bearer wrong"}).json() == body
+    full = client.get("/health", headers=AUTH).json()
+    assert isinstance(full["tokens_generated"], int) and full["active_requests"] == 0
+    for path in ("/", "/health"):
+        head = client.head(path)
+        assert head.status_code == 200 and head.content == b"", path
+    assert client.get("/openapi.json").status_code == 200 and client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert '<script src="/static/chat.js">' in page.text
@@ -159,7 +166,7 @@ def test_max_tokens_limit(client):
     r = completion(client, max_tokens=33)
     assert r.status_code == 400 and "max_tokens is 33; the limit is 32" in r.json()["error"]["message"]
     assert completion(client, max_completion_tokens=33).status_code == 400
-    assert completion(client, max_tokens=0).status_code == 422
+    assert completion(client, max_tokens=0).status_code == 400
 
 
 def test_body_size_limit(client):
@@ -175,7 +182,13 @@ def test_body_size_limit(client):
     assert r.status_code == 413 and "limit is 4096 bytes" in r.json()["error"]["message"]
 
 
-# ---- malformed bodies: 422 with a message, never 500 -----------------------------------------
+def test_tiny_temperature_gives_the_greedy_answer(client, bot):
+    r = completion(client, "你好", max_tokens=5, temperature=1e-40)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == bot.chat("你好", max_new_tokens=5)
+
+
+# ---- malformed bodies: 4xx with a message, never 500 ----------------------------------------
 @pytest.mark.parametrize("path,body", [
     ("/api/chat", b"{\"input_txt\": "),
     ("/api/chat", b"not json at all"),
@@ -193,11 +206,74 @@ def test_body_size_limit(client):
     ("/v1/chat/completions", b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": \"many\"}"),
     ("/v1/chat/completions", b"{\"messages\": [{\"role\": \"user\""),
 ])
-def test_malformed_bodies_get_422(client, path, body):
+def test_malformed_bodies_get_4xx(client, path, body):
+    """/api/chat: FastAPI's 422; /v1: OpenAI's 400 invalid_request_error."""
     r = client.post(path, headers={**AUTH, "Content-Type": "application/json"}, content=body)
-    assert r.status_code == 422, r.text
-    message = r.json()["error"]["message"] if path.startswith("/v1/") else r.json()["detail"]
+    if path.startswith("/v1/"):
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request_error"
+        message = r.json()["error"]["message"]
+    else:
+        assert r.status_code == 422, r.text
+        message = r.json()["detail"]
     assert message.startswith("invalid request body")
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"max_tokens": "2"}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 2.0}, "max_tokens"),
+    ({"stream": "yes"}, "stream"), ({"stream": 1}, "stream"), ({"temperature": "0.5"}, "temperature"),
+    ({"n": "1"}, "n"),
+])
+def test_lax_coercions_are_refused_like_openai(client, extra, field):
+    r = completion(client, "你好", **extra)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and f"invalid request body: {field}:" in error["message"]
+
+
+def test_integral_number_is_a_float(client):
+    assert completion(client, "你好", max_tokens=2, temperature=1, top_p=1).status_code == 200
+
+
+SURROGATE = b'"\\ud800abc"'  # JSON text for a string holding a lone surrogate
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/api/chat", b'{"input_txt": ' + SURROGATE + b'}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": ' + SURROGATE + b'}]}'),
+    ("/v1/chat/completions", b'{"stream": true, "messages": [{"role": "user", "content": ' + SURROGATE + b'}]}'),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"type": "text", "text": ' + SURROGATE
+     + b'}]}]}'),
+])
+def test_lone_surrogate_is_a_clear_4xx(client, path, body):
+    r = client.post(path, headers={**AUTH, "Content-Type": "application/json"}, content=body)
+    assert r.status_code in (400, 422), r.text
+    assert not r.headers["content-type"].startswith("text/event-stream")
+    message = r.json()["error"]["message"] if path.startswith("/v1/") else r.json()["detail"]
+    assert "unpaired surrogate (U+D800) at character 0" in message, message
+
+
+def test_internal_errors_never_reach_the_client(client, bot, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(bot, "_generate_batch", broken)
+    client = TestClient(client.app, raise_server_exceptions=False)  # answer as a server would
+    for r in (client.post("/api/chat", headers=AUTH, json={"input_txt": "你好"}), completion(client, "你好")):
+        assert r.status_code == 500
+        assert "secret" not in r.text and "internal error" in r.text
+    assert completion(client, "你好").json()["error"]["type"] == "server_error"
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+            "messages": [{"role": "user", "content": "你好"}], "stream": True}) as r:
+        text = r.read().decode()
+    events = sse_events(text)
+    assert events[-2]["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+    assert "secret" not in text and "internal error" in text
+
+
+def test_wrong_method_under_v1_is_an_invalid_request(client):
+    r = client.get("/v1/chat/completions", headers=AUTH)
+    assert r.status_code == 405 and r.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("messages,expected", [
@@ -216,3 +292,24 @@ def test_only_one_choice(client):
 def test_unknown_v1_path_uses_openai_error_shape(client):
     r = client.get("/v1/nothing", headers=AUTH)
     assert r.status_code == 404 and "message" in r.json()["error"]
+
+
+# ---- settings for `uvicorn api_demo:app`, and the key's sources --------------------------------
+def test_settings_from_environment(tmp_path):
+    from utils.api_app import config_from_env, resolve_api_key
+    from utils.cli import UserError
+
+    config = config_from_env({"CHATLM_MODEL_DIR": str(tmp_path), "CHATLM_MAX_SEQ_LEN": "7",
+                              "CHATLM_BATCH_WAIT_MS": "5", "CHATLM_API_KEY": "ignored-here"})
+    assert (config.model_dir, config.max_seq_len, config.batch_wait_ms, config.api_key) == (str(tmp_path), 7, 5.0, "")
+    with pytest.raises(UserError, match=r"^bad environment variable CHATLM_MAX_SEQ_LEN='abc': invalid int value"):
+        config_from_env({"CHATLM_MAX_SEQ_LEN": "abc"})
+    assert resolve_api_key(InferConfig(), {"CHATLM_API_KEY": "from-env"}).api_key == "from-env"
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    assert resolve_api_key(InferConfig(api_key_file=str(key_file)), {}).api_key == "from-file"
+    with pytest.raises(UserError, match="given twice"):
+        resolve_api_key(InferConfig(api_key_file=str(key_file)), {"CHATLM_API_KEY": "x"})
+    key_file.write_text("  \n")
+    with pytest.raises(UserError, match="is empty"):
+        resolve_api_key(InferConfig(api_key_file=str(key_file)), {})

@@ -160,3 +160,124 @@ def test_client_leaving_a_whole_answer_stops_generation(live_api):
     assert after["active_requests"] == 0
     generated = after["tokens_generated"] - before
     assert generated < 1024, f"{generated} tokens generated for a client that left after 0.5 s"
+
+
+# ---- other ways to start the server -----------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list, env: dict, log_path) -> tuple:
+    """Start a server process on a free loopback port; wait for /health. Returns (proc, base, log)."""
+    import sys
+
+    port = _free_port()
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, *args, "--port", str(port)], cwd=str(PROJECT_ROOT), stdout=log,
+                            stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, f"server exited: {log_path.read_text()[-2000:]}"
+        try:
+            if httpx.get(base + "/health", timeout=2, trust_env=False).status_code == 200:
+                return proc, base, log
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not answer /health within 180 s"
+        time.sleep(0.3)
+
+
+def _stop(proc, log) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+SECRET = "k3y-in-the-environment"
+
+
+def test_uvicorn_api_demo_app(chatty_model_dir, tmp_path):
+    """The original documents `uvicorn api_demo:app`: settings from CHATLM_<FIELD> variables."""
+    import sys
+
+    imported = subprocess.run([sys.executable, "-c", "import api_demo, sys; print('app' in vars(api_demo), "
+                               "'model.infer' in sys.modules)"], cwd=str(PROJECT_ROOT), capture_output=True,
+                              text=True, timeout=120)
+    assert imported.stdout.split() == ["False", "False"], imported.stderr  # importing it loads no model
+    proc, base, log = _start(["-m", "uvicorn", "api_demo:app", "--log-level", "debug", "--http",
+                              "utils.http_limits:LimitedH11Protocol", "--limit-concurrency", "64"],
+                             {"CHATLM_MODEL_DIR": str(chatty_model_dir), "CHATLM_MAX_SEQ_LEN": "4",
+                              "CHATLM_API_KEY": SECRET}, tmp_path / "uvicorn.log")
+    try:
+        auth = {"Authorization": f"Bearer {SECRET}"}
+        r = httpx.post(base + "/api/chat", json={"input_txt": "你好"}, headers=auth, timeout=60, trust_env=False)
+        assert r.status_code == 200 and len(r.json()["response"]) == 4
+        assert httpx.post(base + "/api/chat", json={"input_txt": "你好"}, timeout=60,
+                          trust_env=False).status_code == 401
+    finally:
+        _stop(proc, log)
+    assert SECRET not in (tmp_path / "uvicorn.log").read_text()  # never logged, even at debug level
+
+
+def test_uvicorn_api_demo_app_bad_setting_is_one_line(tmp_path):
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "uvicorn", "api_demo:app", "--port", str(_free_port())],
+                         cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CHATLM_MODEL_DIR": str(tmp_path / "nothing")})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"error: model not found: {tmp_path / 'nothing'}" in out.stderr
+
+
+def test_workers_get_the_key_neither_in_argv_nor_environment(chatty_model_dir, tmp_path):
+    import psutil
+
+    proc, base, log = _start(["api_demo.py", "--model_dir", str(chatty_model_dir), "--max_seq_len", "2",
+                              "--workers", "2", "--log_level", "debug"], {"CHATLM_API_KEY": SECRET},
+                             tmp_path / "workers.log")
+    try:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 2
+        key_files = []
+        for w in workers:
+            assert not any(SECRET in a for a in w.cmdline())
+            environ = w.environ()
+            assert not any(SECRET in v for v in environ.values()), w.cmdline()
+            if "CHATLM_INFER_CONFIG" in environ:
+                key_files.append(json.loads(environ["CHATLM_INFER_CONFIG"])["api_key_file"])
+        assert key_files and all(f and oct(os.stat(f).st_mode & 0o777) == "0o600" for f in key_files)
+        auth = {"Authorization": f"Bearer {SECRET}"}
+        for _ in range(4):
+            assert httpx.post(base + "/api/chat", json={"input_txt": "你好"}, headers=auth, timeout=60,
+                              trust_env=False).status_code == 200
+        assert httpx.post(base + "/api/chat", json={"input_txt": "你好"}, timeout=60,
+                          trust_env=False).status_code == 401
+    finally:
+        _stop(proc, log)
+    assert not any(os.path.exists(f) for f in key_files)  # removed when the server stops
+    assert SECRET not in (tmp_path / "workers.log").read_text()
+
+
+@pytest.mark.parametrize("args,env,expected", [
+    (["--host", "0.0.0.0"], {}, "warning: serving on 0.0.0.0 without an API key"),
+    (["--api_key", "a"], {"CHATLM_API_KEY": "b"}, "error: the API key is given twice (--api_key and CHATLM_API_KEY)"),
+    (["--api_key_file", "/nonexistent/key"], {}, "error: cannot read api_key_file /nonexistent/key"),
+    (["--max_connections", "0"], {}, "error: max_connections must be positive, got 0"),
+])
+def test_server_startup_messages(args, env, expected, tmp_path):
+    import sys
+
+    out = subprocess.run([sys.executable, "api_demo.py", "--model_dir", str(tmp_path / "none"), *args],
+                         cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120,
+                         env={**{k: v for k, v in os.environ.items() if k != "CHATLM_API_KEY"}, **env})
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert expected in out.stderr, out.stderr

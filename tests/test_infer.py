@@ -136,3 +136,89 @@ def test_bad_settings_are_one_line_errors(chatty_model_dir, tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             ChatBot(InferConfig(model_dir=str(chatty_model_dir), device="cuda"))
+
+
+# ---- concurrent answers are batched (model/infer.py Batcher) ----------------------------------
+@pytest.fixture()
+def batch_sizes(bot, monkeypatch):
+    """The size of every batch the bot's batcher generates during the test."""
+    sizes = []
+    real = bot._generate_batch
+
+    def spy(jobs):
+        sizes.append(len(jobs))
+        return real(jobs)
+
+    monkeypatch.setattr(bot, "_generate_batch", spy)
+    return sizes
+
+
+def start_long_answer(bot):
+    """A streamed 1,024-token answer, running once its first piece is out: the batcher is busy."""
+    stream = bot.stream_chat("占线", max_new_tokens=1024)
+    pieces = iter(stream)
+    next(pieces)
+    return stream
+
+
+def test_requests_arriving_during_a_batch_share_the_next_one(bot, batch_sizes):
+    import concurrent.futures
+
+    questions = {"你好": 3, "感冒了要怎么办": 7, "今天天气怎么样": 5, "再见": 12}
+    expected = {q: bot.chat(q, max_new_tokens=n) for q, n in questions.items()}
+    batch_sizes.clear()
+    busy = start_long_answer(bot)
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+        futures = {q: pool.submit(bot.answer, q, n) for q, n in questions.items()}
+        while len(bot.batcher.queue) < len(questions):  # all four wait while the long answer runs
+            assert not busy.join(0.01)
+        busy.stop()
+        answers = {q: f.result(timeout=60) for q, f in futures.items()}
+    assert batch_sizes == [1, 4]
+    for q, n in questions.items():  # each its own answer, ending at its own max_tokens
+        assert answers[q].text == expected[q] and answers[q].completion_tokens == n
+        assert answers[q].finish_reason == "length"
+
+
+def test_a_client_that_leaves_drops_out_of_its_batch(bot, batch_sizes):
+    busy = start_long_answer(bot)
+    streams = [bot.stream_chat(q, max_new_tokens=40) for q in ("你好", "感冒了要怎么办", "再见")]
+    busy.stop()
+    pieces = iter(streams[1])
+    next(pieces), next(pieces)
+    streams[1].stop()
+    rest = list(pieces)
+    texts = ["".join(s) for s in (streams[0], streams[2])]
+    assert batch_sizes[-1] == 3
+    assert streams[1].answer.finish_reason == "cancelled" and streams[1].answer.completion_tokens < 40
+    assert len(rest) < 38
+    for s, text, q in zip((streams[0], streams[2]), texts, ("你好", "再见")):
+        assert s.answer.finish_reason == "length" and s.answer.completion_tokens == 40
+        assert text == bot.chat(q, max_new_tokens=40)
+
+
+def test_greedy_and_sampled_rows_share_a_batch(bot, batch_sizes):
+    expected = bot.chat("你好", max_new_tokens=8)
+    busy = start_long_answer(bot)
+    greedy = bot.stream_chat("你好", max_new_tokens=8)
+    sampled = bot.stream_chat("你好", max_new_tokens=8, temperature=1.5, top_p=0.9)
+    tiny = bot.stream_chat("你好", max_new_tokens=8, temperature=1e-40)
+    busy.stop()
+    assert "".join(greedy) == expected and "".join(tiny) == expected  # a tiny temperature is greedy
+    assert sampled.join(30) and sampled.answer.completion_tokens == 8
+    assert batch_sizes[-1] == 3
+
+
+def test_each_row_stops_at_its_own_eos(tiny_model_dir, tmp_path):
+    """A model whose [EOS] wins at once (its embedding row: 50 x that of [PAD], the decoder's start
+    token): every row of a batch ends after one token, and so does the batch's generation."""
+    from tests.conftest import _edit_embeddings
+
+    eos_dir = _edit_embeddings(tiny_model_dir, tmp_path / "eos", lambda emb: emb[1].copy_(emb[0] * 50.0))
+    eos_bot = ChatBot(InferConfig(model_dir=str(eos_dir), max_seq_len=50))
+    with eos_bot.batcher.cond:  # the batcher waits: the three answers queue up and run as one batch
+        streams = [eos_bot.stream_chat(q, max_new_tokens=50) for q in ("你好", "感冒了要怎么办", "再见")]
+    results = [list(s) for s in streams]
+    assert results == [[FALLBACK_ANSWER]] * 3
+    assert all(s.answer.finish_reason == "stop" and s.answer.completion_tokens == 1 for s in streams)
+    assert eos_bot.tokens_generated == 3

@@ -1,11 +1,13 @@
 """The HTTP API of api_demo.py: the original's /api/chat, an OpenAI-compatible API and a chat page.
 
-Run it with `python api_demo.py [--model_dir DIR] [--port 8812] [--api_key KEY]`, then:
+Run it with `python api_demo.py [--model_dir DIR] [--port 8812]`, or `uvicorn api_demo:app`
+(settings from CHATLM_<FIELD> environment variables), then:
 
     curl -s -X POST http://127.0.0.1:8812/api/chat -H "Content-Type: application/json" -d '{"input_txt": "感冒了要怎么办"}'
 
-Endpoints (those under /api and /v1 need `Authorization: Bearer KEY` when an api_key is set;
-the key is compared in constant time):
+Endpoints under /api and /v1 need `Authorization: Bearer KEY` when a key is set (--api_key,
+--api_key_file or CHATLM_API_KEY; compared in constant time). Public: GET/HEAD /, /health
+(request counters only with the key), /static/*, /docs and /openapi.json.
 
 - POST /api/chat            {"input_txt": "..."} -> {"response": "..."}, as the original (an
                             empty input_txt gets 406, its status code).
@@ -15,37 +17,50 @@ the key is compared in constant time):
                             temperature > 0 samples (with top_p), otherwise greedy (the default).
 - GET  /v1/models, GET /health, GET / (the chat page, utils/static/chat.html).
 
-Limits (InferConfig): max_input_chars and max_new_tokens_cap give 400, max_body_bytes gives
-413, a body that is not valid JSON for the endpoint gives 422. Errors under /v1 use OpenAI's
-{"error": {...}} shape so its clients show the message; the others use FastAPI's {"detail"}.
+Limits (InferConfig): max_input_chars and max_new_tokens_cap give 400, max_body_bytes 413,
+body_timeout 408; header_timeout, keep_alive_timeout and max_connections bound slow and idle
+connections (utils/http_limits.py). Bodies are validated strictly as OpenAI does ("2" is not
+an int, "yes" not a bool): under /v1 a bad body is a 400 invalid_request_error in OpenAI's
+{"error": {...}} shape, so its clients show the message; /api/chat answers FastAPI's 422
+{"detail"}. No exception text ever reaches a client (500: "internal error", logged here).
 
-Generation runs in worker threads, one at a time on the model (ChatBot's lock), so the event
-loop keeps serving while requests queue; a client that disconnects (streaming, or while
-waiting for a whole answer) stops its generation within one decoding step.
+Generation runs off the event loop in the model's Batcher thread (model/infer.py): requests
+arriving together are generated as one batch (up to max_batch_size; later ones join the next
+batch), each streamed to its own client and ending at its own EOS or max_tokens. A client that
+disconnects (streaming, or while waiting for a whole answer) leaves its batch within one
+decoding step, on every endpoint.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import io
 import hmac
+import ipaddress
 import json
 import logging
 import os
+import re
+import shutil
+import sys
+import tempfile
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import InferConfig
-from utils.cli import UserError
+from utils.cli import UserError, parse_config
 
 # The README's example request, run verbatim by tests/test_api_live.py against a live server.
 CURL_EXAMPLE = ("curl -s -X POST http://127.0.0.1:8812/api/chat -H \"Content-Type: application/json\" "
@@ -53,25 +68,43 @@ CURL_EXAMPLE = ("curl -s -X POST http://127.0.0.1:8812/api/chat -H \"Content-Typ
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PROTECTED_PREFIXES = ("/api/", "/v1/")
-CONFIG_ENV = "CHATLM_INFER_CONFIG"  # hands the parsed config to uvicorn's worker processes
+CONFIG_ENV = "CHATLM_INFER_CONFIG"  # hands the parsed config (never the key) to uvicorn's worker processes
+ENV_PREFIX = "CHATLM_"  # CHATLM_<FIELD> sets an InferConfig field for `uvicorn api_demo:app`
+API_KEY_ENV = ENV_PREFIX + "API_KEY"
 log = logging.getLogger("chatlm.api")
 
 
 # ---- request bodies --------------------------------------------------------------------------
+def _valid_unicode(text: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800") that no tokenizer or UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"contains an unpaired surrogate (U+{ord(text[exc.start]):04X}) at character "
+                         f"{exc.start}: send valid Unicode text") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+# strict: as OpenAI's API, "2" is not an int and "yes" not a bool (a number is still a float).
+STRICT = ConfigDict(strict=True, extra="ignore")
+
+
 class ChatInput(BaseModel):
-    input_txt: str
+    model_config = STRICT
+    input_txt: Text
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: str
-    text: str = ""
+    text: Text = ""
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[TextPart] | None = None
+    content: Text | list[TextPart] | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -80,13 +113,13 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class ChatCompletionRequest(BaseModel):
     # Clients send many optional fields (user, seed, stop, ...): accepted and ignored.
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -100,7 +133,9 @@ class ChatCompletionRequest(BaseModel):
 
 # ---- errors ----------------------------------------------------------------------------------
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-                406: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error"}
+                405: "invalid_request_error", 406: "invalid_request_error", 408: "invalid_request_error",
+                413: "invalid_request_error", 422: "invalid_request_error"}
+INTERNAL_ERROR = "internal error: the server could not answer this request (details are in the server's log)"
 
 
 def error_response(path: str, status: int, message: str, headers: dict | None = None) -> JSONResponse:
@@ -133,10 +168,11 @@ class Guard:
     from most of the FastAPI versions requirements.txt admits, and answers in another shape.
     """
 
-    def __init__(self, app, api_key: str, max_body_bytes: int) -> None:
+    def __init__(self, app, api_key: str, max_body_bytes: int, body_timeout: float) -> None:
         self.app = app
         self.api_key = api_key.encode("utf-8")
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -145,31 +181,35 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         if self.api_key and path.startswith(PROTECTED_PREFIXES):
             auth = headers.get("authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if scheme.lower() != b"bearer" or not token.strip():
-                resp = error_response(path, 401, "missing API key: send the header 'Authorization: Bearer <key>'",
-                                      {"WWW-Authenticate": "Bearer"})
-                return await resp(scope, receive, send)
-            if not hmac.compare_digest(token.strip(), self.api_key):
-                resp = error_response(path, 401, "invalid API key", {"WWW-Authenticate": "Bearer"})
+            if not _has_key(auth, self.api_key):
+                scheme, _, token = auth.partition(b" ")
+                message = ("missing API key: send the header 'Authorization: Bearer <key>'"
+                           if scheme.lower() != b"bearer" or not token.strip() else "invalid API key")
+                resp = error_response(path, 401, message, {"WWW-Authenticate": "Bearer"})
                 return await resp(scope, receive, send)
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
             return await self._too_large(path, scope, receive, send)
-        # Read the (bounded) body now, then replay it to the app; later receive() calls go to
-        # the server, so the app still hears about a client disconnect.
+        # Read the (bounded) body now, within body_timeout, then replay it to the app; later
+        # receive() calls go to the server, so the app still hears about a client disconnect.
         chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            size += len(body)
-            if size > self.max_body_bytes:
-                return await self._too_large(path, scope, receive, send)
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return
+                    body = message.get("body", b"")
+                    size += len(body)
+                    if size > self.max_body_bytes:
+                        return await self._too_large(path, scope, receive, send)
+                    chunks.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            resp = error_response(path, 408, f"request body not received within {self.body_timeout:g} s "
+                                             "(body_timeout)", {"Connection": "close"})
+            return await resp(scope, receive, send)
         replayed = False
 
         async def replay():
@@ -208,9 +248,19 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _has_key(authorization: str | bytes, api_key: str | bytes) -> bool:
+    """Whether an Authorization header carries `Bearer <api_key>` (compared in constant time)."""
+    if isinstance(authorization, str):
+        authorization = authorization.encode("latin-1")
+    if isinstance(api_key, str):
+        api_key = api_key.encode("utf-8")
+    scheme, _, token = authorization.partition(b" ")
+    return scheme.lower() == b"bearer" and bool(token.strip()) and hmac.compare_digest(token.strip(), api_key)
+
+
 async def _answer_while_connected(request: Request, bot, *args):
     """bot.answer(*args) in a worker thread, stopped early if the client goes away meanwhile
-    (a client that gave up while queued must not cost a whole generation)."""
+    (a client that gave up while queued or waiting must not cost a whole generation)."""
     from model.infer import GenerationControl
 
     control = GenerationControl()
@@ -250,37 +300,49 @@ def create_app(config: InferConfig, bot=None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return error_response(request.url.path, 422, _validation_message(exc))
+        # OpenAI answers a bad body with 400 invalid_request_error; /api/chat keeps FastAPI's 422.
+        status = 400 if request.url.path.startswith("/v1/") else 422
+        return error_response(request.url.path, status, _validation_message(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+        return error_response(request.url.path, 500, INTERNAL_ERROR)
 
     def check_input(text: str, field: str) -> None:
         if len(text) > config.max_input_chars:
             raise HTTPException(400, f"{field} is {len(text)} characters; the limit is {config.max_input_chars} "
                                      "(max_input_chars)")
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
         return FileResponse(STATIC_DIR / "chat.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": config.model_name, "device": str(bot.device),
-                "dtype": str(bot.dtype).removeprefix("torch."), "active_requests": app.state.active,
-                "tokens_generated": bot.tokens_generated}
+    @app.head("/health", include_in_schema=False)
+    async def health(request: Request):
+        """Public: is the server up, and with what. Load counters only for holders of the key
+        (they tell an outsider when the server is busy)."""
+        body = {"status": "ok", "model": config.model_name, "device": str(bot.device),
+                "dtype": str(bot.dtype).removeprefix("torch.")}
+        if not config.api_key or _has_key(request.headers.get("authorization", ""), config.api_key):
+            body.update(active_requests=app.state.active, tokens_generated=bot.tokens_generated)
+        return body
 
     @app.post("/api/chat")
-    async def api_chat(body: ChatInput) -> dict:
+    async def api_chat(body: ChatInput, request: Request) -> dict:
         """The original endpoint: {"input_txt": "..."} -> {"response": "..."}."""
         if not body.input_txt.strip():
             raise HTTPException(406, "input_txt must not be empty")
         check_input(body.input_txt, "input_txt")
         begin()
         try:
-            response = await run_in_threadpool(bot.chat, body.input_txt, config.search_type)
+            ans = await _answer_while_connected(request, bot, body.input_txt, None, 0.0, 1.0, config.search_type)
         finally:
             end()
-        return {"response": response}
+        return {"response": ans.text}
 
     @app.get("/v1/models")
     async def models():
@@ -333,10 +395,9 @@ def create_app(config: InferConfig, bot=None) -> FastAPI:
             try:
                 async for piece in stream:
                     yield chunk({"content": piece})
-            except Exception as exc:  # reported in-band: the 200 status line is already sent
+            except Exception:  # reported in-band (the 200 status line is already sent), details only in the log
                 log.exception("generation failed")
-                yield _sse({"error": {"message": f"generation failed: {exc}", "type": "server_error",
-                                      "param": None, "code": None}})
+                yield _sse({"error": {"message": INTERNAL_ERROR, "type": "server_error", "param": None, "code": None}})
                 yield "data: [DONE]\n\n"
                 return
             ans = stream.answer
@@ -351,37 +412,125 @@ def create_app(config: InferConfig, bot=None) -> FastAPI:
         return _GenerationResponse(stream, events(), on_close=end, media_type="text/event-stream",
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                       body_timeout=config.body_timeout)
     return app
 
 
+def config_from_env(environ=os.environ) -> InferConfig:
+    """The server's settings in a process uvicorn started: the config api_demo.py handed over
+    (CONFIG_ENV), else InferConfig's defaults with each CHATLM_<FIELD> variable applied (as
+    `--field value`, so values are parsed and checked exactly as on api_demo.py's command line)."""
+    raw = environ.get(CONFIG_ENV)
+    if raw:
+        return InferConfig(**json.loads(raw))
+    argv = []
+    for f in fields(InferConfig):
+        name = ENV_PREFIX + f.name.upper()
+        value = environ.get(name)
+        if value is None or f.name == "api_key":  # the key is read by resolve_api_key
+            continue
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):  # argparse's usage text would bury the one line that matters
+                parse_config(InferConfig, [f"--{f.name}", value])
+        except SystemExit:
+            reason = re.sub(r"^.*?error: (argument \S+: )?", "", stderr.getvalue().strip().splitlines()[-1])
+            raise UserError(f"bad environment variable {name}={value!r}: {reason}") from None
+        argv += [f"--{f.name}", value]
+    return parse_config(InferConfig, argv)[1]
+
+
+def resolve_api_key(config: InferConfig, environ=os.environ) -> InferConfig:
+    """Fill config.api_key from --api_key, else --api_key_file, else CHATLM_API_KEY (at most one)."""
+    sources = [name for name, given in (("--api_key", config.api_key), ("--api_key_file", config.api_key_file),
+                                        (API_KEY_ENV, environ.get(API_KEY_ENV))) if given]
+    if len(sources) > 1:
+        raise UserError(f"the API key is given twice ({' and '.join(sources)}): give one")
+    if config.api_key_file:
+        try:
+            key = Path(config.api_key_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"cannot read api_key_file {config.api_key_file}: {exc}") from None
+        if not key:
+            raise UserError(f"api_key_file {config.api_key_file} is empty")
+        config.api_key = key
+    elif not config.api_key:
+        config.api_key = environ.get(API_KEY_ENV, "")
+    return config
+
+
 def app_from_env() -> FastAPI:
-    """uvicorn factory for --workers > 1 / --reload: each worker process loads its own model."""
-    raw = os.environ.get(CONFIG_ENV)
-    if not raw:
-        raise RuntimeError(f"{CONFIG_ENV} is not set: start the server with api_demo.py")
-    return create_app(InferConfig(**json.loads(raw)))
+    """uvicorn factory for `uvicorn api_demo:app`, --workers > 1 and --reload: each process
+    loads its own model, with the settings of config_from_env."""
+    return create_app(resolve_api_key(config_from_env()))
+
+
+def server_settings(config: InferConfig) -> dict:
+    """uvicorn.run/uvicorn.Config keyword arguments bounding slow and idle connections."""
+    from utils.http_limits import LimitedH11Protocol
+
+    return {"http": functools.partial(LimitedH11Protocol, max_connections=config.max_connections,
+                                      header_timeout=config.header_timeout),
+            "limit_concurrency": config.max_connections,  # requests beyond it get 503
+            "timeout_keep_alive": config.keep_alive_timeout,
+            "h11_max_incomplete_event_size": 16 * 1024}  # request line + headers (uvicorn's default)
+
+
+def check_server_settings(config: InferConfig) -> None:
+    if config.workers < 1:
+        raise UserError(f"workers must be >= 1, got {config.workers}")
+    if not 0 < config.port < 65536:
+        raise UserError(f"port must be 1-65535, got {config.port}")
+    for name in ("max_new_tokens_cap", "max_input_chars", "max_body_bytes", "max_connections", "header_timeout",
+                 "body_timeout", "keep_alive_timeout", "max_batch_size"):
+        if not getattr(config, name) > 0:
+            raise UserError(f"{name} must be positive, got {getattr(config, name)}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve(config: InferConfig) -> None:
     """Load the model (a bad path is a one-line error before any port is bound) and run uvicorn."""
     import uvicorn
 
-    if config.workers < 1:
-        raise UserError(f"workers must be >= 1, got {config.workers}")
-    if not 0 < config.port < 65536:
-        raise UserError(f"port must be 1-65535, got {config.port}")
-    if config.max_new_tokens_cap < 1 or config.max_input_chars < 1 or config.max_body_bytes < 1:
-        raise UserError("max_new_tokens_cap, max_input_chars and max_body_bytes must be positive")
+    check_server_settings(config)
+    resolve_api_key(config)
+    if not config.api_key and not _is_loopback(config.host):
+        print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use "
+              f"the model (set {API_KEY_ENV} or --api_key_file)", file=sys.stderr, flush=True)
     url = f"http://{config.host}:{config.port}"
+    settings = server_settings(config)
     if config.workers == 1 and not config.reload:
         app = create_app(config)
         print(f"serving {config.model_dir} at {url} (chat page: {url}/, OpenAI API: {url}/v1)", flush=True)
-        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level)
+        uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, **settings)
         return
     from model.infer import ChatBot
     ChatBot(config)  # fail here, once, with a clear message, rather than in every worker
-    os.environ[CONFIG_ENV] = json.dumps(asdict(config))
-    print(f"serving {config.model_dir} at {url} with {config.workers} worker(s)", flush=True)
-    uvicorn.run("utils.api_app:app_from_env", factory=True, host=config.host, port=config.port,
-                workers=config.workers, reload=config.reload, log_level=config.log_level)
+    # Worker processes inherit this environment: the key goes to them in a file only this user
+    # can read (removed when the server stops), never as an environment variable or argument.
+    handoff = asdict(config) | {"api_key": "", "api_key_file": ""}
+    os.environ.pop(API_KEY_ENV, None)
+    key_dir = tempfile.mkdtemp(prefix="chatlm-key-") if config.api_key else None
+    try:
+        if key_dir:
+            key_file = Path(key_dir) / "api_key"
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(config.api_key)
+            handoff["api_key_file"] = str(key_file)
+        os.environ[CONFIG_ENV] = json.dumps(handoff)
+        print(f"serving {config.model_dir} at {url} with {config.workers} worker(s)", flush=True)
+        uvicorn.run("utils.api_app:app_from_env", factory=True, host=config.host, port=config.port,
+                    workers=config.workers, reload=config.reload, log_level=config.log_level, **settings)
+    finally:
+        if key_dir:
+            shutil.rmtree(key_dir, ignore_errors=True)
