@@ -165,7 +165,11 @@ def load_tokenizer(tokenizer_dir: str | Path):
     path = Path(tokenizer_dir)
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise UserError(f"no tokenizer found in {path} (train one with train_tokenizer.py)")
-    return AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # an original-style tokenizer decodes with the original's clean-up of spaces (issue 14)
+    from model.tokenizer import restore_original_cleanup
+    restore_original_cleanup(tokenizer)
+    return tokenizer
 
 
 def check_vocab(tokenizer, model_config, where: str = "") -> None:

@@ -114,8 +114,9 @@ class AnswerStream:
         self._bot = bot
         self._pieces: list[str] = []
         cls = AsyncTextIteratorStreamer if asynchronous else TextIteratorStreamer
-        self.streamer = cls(bot.tokenizer, skip_prompt=True, skip_special_tokens=True,
-                            clean_up_tokenization_spaces=False)
+        # decoding follows the tokenizer's own clean-up setting (on only for original-style
+        # tokenizers: model.tokenizer.restore_original_cleanup)
+        self.streamer = cls(bot.tokenizer, skip_prompt=True, skip_special_tokens=True)
         self._thread = threading.Thread(target=self._run, args=(prompt, max_new_tokens, temperature, top_p),
                                         name="chatbot-generate", daemon=True)
         self._thread.start()
@@ -190,7 +191,7 @@ class ChatBot:
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
-        texts = self.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        texts = self.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
         return [t if t.strip() else FALLBACK_ANSWER for t in texts]
 
     def count_tokens(self, text: str) -> int:
@@ -226,7 +227,7 @@ class ChatBot:
         ended = bool((new == eos).any())
         completion_tokens = int((new == eos).nonzero()[0, 0]) + 1 if ended else int(new.numel())
         reason = "stop" if ended else ("cancelled" if control.stopped else "length")
-        text = self.tokenizer.decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
         return Answer(text, prompt_tokens, completion_tokens, reason)
 
     def answer(self, prompt: str, max_new_tokens: int | None = None, temperature: float = 0.0,
