@@ -42,13 +42,22 @@ EXTRA_CHARS = ["\t", "\n"]  # kept as tokens: answers contain line breaks
 
 # A 16 GB machine keeps half its memory for the system and other programs.
 DEFAULT_MAX_MEMORY_MB = 8192
-# Peak RSS growth per byte of corpus text given to the trainer (measured with
-# benchmarks/bench_tokenizer.py --calibrate on the spliced pseudo-corpus, vocab 29,298):
-# FILLED_IN_BELOW
-TRAIN_BYTES_PER_TEXT_BYTE = {("hf", "char"): 36.0, ("hf", "byte"): 14.0,
-                             ("sentencepiece", "char"): 14.0, ("sentencepiece", "byte"): 14.0}
-# Seconds of merging per MB of sample on the 2-core machine, only for the time-left estimate.
-MERGE_SECONDS_PER_MB = {"hf": 0.5, "sentencepiece": 0.5}
+# Training's peak RSS = what the process already uses + a fixed part + slope x bytes of text
+# given to the trainer. Measured with `/usr/bin/time -v train_tokenizer.py` on the spliced
+# pseudo-corpus of benchmarks/bench_tokenizer.py, vocab 29,298, no budget: hf char 8 MB ->
+# 581 MB, 32 MB -> 1,180 MB, 70 MB -> 2,394 MB, and a 20 MB sample of 516 MB -> 1,027 MB
+# (400 MB + 33 bytes a byte is above all four: growth is not quite linear, the trainer's hash
+# maps grow by doubling, and a sample's freed small strings stay in the heap); hf byte
+# 8 MB -> 937 MB, sentencepiece char / byte 8 MB -> 563 MB each. Where only one size was
+# measured, the fixed part is taken as 0 and the whole peak divided by that size: a bound if
+# growth were linear (not checked at larger sizes for those three).
+TRAIN_FIXED_MB = {("hf", "char"): 400, ("hf", "byte"): 0, ("sentencepiece", "char"): 0,
+                  ("sentencepiece", "byte"): 0}
+TRAIN_BYTES_PER_TEXT_BYTE = {("hf", "char"): 33.0, ("hf", "byte"): 110.0,
+                             ("sentencepiece", "char"): 63.0, ("sentencepiece", "byte"): 63.0}
+# Seconds of merging per MB of sample on the idle 2-core machine (hf char: 256 MiB in 147 s
+# all told, from issue 15; sentencepiece: a rough guess), only for the time-left estimate.
+MERGE_SECONDS_PER_MB = {"hf": 0.5, "sentencepiece": 2.0}
 MIN_SAMPLE_BYTES = 1 << 20  # less text than this cannot fill a useful vocabulary
 
 
@@ -65,12 +74,14 @@ def sample_bytes_for_budget(max_memory_mb: int, library: str, token_type: str) -
         raise UserError(f"--max_memory_mb must be a positive whole number of megabytes, got {max_memory_mb!r} "
                         f"(default {DEFAULT_MAX_MEMORY_MB}, for a 16 GB machine)")
     in_use = psutil.Process().memory_info().rss
+    fixed = TRAIN_FIXED_MB[(library, token_type)] * 2**20
     factor = TRAIN_BYTES_PER_TEXT_BYTE[(library, token_type)]
-    sample = int((max_memory_mb * 2**20 - in_use) / factor)
+    sample = int((max_memory_mb * 2**20 - in_use - fixed) / factor)
     if sample < MIN_SAMPLE_BYTES:
-        needed = (in_use + MIN_SAMPLE_BYTES * factor) / 2**20
+        needed = (in_use + fixed + MIN_SAMPLE_BYTES * factor) / 2**20
         raise UserError(f"--max_memory_mb {max_memory_mb} is too small: this process already uses "
-                        f"{in_use / 2**20:.0f} MB and training needs room for at least 1 MB of text; "
+                        f"{in_use / 2**20:.0f} MB and {library} {token_type}-level training needs "
+                        f"{fixed / 2**20:.0f} MB + {factor:.0f} MB per MB of text, at least 1 MB of text; "
                         f"use at least {int(needed) + 1}")
     return sample
 
