@@ -4,11 +4,15 @@
         --token_type char --library hf --output_dir model_save/tokenizer
 
 The corpus is a UTF-8 text file, one document or sentence per line, streamed from disk
-(`python -m utils.raw_data_process to_text` writes one from a parquet dataset).
+(`python -m utils.raw_data_process to_text` writes one from a parquet dataset). Training
+stays within `--max_memory_mb` (the whole process's RSS; default 8192, for a 16 GB machine):
+a corpus that needs more is sampled uniformly down to what fits (see model/tokenizer.py).
 """
+import os
 from dataclasses import dataclass
 
 from config import PROJECT_ROOT
+from model.tokenizer import DEFAULT_MAX_MEMORY_MB
 from utils.cli import parse_config, run_cli
 
 
@@ -19,15 +23,20 @@ class TokenizerTrainConfig:
     token_type: str = "char"  # char | byte
     library: str = "hf"  # hf | sentencepiece
     output_dir: str = str(PROJECT_ROOT / "model_save" / "tokenizer")
+    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB  # peak RSS of the whole training, in MB
 
 
 def main() -> None:
+    # Training is this process's only tokenizers work: let it count on every core (the
+    # quickstart pipeline sets "false" for all stages, meant for the training stages' forks).
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
     from model.chat_model import check_replaceable
     from model.tokenizer import save_tokenizer, train_tokenizer
 
     _, cfg = parse_config(TokenizerTrainConfig, description=__doc__)
     check_replaceable(cfg.output_dir)  # before training: a user's directory is never replaced
-    tokenizer = train_tokenizer(cfg.corpus_file, cfg.vocab_size, cfg.token_type, cfg.library)
+    tokenizer = train_tokenizer(cfg.corpus_file, cfg.vocab_size, cfg.token_type, cfg.library,
+                                max_memory_mb=cfg.max_memory_mb)
     out = save_tokenizer(tokenizer, cfg.output_dir)
     print(f"saved {cfg.library} {cfg.token_type}-level tokenizer with {len(tokenizer)} tokens to {out}")
 

@@ -266,12 +266,16 @@ def load_tokenizer(tokenizer_dir: str | Path):
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise UserError(f"no tokenizer found in {path} (train one with train_tokenizer.py)")
     try:
-        return AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # json's, the tokenizers library's and transformers' errors for damaged files
         if (path / "config.json").is_file():  # transformers reads a model's config.json beside a tokenizer too
             load_model_config(path / "config.json")  # names config.json if that is the damaged file
         raise UserError(f"cannot read the tokenizer in {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
                         "its files are damaged; copy them again or retrain with train_tokenizer.py") from None
+    # an original-style tokenizer decodes with the original's clean-up of spaces (issue 14)
+    from model.tokenizer import restore_original_cleanup
+    restore_original_cleanup(tokenizer)
+    return tokenizer
 
 
 def check_vocab(tokenizer, model_config, where: str = "") -> None:

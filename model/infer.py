@@ -279,8 +279,9 @@ class AnswerStream:
         self.control = GenerationControl()
         self._pieces: list[str] = []
         cls = AsyncTextIteratorStreamer if asynchronous else TextIteratorStreamer
-        self.streamer = cls(bot.tokenizer, skip_prompt=False, skip_special_tokens=True,
-                            clean_up_tokenization_spaces=False)
+        # decoding follows the tokenizer's own clean-up setting (on only for original-style
+        # tokenizers: model.tokenizer.restore_original_cleanup)
+        self.streamer = cls(bot.tokenizer, skip_prompt=False, skip_special_tokens=True)
         self._job = bot._submit(prompt, max_new_tokens, temperature, top_p, "greedy", self.control, self.streamer)
 
     @property
@@ -374,7 +375,7 @@ class ChatBot:
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
-        texts = self.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        texts = self.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
         return [t if t.strip() else FALLBACK_ANSWER for t in texts]
 
     def count_tokens(self, text: str) -> int:
@@ -389,7 +390,7 @@ class ChatBot:
 
     def _finish(self, job: _Job, reason: str) -> None:
         """Deliver a job's answer (its row of the batch is done) and wake its reader."""
-        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
         job.answer = Answer(text, len(job.ids), len(job.tokens), reason)
         if job.streamer is not None:
             try:

