@@ -5,7 +5,7 @@ needs with `utils.cli.parse_config`, so any field can be overridden as `--field 
 (or `--field=value`) and `--help` lists them all with their defaults.
 
 Every setting is checked when a config is made, from the command line or in code: the
-rules below (utils/settings.py) give a one-line error with the valid range, e.g.
+rules below (settings.py) give a one-line error with the valid range, e.g.
 `--ngram must be an integer >= 1, got 0`, before any work starts.
 
 Paths default to locations under the project root, never the current directory, so a
@@ -19,8 +19,8 @@ to the next stage (best by its validation metric, else the last) as a model dire
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.settings import (SEED, Rule, Settings, at_least, fraction, in_range, matches, names_from, one_of,
-                            positive, unset_or_at_least)
+from settings import (SEED, Rule, Settings, at_least, fraction, in_range, matches, names_from, one_of,
+                      positive, unset_or_at_least)
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_ROOT / "data"
@@ -31,7 +31,7 @@ def _p(*parts: str) -> str:
     return str(PROJECT_ROOT.joinpath(*parts))
 
 
-# --- Valid values of every setting, checked whenever a config is made (utils/settings.py): a
+# --- Valid values of every setting, checked whenever a config is made (settings.py): a
 # bad value is a one-line error naming the flag and the valid range, before any work. Each
 # dataclass below names its rules on its class line. The choices are the one list each;
 # the modules that act on them import them from here.

@@ -8,7 +8,7 @@ as JSON lines (prompt, response = the generated answer, reference), and scored:
   reference label (积极 / 消极) after stripping spaces; the majority-class baseline of the
   same file is reported next to it (a model that always answers the commoner label).
 - entity: micro F1 / precision / recall of the (entity, type) pairs (utils.metrics.tuple_prf).
-- bleu: corpus BLEU-4 (utils.metrics.corpus_bleu4, the implementation training reports).
+- bleu: corpus BLEU-4 (model.metrics.corpus_bleu4, the implementation training reports).
 - lm: what pretraining learnt, on a pretraining split: the per-token loss of the reference
   continuations given their openings (teacher-forced, as in training) over every row, its
   perplexity, and next to it the unigram entropy of the same tokens (the loss of a model
@@ -61,7 +61,8 @@ def sentiment_scores(predictions: Sequence[str], references: Sequence[str]) -> d
 
 
 def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> dict:
-    from utils.metrics import corpus_bleu4, tuple_prf
+    from model.metrics import corpus_bleu4
+    from utils.metrics import tuple_prf
 
     if task == "sentiment":
         return sentiment_scores(predictions, references)

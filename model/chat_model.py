@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-from utils.cli import UserError
+from model.common import UserError
 
 from .configuration_chat_model import TextToTextModelConfig
 from .modeling_chat_model import SEARCH_TYPES, TextToTextModel  # noqa: F401 (re-export)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from utils.cli import UserError
+from model.common import UserError
 
 from .chat_model import _fsync_tree, save_model
 

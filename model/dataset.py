@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Sequence
 
 from config import STREAMING
-from utils.cli import UserError
+from model.common import UserError
 
 REQUIRED_COLUMNS = ("prompt", "response")
 

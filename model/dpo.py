@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from utils.cli import UserError
+from model.common import UserError
 
 from .chat_model import check_replaceable, check_vocab, load_model, load_tokenizer, save_model
 from .dpo_trainer import (CsvLogCallback, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
@@ -111,7 +111,7 @@ def train(cfg) -> Path:
     """DPO from the SFT model; returns the written <output_dir>/best."""
     from transformers import TrainingArguments
 
-    from utils.dpo_data_process import load_pairs
+    from model.pairs import load_pairs
 
     out = Path(cfg.output_dir)
     train_rows = load_pairs(cfg.dpo_train_file, what="DPO training file")
@@ -209,7 +209,7 @@ def merge(cfg) -> Path:
 
 def evaluate(cfg) -> dict:
     """Preference accuracy and reward margin of a policy against the SFT reference."""
-    from utils.dpo_data_process import load_pairs
+    from model.pairs import load_pairs
 
     policy_path = Path(cfg.model) if cfg.model else Path(cfg.output_dir) / "best"
     if not policy_path.exists():  # the subject of the command: checked before its tokenizer, data or reference
@@ -259,6 +259,6 @@ def print_metrics(m: dict) -> None:
 
 
 def _write_json(obj: dict, path: Path) -> None:
-    from utils.parquet_io import atomic_write_text
+    from model.common import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, default=str))

@@ -32,8 +32,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from utils.cli import UserError, is_given, require_file
-from utils.parquet_io import atomic_write_text
+from model.common import UserError, atomic_write_text, is_given, require_file
 
 from .dataset import REQUIRED_COLUMNS, check_parquet, encode_batch
 from .tokenizer import tokenizer_dir_for
@@ -402,7 +401,7 @@ def _make_trainer_class():
 def _bleu_metric(tokenizer):
     import numpy as np
 
-    from utils.metrics import corpus_bleu4
+    from model.metrics import corpus_bleu4
 
     pad = tokenizer.pad_token_id
 

@@ -39,7 +39,7 @@ from config import MODEL_SAVE_DIR, InferConfig
 from model.chat_model import SEARCH_TYPES, check_vocab, is_model_dir, load_model, load_tokenizer
 from model.dataset import encode_texts
 from model.tokenizer import tokenizer_dir_for
-from utils.cli import UserError, is_given
+from model.common import UserError, is_given
 
 # The original project's answer when the model generates nothing printable.
 FALLBACK_ANSWER = "我是一个参数很少的AI模型🥺，知识库较少，无法直接回答您的问题，换个问题试试吧👋"

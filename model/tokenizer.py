@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Iterator
 
 from config import MODEL_SAVE_DIR
-from utils.cli import UserError, is_given
+from model.common import UserError, is_given
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 DEFAULT_TOKENIZER_DIR = MODEL_SAVE_DIR / "tokenizer"

@@ -36,8 +36,7 @@ from typing import Callable
 import torch
 
 from config import MIXED_PRECISION, OPTIMIZERS  # noqa: F401 (the one list of each is in config.py)
-from utils.cli import UserError, is_given, require_file
-from utils.parquet_io import atomic_write_text
+from model.common import UserError, atomic_write_text, is_given, require_file
 
 from . import checkpoint as ckpt_io
 from .chat_model import (build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model,
@@ -478,7 +477,7 @@ class ChatTrainer:
                    "best_bleu4": self.state["best_bleu"], "best_model_dir": str(self.out / "best"),
                    "world_size": acc.num_processes}
         if acc.is_main_process:
-            from utils.plot import plot_loss_curve
+            from model.plot import plot_loss_curve
 
             atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
             plot_loss_curve(self.out / LOSS_CSV, self.out / "loss_curve.png", self.out / EVAL_CSV)
@@ -547,7 +546,7 @@ def evaluate(accelerator, model, tokenizer, data: TokenizedPairs, collate, batch
     """
     from accelerate.utils import gather_object
 
-    from utils.metrics import corpus_bleu4
+    from model.metrics import corpus_bleu4
 
     rank, world = accelerator.process_index, accelerator.num_processes
     mine = list(range(rank, len(data), world))

@@ -130,7 +130,7 @@ def _bad_values(rule) -> list[str]:
 
 def _cases():
     import config
-    from utils.settings import Settings
+    from settings import Settings
 
     for cls in vars(config).values():
         if isinstance(cls, type) and issubclass(cls, Settings) and cls is not Settings:
@@ -153,7 +153,7 @@ def test_every_numeric_or_choice_setting_has_a_rule():
     import dataclasses
 
     import config
-    from utils.settings import Settings
+    from settings import Settings
 
     classes = [c for c in vars(config).values() if isinstance(c, type) and issubclass(c, Settings) and c is not Settings]
     assert len(classes) == 7

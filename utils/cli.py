@@ -14,16 +14,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import tempfile
 from dataclasses import fields
-from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
+# UserError, the file checks and is_given live on model/'s ground floor (model/common.py), which
+# model/ imports without reaching up into utils/; they are re-exported here for the scripts.
+from model.common import _GIVEN, UserError, is_given, require_file, require_writable  # noqa: F401
+
 T = TypeVar("T")
-
-
-class UserError(Exception):
-    """Bad input a user can fix (missing file, malformed config...). Printed as one line."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -73,57 +71,8 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None,
     return command, cfg
 
 
-_GIVEN = "_fields_given_on_command_line"
-
-
-def is_given(cfg, name: str) -> bool:
-    """Whether setting `name` of `cfg` was chosen by the user rather than left at its default.
-
-    Some defaults follow another setting (the tokenizer follows the model, the chat model is
-    model_save/final or else model_save/ itself), but a value the user gave always wins, even
-    one equal to the default: `parse_config` records the flags given. A config built in code
-    counts a field as given when it differs from the dataclass default.
-    """
-    default = next(f.default for f in fields(cfg) if f.name == name)
-    return name in getattr(cfg, _GIVEN, ()) or getattr(cfg, name) != default
-
-
 def config_fields(config_cls) -> list[str]:
     return [f.name for f in fields(config_cls)]
-
-
-def require_writable(path: str | Path, what: str, is_dir: bool = False) -> Path:
-    """Check before any work that `path` (a file, or with is_dir a directory) can be written:
-    its nearest existing ancestor is a directory in which a file can be created. Otherwise a
-    one-line UserError naming the path and why (a parent that is a file, no permission, a
-    read-only or special file system such as /proc), instead of a traceback after the work.
-    Nothing is created or left behind."""
-    given, path = Path(path), Path(path).absolute()
-    if not is_dir and path.is_dir():
-        raise UserError(f"{what} is a directory, expected a file name: {path}")
-    directory = path if is_dir else path.parent
-    existing = next(p for p in (directory, *directory.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"{what} {path} cannot be written: {existing} is a file, not a directory")
-    try:
-        with tempfile.TemporaryFile(dir=existing):  # unnamed where the OS allows, removed at once
-            pass
-    except OSError as exc:
-        raise UserError(f"{what} {path} cannot be written: cannot create files in {existing} "
-                        f"({exc.strerror or exc}); choose a directory you can write to") from None
-    return given
-
-
-def require_file(path: str | Path, what: str) -> Path:
-    """Return `path` as a Path if it is an existing, non-empty file, else a UserError."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{what} not found: {p}")
-    if p.is_dir():
-        raise UserError(f"{what} is a directory, expected a file: {p}")
-    if p.stat().st_size == 0:
-        raise UserError(f"{what} is empty: {p}")
-    return p
 
 
 def run_cli(main: Callable[[], object]) -> None:

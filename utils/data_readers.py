@@ -29,8 +29,8 @@ from typing import Callable, Iterator
 import ujson
 
 from config import INPUT_FORMATS
+from model.text_files import HINT, first_char, iter_utf8_lines, read_utf8
 from utils.cli import UserError
-from utils.text_files import HINT, first_char, iter_utf8_lines, read_utf8
 
 FORMATS = INPUT_FORMATS  # config.py: the one list
 

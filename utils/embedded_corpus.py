@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from model.text_files import iter_utf8_lines
 from utils.cli import UserError
 from utils.dedup import Deduplicator
 from utils.parquet_io import AtomicTextWriter, atomic_write_text, write_pairs
 from utils.text_cleaning import clean_text
-from utils.text_files import iter_utf8_lines
 
 SENTIMENT_PROMPT = "判断下面这条评论的情感倾向，回答积极或消极。评论：{}"
 ENTITY_PROMPT = "请抽取出给定句子中的所有人名、地名和机构名。给定句子：{}"

@@ -1,27 +1,12 @@
-"""Evaluation metrics shared by training, `train.py test` and the eval scripts.
+"""Tuple-extraction metrics of the eval scripts and the info-extraction example: parsing
+model output (`parse_tuples`) and micro F1 (`tuple_prf`).
 
-BLEU-4 (below) and the tuple-extraction micro F1 (`parse_tuples`, `tuple_prf`).
-
-BLEU-4 is sacrebleu's corpus BLEU with character-level tokenisation (Chinese has no
-spaces; characters are the unit the original's BLEU used), reported on a 0-1 scale.
-It is computed once over the whole evaluation set, never averaged over batches.
+BLEU-4, which training reports too, is model/metrics.py's `corpus_bleu4`.
 """
 from __future__ import annotations
 
 import re
 from typing import Sequence
-
-
-def corpus_bleu4(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus BLEU-4 in [0, 1] of `hypotheses` against one reference each."""
-    import sacrebleu
-
-    if len(hypotheses) != len(references):
-        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
-    if not hypotheses:
-        raise ValueError("BLEU of an empty evaluation set")
-    bleu = sacrebleu.metrics.BLEU(tokenize="char", max_ngram_order=4, effective_order=True)
-    return bleu.corpus_score(list(hypotheses), [list(references)]).score / 100.0
 
 
 # --- Tuple extraction (triples, entities): parsing model output and micro F1 ----------------

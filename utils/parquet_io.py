@@ -4,29 +4,21 @@ The format is the original project's: exactly two string columns, `prompt` and
 `response`, no [EOS] marker in the text. Writers fill a temporary file next to the
 target in row groups and rename it into place only when everything was written, so a
 killed or failed run leaves no half-written file that a later stage would accept.
+Atomic text files (and the temporary-name scheme) are model/common.py's, re-exported here.
 """
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from model.common import AtomicTextWriter, atomic_write_text, temp_path, temp_pattern  # noqa: F401
+
 SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string())])
 DEFAULT_ROW_GROUP_SIZE = 50_000
-
-
-def temp_path(path: Path) -> Path:
-    """A unique temporary name beside `path` (same file system, so os.replace is atomic)."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def temp_pattern(path: Path) -> re.Pattern:
-    """The names temp_path gives `path` in any process (for utils.scratch.remove_stale)."""
-    return re.compile(rf"\.{re.escape(Path(path).name)}\.tmp-(?P<pid>\d+)")
 
 
 class PairWriter:
@@ -123,52 +115,13 @@ def parquet_columns(path: str | Path) -> list[str]:
     return list(pq.ParquetFile(path).schema_arrow.names)
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-class AtomicTextWriter:
-    """A text file written line by line under a temporary name, renamed on success."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = temp_path(self.path)
-        self._fh = open(self._tmp, "w", encoding="utf-8")
-        self.lines = 0
-        self.chars = 0
-
-    def write_line(self, line: str) -> None:
-        self._fh.write(line + "\n")
-        self.lines += 1
-        self.chars += len(line)
-
-    def __enter__(self) -> "AtomicTextWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._fh.close()
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
-        else:
-            self._tmp.unlink(missing_ok=True)
-
-
 def iter_json_lines(path: str | Path, what: str = ""):
     """(line number, object) for each non-blank line of a JSON-lines file; a line that is
     not UTF-8 or not JSON is a UserError naming the file and line (for inputs that must be clean)."""
     import json
 
     from utils.cli import UserError
-    from utils.text_files import HINT, iter_utf8_lines
+    from model.text_files import HINT, iter_utf8_lines
 
     prefix = f"{what} " if what else ""
     for line_no, line, problem in iter_utf8_lines(path):

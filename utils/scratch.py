@@ -7,7 +7,7 @@
 
 A run's scratch carries the process id of the run that made it: the de-duplication index
 `.dedup-index-<pid>-<random>/` (utils/dedup.py) and the file an output is written to before
-its rename, `.<output name>.tmp-<pid>` (utils/parquet_io.py). A run that ends in any way
+its rename, `.<output name>.tmp-<pid>` (model/common.py). A run that ends in any way
 Python sees (success, error, Ctrl+C, SIGTERM) removes its own; kill -9 or a crash leaves
 it (115 MB after 8 kills of a 120k-row dedup). Only entries whose name matches the exact
 pattern, whose content is what the project writes there, and whose process is no longer

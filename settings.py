@@ -1,4 +1,5 @@
-"""Valid values of settings, checked whenever a config dataclass is made (command line or code).
+"""Valid values of settings, checked whenever a config dataclass is made (command line or code),
+and `UserError`, the one-line error they (and every other check of user input) raise.
 
     @dataclass
     class TrainConfig(Settings, rules={"epochs": at_least(1), "optimizer": one_of("adamw", "adafactor")},
@@ -12,6 +13,10 @@ so `parse_config` (which builds the dataclass), `dataclasses.replace` and code t
 builds a config directly all get the same one-line UserError, e.g.
 `--ngram must be an integer >= 1, got 0`, before anything is read or trained. A NaN or
 an infinity is never a valid number. argparse only converts types; it has no ranges.
+
+It sits beside config.py, below model/ and utils/, and imports nothing of the project:
+config.py builds on it, so nothing config.py reads may import model/ or utils/
+(tests/test_layering.py checks the direction of every import).
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import math
 import re
 from typing import Callable, ClassVar, NamedTuple
 
-from utils.cli import UserError
+
+class UserError(Exception):
+    """Bad input a user can fix (missing file, malformed config...). Printed as one line."""
 
 
 class Rule(NamedTuple):

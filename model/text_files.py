@@ -1,6 +1,6 @@
 """User text files read as UTF-8, strictly: bytes that are not UTF-8 are located, never replaced.
 
-    from utils.text_files import iter_utf8_lines, read_utf8
+    from model.text_files import iter_utf8_lines, read_utf8
 
 Decoding with `errors="replace"` turns every byte that is not UTF-8 into U+FFFD and goes
 on: a GBK or Latin-1 file (or one damaged row) silently becomes rows of U+FFFD in the
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from utils.cli import UserError
+from model.common import UserError
 
 BOM = b"\xef\xbb\xbf"
 HINT = "save it as UTF-8 (e.g. iconv -f GBK -t UTF-8 in > out)"
