@@ -259,6 +259,44 @@ def write_tokenizer_files(tokenizer, out_dir: str | Path) -> None:
                                                       encoding="utf-8")
 
 
+def needs_space_cleanup(tokenizer) -> bool:
+    """Whether decoding puts a space before every piece, as tokenizers trained with the original's settings do.
+
+    The original trained with Metaspace's default prepend scheme ("always": a "▁" before every
+    pre-token, punctuation included), so `你好, 世界。` decodes as `你好 , 世界 。`, and it
+    decoded with clean_up_tokenization_spaces=True (transformers 4's default, saved in its
+    tokenizer_config.json) to take the space before , . ? ! and English contractions out
+    again. Ours use prepend scheme "never" and need nothing.
+    """
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
+    decoder = json.loads(backend.to_str()).get("decoder") or {}
+    for step in decoder.get("decoders", [decoder]):
+        if step.get("type") == "Metaspace":
+            scheme = step.get("prepend_scheme")  # tokenizers < 0.15 wrote add_prefix_space instead
+            if scheme in ("always", "first") or (scheme is None and step.get("add_prefix_space", True)):
+                return True
+    return bool(tokenizer.clean_up_tokenization_spaces)
+
+
+def restore_original_cleanup(tokenizer) -> bool:
+    """Turn transformers 4's decode clean-up back on for tokenizers that need it (see above).
+
+    transformers 5 skips the clean-up for BPE tokenizers even when asked, unless
+    `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` is set; for
+    these tokenizers the clean-up is what the original applied, so it is set here (the
+    same `clean_up_tokenization` function, not a rewrite of it). Returns whether it is on.
+    """
+    if not needs_space_cleanup(tokenizer):
+        return False
+    tokenizer.clean_up_tokenization_spaces = True
+    tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
+    return True
+
+
 def load_tokenizer(tokenizer_dir: str | Path):
     from transformers import AutoTokenizer
 
@@ -272,9 +310,7 @@ def load_tokenizer(tokenizer_dir: str | Path):
             load_model_config(path / "config.json")  # names config.json if that is the damaged file
         raise UserError(f"cannot read the tokenizer in {path} ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
                         "its files are damaged; copy them again or retrain with train_tokenizer.py") from None
-    # an original-style tokenizer decodes with the original's clean-up of spaces (issue 14)
-    from model.tokenizer import restore_original_cleanup
-    restore_original_cleanup(tokenizer)
+    restore_original_cleanup(tokenizer)  # an original-style tokenizer decodes as it did there
     return tokenizer
 
 

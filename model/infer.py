@@ -280,7 +280,7 @@ class AnswerStream:
         self._pieces: list[str] = []
         cls = AsyncTextIteratorStreamer if asynchronous else TextIteratorStreamer
         # decoding follows the tokenizer's own clean-up setting (on only for original-style
-        # tokenizers: model.tokenizer.restore_original_cleanup)
+        # tokenizers: model.chat_model.restore_original_cleanup)
         self.streamer = cls(bot.tokenizer, skip_prompt=False, skip_special_tokens=True)
         self._job = bot._submit(prompt, max_new_tokens, temperature, top_p, "greedy", self.control, self.streamer)
 

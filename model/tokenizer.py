@@ -17,7 +17,7 @@ Char level: NFKC, then punctuation / single-digit / Metaspace pre-tokenisers, BP
 characters, Metaspace decoder. The Metaspace prepend scheme is "never": no "▁" is added in
 front of a word, so decoding gives back exactly the normalised input (the original's
 settings added spaces around punctuation and needed a clean-up helper afterwards:
-`load_tokenizer` turns that clean-up on for such tokenizers, see `needs_space_cleanup`).
+`load_tokenizer` turns that clean-up on for such tokenizers, see `model.chat_model.needs_space_cleanup`).
 
 Memory: both libraries keep every distinct pre-tokenised word (or every sentence) in
 memory, and with these settings a word is a whole clause, so training needs about 13 bytes
@@ -470,44 +470,6 @@ def train_tokenizer(corpus_file, vocab_size: int, token_type: str = "char", libr
         if tokenizer.convert_tokens_to_ids(tok) != i:
             raise RuntimeError(f"special token {tok} got id {tokenizer.convert_tokens_to_ids(tok)}, expected {i}")
     return tokenizer
-
-
-def needs_space_cleanup(tokenizer) -> bool:
-    """Whether decoding puts a space before every piece, as tokenizers trained with the original's settings do.
-
-    The original trained with Metaspace's default prepend scheme ("always": a "▁" before every
-    pre-token, punctuation included), so `你好, 世界。` decodes as `你好 , 世界 。`, and it
-    decoded with clean_up_tokenization_spaces=True (transformers 4's default, saved in its
-    tokenizer_config.json) to take the space before , . ? ! and English contractions out
-    again. Ours use prepend scheme "never" and need nothing.
-    """
-    import json
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
-    decoder = json.loads(backend.to_str()).get("decoder") or {}
-    for step in decoder.get("decoders", [decoder]):
-        if step.get("type") == "Metaspace":
-            scheme = step.get("prepend_scheme")  # tokenizers < 0.15 wrote add_prefix_space instead
-            if scheme in ("always", "first") or (scheme is None and step.get("add_prefix_space", True)):
-                return True
-    return bool(tokenizer.clean_up_tokenization_spaces)
-
-
-def restore_original_cleanup(tokenizer) -> bool:
-    """Turn transformers 4's decode clean-up back on for tokenizers that need it (see above).
-
-    transformers 5 skips the clean-up for BPE tokenizers even when asked, unless
-    `clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output` is set; for
-    these tokenizers the clean-up is what the original applied, so it is set here (the
-    same `clean_up_tokenization` function, not a rewrite of it). Returns whether it is on.
-    """
-    if not needs_space_cleanup(tokenizer):
-        return False
-    tokenizer.clean_up_tokenization_spaces = True
-    tokenizer.clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output = True
-    return True
 
 
 def save_tokenizer(tokenizer, output_dir: str | Path) -> Path:
