@@ -97,7 +97,7 @@ def run(script: str, work: Path, name: str, args, extra: list[str]) -> dict:
             "wall_s": time.perf_counter() - t0}
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=16)
@@ -105,7 +105,18 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model_config_file", default=str(ROOT / "model_config_tiny.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    # the trainers run in a temporary working directory: a path relative to where the
+    # user typed the command must be made absolute here, before they start
+    config = Path(args.model_config_file).expanduser().resolve()
+    if not config.is_file():
+        ap.error(f"--model_config_file not found: {args.model_config_file}")
+    args.model_config_file = str(config)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench_trainers_"))
     try:
