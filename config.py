@@ -67,6 +67,8 @@ class TrainConfig:
     max_seq_len: int = 256
     eval_max_samples: int = -1  # > 0: evaluate BLEU on at most this many validation rows
     test_model_dir: str = ""  # `train.py test`: the model dir to score; "" = <output_dir>/best
+    attn_implementation: str = "sdpa"  # "sdpa" (PyTorch's fused attention) | "eager" (transformers' matmul + softmax)
+    torch_compile: bool = False  # torch.compile the training forward/backward (first steps compile: slower start)
 
 
 @dataclass
@@ -96,6 +98,8 @@ class SFTconfig:
     optimizer: str = "adamw"  # "adamw" | "adafactor" | "adafactor_scaled" (updates scaled by parameter RMS)
     group_by_length: bool = False  # batches of similar lengths: less padding, faster steps
     eval_max_samples: int = -1  # > 0: evaluate (loss, BLEU of greedy answers) on at most this many eval rows
+    attn_implementation: str = "sdpa"  # "sdpa" | "eager"
+    torch_compile: bool = False  # TrainingArguments.torch_compile
 
 
 @dataclass
@@ -139,6 +143,9 @@ class DpoConfig:
     eval_output_file: str = ""  # eval: the JSON report; "" = <output_dir>/preference_eval.json
     eval_batch_size: int = 8
     max_eval_pairs: int = -1  # eval: > 0 scores only the first N pairs
+    precompute_ref_log_probs: bool = False  # score every pair with the frozen reference once, before training
+    attn_implementation: str = "sdpa"  # "sdpa" | "eager"
+    torch_compile: bool = False  # TrainingArguments.torch_compile
 
 
 @dataclass

@@ -34,6 +34,7 @@ from pathlib import Path
 from utils.cli import UserError, require_file
 from utils.parquet_io import atomic_write_text
 
+from .chat_model import ATTN_IMPLEMENTATIONS
 from .dataset import REQUIRED_COLUMNS, check_parquet, encode_batch
 from .trainer import OPTIMIZERS, adafactor_kwargs
 
@@ -71,6 +72,8 @@ class Seq2SeqJob:
     model_config_file: str = ""  # pretraining: build a fresh model from this config
     init_model_dir: str = ""  # fine-tuning: load this model (strictly)
     per_sample_loss: bool = False  # training loss = mean over pairs of each pair's token mean
+    attn_implementation: str = "sdpa"
+    torch_compile: bool = False  # TrainingArguments.torch_compile
 
     def __post_init__(self):
         # Relative paths from the command line mean the current directory; made absolute
@@ -103,7 +106,8 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
         save_steps=cfg.save_steps, save_total_limit=cfg.keep_latest_n_ckp, seed=cfg.seed,
         mixed_precision=cfg.mixed_precision, optimizer=cfg.optimizer, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=resume,
-        model_config_file=cfg.model_config_file)
+        model_config_file=cfg.model_config_file, attn_implementation=cfg.attn_implementation,
+        torch_compile=cfg.torch_compile)
 
 
 def job_from_sft_config(cfg) -> Seq2SeqJob:
@@ -117,6 +121,7 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
         optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
         allow_json=True, init_model_dir=cfg.finetune_from_ckp_file, per_sample_loss=cfg.per_sample_loss,
+        attn_implementation=cfg.attn_implementation, torch_compile=cfg.torch_compile,
         # no model to start from: a fresh one (the "from random initialisation" baseline)
         model_config_file="" if cfg.finetune_from_ckp_file else cfg.model_config_file)
 
@@ -138,6 +143,9 @@ def check_job(job: Seq2SeqJob) -> None:
         raise UserError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {job.mixed_precision!r}")
     if job.optimizer not in OPTIMIZERS:
         raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {job.optimizer!r}")
+    if job.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                        f"got {job.attn_implementation!r}")
     check_pairs_file(job.train_file, "train", job.allow_json)
     if job.eval_file:
         check_pairs_file(job.eval_file, "eval", job.allow_json)
@@ -447,6 +455,7 @@ def run(job: Seq2SeqJob) -> dict:
     else:
         model = build_model(job.model_config_file)
         check_vocab(tokenizer, model.config, job.model_config_file)
+    model.set_attn_implementation(job.attn_implementation)
 
     train_ds = tokenize_pairs(train_ds, tokenizer, job.max_seq_len, "train")
     if eval_ds is not None:
@@ -477,7 +486,7 @@ def run(job: Seq2SeqJob) -> dict:
         generation_config=eval_generation,
         train_sampling_strategy="group_by_length" if job.group_by_length else "random",
         seed=job.seed, report_to="none", dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(), **precision)
+        dataloader_pin_memory=torch.cuda.is_available(), torch_compile=job.torch_compile, **precision)
 
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(out / "runs")
