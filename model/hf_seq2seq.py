@@ -280,7 +280,7 @@ def _adafactor(job: Seq2SeqJob):
     "adafactor_scaled" has no name there."""
     if not job.optimizer.startswith("adafactor"):
         return None
-    from transformers.optimization import Adafactor
+    from .adafactor import Adafactor
 
     return Adafactor, {"lr": job.learning_rate, **adafactor_kwargs(job.optimizer)}
 
