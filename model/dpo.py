@@ -22,7 +22,7 @@ import torch
 
 from utils.cli import UserError
 
-from .chat_model import load_model, load_tokenizer, save_model
+from .chat_model import ATTN_IMPLEMENTATIONS, load_model, load_tokenizer, save_model
 from .dpo_trainer import (CsvLogCallback, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
                           preference_metrics, score_pairs)
 
@@ -40,6 +40,9 @@ def _check_config(cfg) -> None:
         raise UserError(f"--learning_rate must be positive, got {cfg.learning_rate}")
     if cfg.mixed_precision not in ("no", "fp16", "bf16"):
         raise UserError(f"--mixed_precision must be no, fp16 or bf16, got {cfg.mixed_precision!r}")
+    if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise UserError(f"--attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                        f"got {cfg.attn_implementation!r}")
 
 
 def _require_sft(cfg) -> None:
@@ -132,6 +135,7 @@ def train(cfg) -> Path:
     _require_sft(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
     policy = load_model(cfg.sft_model_file)
+    policy.set_attn_implementation(cfg.attn_implementation)
     if cfg.disable_dropout:
         disable_dropout(policy)
     ref_model = None
@@ -142,6 +146,7 @@ def train(cfg) -> Path:
         policy.print_trainable_parameters()
     else:
         ref_model = load_model(cfg.sft_model_file)
+        ref_model.set_attn_implementation(cfg.attn_implementation)
 
     checkpoints = out / "checkpoints"
     resume = _resume_path(cfg, checkpoints)
@@ -171,10 +176,12 @@ def train(cfg) -> Path:
         seed=cfg.seed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        torch_compile=cfg.torch_compile,
         **_precision(cfg),
     )
     trainer = Seq2SeqDPOTrainer(
         model=policy, ref_model=ref_model, beta=cfg.beta, args=args,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         train_dataset=_dataset(train_rows, tokenizer, cfg.max_seq_len),
         eval_dataset=_dataset(eval_rows, tokenizer, cfg.max_seq_len) if has_eval else None,
         data_collator=PreferenceCollator(tokenizer.pad_token_id),
