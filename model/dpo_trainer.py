@@ -202,7 +202,7 @@ class Seq2SeqDPOTrainer(Trainer):
                 + (inputs["rejected_labels"] != IGNORE).sum()).detach()
         bucket = self._stored["train" if model.training else "eval"]
         for key, value in metrics.items():
-            bucket.setdefault(key, []).append(value.item())
+            bucket.setdefault(key, []).append(value.detach())  # no device sync per step: read at log time
         if return_outputs:
             return loss, {"chosen_rewards": chosen_r, "rejected_rewards": rejected_r}
         return loss
@@ -219,7 +219,7 @@ class Seq2SeqDPOTrainer(Trainer):
         prefix = "eval_" if split == "eval" else ""
         for key, values in self._stored[split].items():
             if values:
-                logs[prefix + key] = sum(values) / len(values)
+                logs[prefix + key] = torch.stack(values).float().mean().item()
         self._stored[split] = {}
         super().log(logs, start_time)
 
