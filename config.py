@@ -19,8 +19,8 @@ to the next stage (best by its validation metric, else the last) as a model dire
 from dataclasses import dataclass
 from pathlib import Path
 
-from settings import (SEED, Rule, Settings, at_least, fraction, in_range, matches, names_from, one_of,
-                      positive, unset_or_at_least)
+from settings import (SEED, Rule, Settings, at_least, fraction, in_range, matches, names_from,
+                      non_negative, one_of, positive, unset_or_at_least)
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 DATA_DIR = PROJECT_ROOT / "data"
@@ -37,6 +37,7 @@ def _p(*parts: str) -> str:
 # the modules that act on them import them from here.
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # PyTorch's fused attention | transformers' matmul + softmax
 OPTIMIZERS = ("adafactor", "adafactor_scaled", "adamw")
 STREAMING = ("auto", "yes", "no")
 SEARCH_TYPES = ("greedy", "beam", "sampling", "contrastive")  # model/modeling_chat_model.py ships its own copy
@@ -88,6 +89,7 @@ _TRAIN_RULES = {
     "max_steps": _LIMIT, "optimizer": one_of(*OPTIMIZERS), "logging_steps": _COUNT, "save_steps": _COUNT,
     "keep_latest_n_ckp": _COUNT, "seed": SEED, "dataloader_buffer_size": _COUNT, "streaming": one_of(*STREAMING),
     "max_seq_len": _SEQ, "eval_max_samples": unset_or_at_least(1, "all"),
+    "attn_implementation": one_of(*ATTN_IMPLEMENTATIONS),
 }
 
 _SFT_RULES = {
@@ -95,7 +97,7 @@ _SFT_RULES = {
     "save_steps": _COUNT, "gradient_accumulation_steps": _COUNT, "learning_rate": positive(),
     "logging_steps": _COUNT, "warmup_steps": _STEPS, "mixed_precision": one_of(*MIXED_PRECISION), "seed": SEED,
     "save_total_limit": at_least(0, " (0 = keep all)"), "optimizer": one_of(*OPTIMIZERS),
-    "eval_max_samples": unset_or_at_least(1, "all"),
+    "eval_max_samples": unset_or_at_least(1, "all"), "attn_implementation": one_of(*ATTN_IMPLEMENTATIONS),
 }
 
 _DPO_RULES = {
@@ -105,7 +107,7 @@ _DPO_RULES = {
     "warmup_steps": _STEPS, "mixed_precision": one_of(*MIXED_PRECISION), "seed": SEED, "beta": positive(),
     "lora_r": _COUNT, "lora_alpha": _COUNT, "lora_dropout": fraction(high_open=True),
     "lora_target_modules": names_from(*T5_LINEAR_LAYERS), "eval_batch_size": _COUNT,
-    "max_eval_pairs": unset_or_at_least(1, "all"),
+    "max_eval_pairs": unset_or_at_least(1, "all"), "attn_implementation": one_of(*ATTN_IMPLEMENTATIONS),
 }
 
 _DPO_DATA_RULES = {
@@ -118,7 +120,8 @@ _INFER_RULES = {
     "max_seq_len": _COUNT, "mixed_precision": one_of(*MIXED_PRECISION), "device": DEVICE,
     "search_type": one_of(*SEARCH_TYPES), "port": in_range(1, 65535), "workers": _COUNT,
     "log_level": one_of(*LOG_LEVELS), "max_input_chars": _COUNT, "max_new_tokens_cap": _COUNT,
-    "max_body_bytes": _COUNT,
+    "max_body_bytes": _COUNT, "max_connections": _COUNT, "header_timeout": positive(), "body_timeout": positive(),
+    "keep_alive_timeout": _COUNT, "max_batch_size": _COUNT, "batch_wait_ms": non_negative(),
 }
 
 _DATA_PROCESS_RULES = {
@@ -185,6 +188,8 @@ class TrainConfig(Settings, rules=_TRAIN_RULES):
     max_seq_len: int = 256
     eval_max_samples: int = -1  # > 0: evaluate BLEU on at most this many validation rows
     test_model_dir: str = ""  # `train.py test`: the model dir to score; "" = <output_dir>/best
+    attn_implementation: str = "sdpa"  # "sdpa" (PyTorch's fused attention) | "eager" (transformers' matmul + softmax)
+    torch_compile: bool = False  # torch.compile the training forward/backward (first steps compile: slower start)
 
 
 @dataclass
@@ -215,6 +220,8 @@ class SFTconfig(Settings, rules=_SFT_RULES):
     optimizer: str = "adamw"  # "adamw" | "adafactor" | "adafactor_scaled" (updates scaled by parameter RMS)
     group_by_length: bool = False  # batches of similar lengths: less padding, faster steps
     eval_max_samples: int = -1  # > 0: evaluate (loss, BLEU of greedy answers) on at most this many eval rows
+    attn_implementation: str = "sdpa"  # "sdpa" | "eager"
+    torch_compile: bool = False  # TrainingArguments.torch_compile
 
 
 @dataclass
@@ -259,6 +266,9 @@ class DpoConfig(Settings, rules=_DPO_RULES):
     eval_output_file: str = ""  # eval: the JSON report; "" = <output_dir>/preference_eval.json
     eval_batch_size: int = 8
     max_eval_pairs: int = -1  # eval: > 0 scores only the first N pairs
+    precompute_ref_log_probs: bool = False  # score every pair with the frozen reference once, before training
+    attn_implementation: str = "sdpa"  # "sdpa" | "eager"
+    torch_compile: bool = False  # TrainingArguments.torch_compile
 
 
 @dataclass

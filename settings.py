@@ -59,6 +59,10 @@ def positive() -> Rule:
     return Rule(lambda v: _number(v) and v > 0, "a finite number > 0")
 
 
+def non_negative() -> Rule:
+    return Rule(lambda v: _number(v) and v >= 0, "a finite number >= 0")
+
+
 def fraction(low_open: bool = False, high_open: bool = False) -> Rule:
     """A number in [0, 1], either end optionally excluded."""
     def ok(v) -> bool:

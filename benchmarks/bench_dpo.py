@@ -9,6 +9,13 @@ tiny model -> sft_train.py on review openings -> review continuations (prompt = 
 the SFT model writing the rejected answers for reviews it never saw -> `dpo_train.py eval`
 of the SFT model -> full DPO -> eval -> LoRA DPO -> merge -> eval of the merged model.
 Prints a table and writes <workdir>/bench_dpo.json.
+
+    .venv/bin/python benchmarks/bench_dpo.py --ref_cache_only [--dpo_steps 30]
+
+measures only the step time of full DPO with and without --precompute_ref_log_probs (the
+frozen reference scored once per pair before training instead of at every step), on a
+random tiny model and review pairs (chosen = the review's next 12 characters, rejected =
+them reversed); each run is `dpo_train.py train`, timed by the Trainer's train_runtime.
 """
 from __future__ import annotations
 
@@ -51,7 +58,11 @@ def main() -> None:
     ap.add_argument("--sft_steps", type=int, default=300)
     ap.add_argument("--dpo_steps", type=int, default=60)
     ap.add_argument("--dpo_rows", type=int, default=400)
+    ap.add_argument("--ref_cache_only", action="store_true",
+                    help="only time DPO steps with and without precomputed reference log-probs")
     args = ap.parse_args()
+    if args.ref_cache_only:
+        return ref_cache_timing(args)
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -114,6 +125,39 @@ def main() -> None:
     print("wall seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
     (work / "bench_dpo.json").write_text(json.dumps({"results": results, "walls": walls, "train_pairs": n_train,
                                                      "args": vars(args)}, indent=2), encoding="utf-8")
+
+
+def ref_cache_timing(args) -> None:
+    import torch
+
+    from model.chat_model import build_model, load_tokenizer, save_model
+
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench_dpo_ref_cache.log"
+    log.write_text("")
+    py = sys.executable
+    lines = reviews()
+    (work / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    run([py, "train_tokenizer.py", "--corpus_file", work / "corpus.txt", "--vocab_size", 6000,
+         "--output_dir", work / "tokenizer"], log)
+    torch.manual_seed(0)
+    save_model(build_model(ROOT / "model_config_tiny.json"), work / "init", load_tokenizer(work / "tokenizer"))
+    pairs = [{"prompt": r[:10], "chosen": r[10:22], "rejected": r[10:22][::-1]} for r in lines[: args.dpo_rows]]
+    (work / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
+    times = {}
+    for flag in (False, True):
+        out = work / f"dpo_ref_cache_{flag}"
+        run([py, "dpo_train.py", "train", "--sft_model_file", work / "init", "--tokenizer_dir", work / "init",
+             "--dpo_train_file", work / "pairs.json", "--dpo_eval_file", "", "--output_dir", out,
+             "--max_steps", args.dpo_steps, "--per_device_train_batch_size", 16, "--gradient_accumulation_steps", 1,
+             "--warmup_steps", 5, "--optim", "adamw_torch", "--logging_steps", 10, "--save_steps", 10 ** 6,
+             "--max_seq_len", 32, "--mixed_precision", "no", "--precompute_ref_log_probs", flag], log)
+        times[flag] = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))["train_runtime"]
+    per_step = {k: v / args.dpo_steps for k, v in times.items()}
+    print(f"full DPO, tiny model, {args.dpo_steps} steps of 16 pairs: reference every step "
+          f"{per_step[False] * 1000:.0f} ms/step; precomputed {per_step[True] * 1000:.0f} ms/step "
+          f"(x{per_step[False] / per_step[True]:.2f}; the precomputation itself is outside train_runtime)")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ from model.common import UserError
 from .configuration_chat_model import TextToTextModelConfig
 from .modeling_chat_model import SEARCH_TYPES, TextToTextModel  # noqa: F401 (re-export)
 
+# transformers 5.15+ runs T5 attention (relative position bias as an additive mask) through
+# PyTorch's scaled_dot_product_attention ("sdpa"), its default for T5 in 5.25;
+# "eager" is transformers' own matmul + softmax. Same results (tests/test_model.py).
 MODEL_FILES = ("config.json", "configuration_chat_model.py", "generation_config.json",
                "model.safetensors", "modeling_chat_model.py")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")

@@ -127,6 +127,7 @@ def train(cfg) -> Path:
     tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))
     policy = load_model(cfg.sft_model_file)
     check_vocab(tokenizer, policy.config, cfg.sft_model_file)
+    policy.set_attn_implementation(cfg.attn_implementation)
     if cfg.disable_dropout:
         disable_dropout(policy)
     ref_model = None
@@ -137,6 +138,7 @@ def train(cfg) -> Path:
         policy.print_trainable_parameters()
     else:
         ref_model = load_model(cfg.sft_model_file)
+        ref_model.set_attn_implementation(cfg.attn_implementation)
 
     has_eval = bool(eval_rows)
     args = TrainingArguments(
@@ -164,10 +166,12 @@ def train(cfg) -> Path:
         seed=cfg.seed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        torch_compile=cfg.torch_compile,
         **_precision(cfg),
     )
     trainer = Seq2SeqDPOTrainer(
         model=policy, ref_model=ref_model, beta=cfg.beta, args=args,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         train_dataset=_dataset(train_rows, tokenizer, cfg.max_seq_len),
         eval_dataset=_dataset(eval_rows, tokenizer, cfg.max_seq_len) if has_eval else None,
         data_collator=PreferenceCollator(tokenizer.pad_token_id),

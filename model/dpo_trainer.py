@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 
 IGNORE = -100
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 METRIC_NAMES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected")
 
@@ -106,12 +107,16 @@ class PreferenceCollator:
 
     def __call__(self, features: list[dict]) -> dict:
         prompts = [f["input_ids"] for f in features]
-        return {
+        batch = {
             "input_ids": self._pad(prompts, self.pad_id),
             "attention_mask": self._pad([[1] * len(p) for p in prompts], 0),
             "chosen_labels": self._pad([f["chosen_labels"] for f in features], IGNORE),
             "rejected_labels": self._pad([f["rejected_labels"] for f in features], IGNORE),
         }
+        for key in REF_COLUMNS:  # precomputed reference log-probs (add_reference_logps)
+            if key in features[0]:
+                batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
+        return batch
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -140,7 +145,8 @@ class Seq2SeqDPOTrainer(Trainer):
     its adapter disabled as the reference.
     """
 
-    def __init__(self, *args, ref_model=None, beta: float = 0.1, **kwargs) -> None:
+    def __init__(self, *args, ref_model=None, beta: float = 0.1, precompute_ref_log_probs: bool = False,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         if ref_model is None and not is_peft_model(self.model):
             raise ValueError("a reference model is required unless the policy is a peft (LoRA) model")
@@ -151,10 +157,23 @@ class Seq2SeqDPOTrainer(Trainer):
             self.ref_model = ref_model.to(self.args.device).eval()
         config = self.model.config
         self.start_id, self.pad_id = config.decoder_start_token_id, config.pad_token_id
+        if precompute_ref_log_probs:
+            # the reference is frozen: its log-probs of a pair are the same at every step of
+            # every epoch, so they are computed once here and travel with the dataset (as
+            # trl's precompute_ref_log_probs); the reference model is then no longer needed
+            ref = self.ref_model if self.ref_model is not None else self.model.to(self.args.device)
+            kw = dict(collator=self.data_collator, batch_size=self.args.per_device_eval_batch_size,
+                      device=self.args.device, start_id=self.start_id, pad_id=self.pad_id)
+            self.train_dataset = add_reference_logps(self.train_dataset, ref, **kw)
+            if self.eval_dataset is not None:
+                self.eval_dataset = add_reference_logps(self.eval_dataset, ref, **kw)
+            self.ref_model = None
         self._stored = {"train": {}, "eval": {}}
         self.trained_tokens = 0  # non-padding tokens of the policy's forward passes (a tensor once training)
 
     def _reference_logps(self, model, inputs: dict) -> dict:
+        if REF_COLUMNS[0] in inputs:
+            return {"chosen": inputs[REF_COLUMNS[0]], "rejected": inputs[REF_COLUMNS[1]]}
         with torch.no_grad():
             if self.ref_model is not None:
                 return pair_logps(self.ref_model, inputs, self.start_id, self.pad_id)
@@ -183,7 +202,7 @@ class Seq2SeqDPOTrainer(Trainer):
                 + (inputs["rejected_labels"] != IGNORE).sum()).detach()
         bucket = self._stored["train" if model.training else "eval"]
         for key, value in metrics.items():
-            bucket.setdefault(key, []).append(value.item())
+            bucket.setdefault(key, []).append(value.detach())  # no device sync per step: read at log time
         if return_outputs:
             return loss, {"chosen_rewards": chosen_r, "rejected_rewards": rejected_r}
         return loss
@@ -200,7 +219,7 @@ class Seq2SeqDPOTrainer(Trainer):
         prefix = "eval_" if split == "eval" else ""
         for key, values in self._stored[split].items():
             if values:
-                logs[prefix + key] = sum(values) / len(values)
+                logs[prefix + key] = torch.stack(values).float().mean().item()
         self._stored[split] = {}
         super().log(logs, start_time)
 
@@ -244,6 +263,30 @@ class CsvLogCallback(TrainerCallback):
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+
+@torch.no_grad()
+def add_reference_logps(dataset, reference, collator, batch_size: int, device, start_id: int, pad_id: int):
+    """`dataset` (tokenised pairs) with columns ref_chosen_logps / ref_rejected_logps: the
+    summed answer log-probs under `reference`, in eval mode. A peft policy is scored with its
+    adapter disabled, i.e. as the SFT model it started from."""
+    chosen, rejected = [], []
+    was_training = reference.training
+    reference.eval()
+    ctx = reference.disable_adapter() if is_peft_model(reference) else nullcontext()
+    pairs = dataset.select_columns(["input_ids", "chosen_labels", "rejected_labels"])
+    try:
+        with ctx:
+            for start in range(0, len(pairs), batch_size):
+                rows = pairs[start:start + batch_size]
+                batch = collator([dict(zip(rows, values)) for values in zip(*rows.values())])
+                out = pair_logps(reference, {k: v.to(device) for k, v in batch.items()}, start_id, pad_id)
+                chosen.extend(out["chosen"].float().cpu().tolist())
+                rejected.extend(out["rejected"].float().cpu().tolist())
+    finally:
+        reference.train(was_training)
+    dataset = dataset.remove_columns([c for c in REF_COLUMNS if c in dataset.column_names])
+    return dataset.add_column(REF_COLUMNS[0], chosen).add_column(REF_COLUMNS[1], rejected)
 
 
 @torch.no_grad()

@@ -75,6 +75,8 @@ class Seq2SeqJob:
     model_config_file: str = ""  # pretraining: build a fresh model from this config
     init_model_dir: str = ""  # fine-tuning: load this model (strictly)
     per_sample_loss: bool = False  # training loss = mean over pairs of each pair's token mean
+    attn_implementation: str = "sdpa"
+    torch_compile: bool = False  # TrainingArguments.torch_compile
 
     def __post_init__(self):
         # Relative paths from the command line mean the current directory; made absolute
@@ -110,7 +112,8 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
         save_steps=cfg.save_steps, save_total_limit=cfg.keep_latest_n_ckp, seed=cfg.seed,
         mixed_precision=cfg.mixed_precision, optimizer=cfg.optimizer, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=resume,
-        overwrite_output_dir=cfg.overwrite_output_dir, model_config_file=cfg.model_config_file)
+        overwrite_output_dir=cfg.overwrite_output_dir, model_config_file=cfg.model_config_file,
+        attn_implementation=cfg.attn_implementation, torch_compile=cfg.torch_compile)
 
 
 def job_from_sft_config(cfg) -> Seq2SeqJob:
@@ -128,7 +131,8 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
         optimizer=cfg.optimizer, logging_first_step=cfg.logging_first_step, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
         overwrite_output_dir=cfg.overwrite_output_dir, allow_json=True, init_model_dir=start,
-        per_sample_loss=cfg.per_sample_loss,
+        per_sample_loss=cfg.per_sample_loss, attn_implementation=cfg.attn_implementation,
+        torch_compile=cfg.torch_compile,
         # no model to start from: a fresh one (the "from random initialisation" baseline)
         model_config_file=cfg.model_config_file if not start or is_given(cfg, "model_config_file") else "")
 
@@ -278,7 +282,7 @@ def _adafactor(job: Seq2SeqJob):
     "adafactor_scaled" has no name there."""
     if not job.optimizer.startswith("adafactor"):
         return None
-    from transformers.optimization import Adafactor
+    from .adafactor import Adafactor
 
     return Adafactor, {"lr": job.learning_rate, **adafactor_kwargs(job.optimizer)}
 
@@ -459,6 +463,7 @@ def run(job: Seq2SeqJob) -> dict:
     else:
         model = build_model(job.model_config_file)
         check_vocab(tokenizer, model.config, job.model_config_file)
+    model.set_attn_implementation(job.attn_implementation)
 
     train_ds = tokenize_pairs(train_ds, tokenizer, job.max_seq_len, "train")
     if eval_ds is not None:
@@ -489,7 +494,7 @@ def run(job: Seq2SeqJob) -> dict:
         generation_config=eval_generation,
         train_sampling_strategy="group_by_length" if job.group_by_length else "random",
         seed=job.seed, report_to="none", dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(), **precision)
+        dataloader_pin_memory=torch.cuda.is_available(), torch_compile=job.torch_compile, **precision)
 
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(out / "runs")

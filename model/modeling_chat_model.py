@@ -84,46 +84,61 @@ def degeneration_scores(top_probs: torch.Tensor, cand_hidden: torch.Tensor,
     return (1.0 - penalty_alpha) * top_probs.float() - penalty_alpha * degeneration
 
 
+def _cache_kwarg(model) -> str:
+    """The forward argument that takes the KV cache: `cache` in transformers 5.x (the name
+    this file meets in a model directory may be an older release's `past_key_values`)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def contrastive_search(model: T5ForConditionalGeneration, input_ids: torch.LongTensor,
                        attention_mask: torch.LongTensor, max_new_tokens: int,
                        penalty_alpha: float, top_k: int, streamer=None) -> torch.LongTensor:
-    """Contrastive search for an encoder-decoder model.
+    """Contrastive search for an encoder-decoder model, with a KV cache.
 
     Written here because transformers 5 moved contrastive search out of the library into a
     hub repository that `generate` downloads at run time, which cannot work offline.
-    Each step runs the decoder once over all K candidate continuations (without a KV
-    cache: simple and exact, fine for chat-length answers); the winning row also yields the
-    next step's logits and the context hidden states, so no extra forward pass is needed.
+    The decoder's cache holds batch * K rows (each prompt's K candidate rows share its
+    prefix). Each step feeds only the K candidate tokens through the decoder, one position
+    each, instead of the whole sequence; the winning candidate's row of the cache then
+    replaces its K rows. The winner's output also gives the next step's logits and its
+    hidden state joins the context, so there is one decoder call per step.
     """
     cfg = model.config
     eos, pad = cfg.eos_token_id, cfg.pad_token_id
     batch = input_ids.size(0)
+    cache_arg = _cache_kwarg(model)
     encoder_hidden = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     seq = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long, device=input_ids.device)
     if streamer is not None:
         streamer.put(seq.cpu())
     out = model(encoder_outputs=BaseModelOutput(last_hidden_state=encoder_hidden), attention_mask=attention_mask,
-                decoder_input_ids=seq, output_hidden_states=True, use_cache=False)
+                decoder_input_ids=seq, output_hidden_states=True, use_cache=True)
     logits = out.logits[:, -1]
-    ctx_hidden = out.decoder_hidden_states[-1]
-    enc_k = encoder_hidden.repeat_interleave(top_k, dim=0)
+    ctx_hidden = out.decoder_hidden_states[-1]  # (B, T, D): the generated tokens' last hidden states
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.batch_repeat_interleave(top_k)  # row b * K + k: candidate k of prompt b
+    enc_k = BaseModelOutput(last_hidden_state=encoder_hidden.repeat_interleave(top_k, dim=0))
     mask_k = attention_mask.repeat_interleave(top_k, dim=0)
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     rows = torch.arange(batch, device=input_ids.device)
     for _ in range(max_new_tokens):
         top_probs, top_ids = logits.float().softmax(dim=-1).topk(top_k, dim=-1)  # (B, K)
-        cand_seq = torch.cat([seq.repeat_interleave(top_k, dim=0), top_ids.reshape(-1, 1)], dim=1)
-        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_k), attention_mask=mask_k,
-                    decoder_input_ids=cand_seq, output_hidden_states=True, use_cache=False)
-        hidden = out.decoder_hidden_states[-1].view(batch, top_k, cand_seq.size(1), -1)
-        scores = degeneration_scores(top_probs, hidden[:, :, -1], ctx_hidden, penalty_alpha)
+        out = model(encoder_outputs=enc_k, attention_mask=mask_k, decoder_input_ids=top_ids.reshape(-1, 1),
+                    output_hidden_states=True, use_cache=True, **{cache_arg: cache})
+        cache = getattr(out, "cache", None) or out.past_key_values
+        hidden = out.decoder_hidden_states[-1].view(batch, top_k, -1)  # (B, K, D)
+        scores = degeneration_scores(top_probs, hidden, ctx_hidden, penalty_alpha)
         best = scores.argmax(dim=-1)  # (B,)
         next_tokens = top_ids[rows, best]
         next_tokens = torch.where(finished, torch.full_like(next_tokens, pad), next_tokens)
         seq = torch.cat([seq, next_tokens[:, None]], dim=1)
-        ctx_hidden = hidden[rows, best]
-        logits = out.logits.view(batch, top_k, cand_seq.size(1), -1)[rows, best, -1]
+        ctx_hidden = torch.cat([ctx_hidden, hidden[rows, best][:, None]], dim=1)
+        logits = out.logits.view(batch, top_k, -1)[rows, best]
+        # every candidate row of prompt b continues from the winner's row
+        cache.reorder_cache((rows * top_k + best).repeat_interleave(top_k))
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         finished |= next_tokens == eos

@@ -41,7 +41,7 @@ from model.common import UserError, atomic_write_text, is_given, require_file
 from . import checkpoint as ckpt_io
 from .chat_model import (build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model,
                          weights_config_file)
-from .dataset import Collator, TokenizedPairs, check_parquet, open_training_data
+from .dataset import Collator, Prefetcher, TokenizedPairs, check_parquet, open_training_data
 from .tokenizer import tokenizer_dir_for
 
 LOSS_CSV = "train_loss.csv"
@@ -76,7 +76,7 @@ def make_optimizer(cfg, params):
     params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.learn_rate)
-    from transformers.optimization import Adafactor
+    from .adafactor import Adafactor
 
     return Adafactor(params, lr=cfg.learn_rate, **adafactor_kwargs(cfg.optimizer))
 
@@ -165,8 +165,11 @@ class ChatTrainer:
             # DeepSpeed's CPU-accelerator start-up; cpu=True runs plain MULTI_CPU instead
             print("warning: DeepSpeed needs CUDA GPUs; running without it (MULTI_CPU, gloo)", file=sys.stderr)
         # cpu=True is what makes accelerate read torchrun's WORLD_SIZE as MULTI_CPU (gloo)
+        # gradient accumulation is the loop's own (see _loop); only DeepSpeed's engine, which
+        # accumulates by itself, is told the count (its config may say "auto")
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
         acc = Accelerator(cpu=not gpu, mixed_precision=mp,
-                          gradient_accumulation_steps=self.cfg.gradient_accumulation_steps)
+                          gradient_accumulation_steps=self.cfg.gradient_accumulation_steps if deepspeed else 1)
         return acc
 
     def _logger(self, accelerator) -> logging.Logger:
@@ -242,6 +245,7 @@ class ChatTrainer:
         set_seed(cfg.seed)
         model = build_model(cfg.model_config_file) if model_source is None else \
             load_model(model_source, config_file=weights_config)
+        model.set_attn_implementation(cfg.attn_implementation)
         if cfg.is_finetune:
             freeze_embedding_and_encoder(model)
 
@@ -352,15 +356,44 @@ class ChatTrainer:
             broadcast_object_list(answer)
         return answer[0]
 
+    def _train_forward(self):
+        """The module the training step calls: the prepared model, or (--torch_compile) a
+        torch.compile wrapper of it. Evaluation, generation and checkpoints keep using the
+        uncompiled model (same weights), so generation's changing shapes never recompile."""
+        if not self.cfg.torch_compile:
+            return self.model
+        return torch.compile(self.model)
+
+    def _micro_step(self, forward, batch: dict, scale: float, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its detached, scaled loss."""
+        acc = self.accelerator
+        with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            with acc.autocast():
+                loss = forward(**_device_batch(batch, acc.device)).loss * scale
+            acc.backward(loss)
+        return loss.detach()
+
+    def _optimizer_step(self, trainable) -> None:
+        self.accelerator.clip_grad_norm_(trainable, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def _loop(self, source, valid, collate, n_epochs: int, total_steps: int, batches_per_epoch: int) -> dict:
-        cfg, acc, model, optimizer, scheduler, state = (self.cfg, self.accelerator, self.model, self.optimizer,
-                                                        self.scheduler, self.state)
+        cfg, acc, model, scheduler, state = self.cfg, self.accelerator, self.model, self.scheduler, self.state
         ga = cfg.gradient_accumulation_steps
         world = acc.num_processes
         check_every = 1 if world == 1 else min(cfg.logging_steps, 10)
+        # Gradient accumulation is this loop's alone (the Accelerator is built with 1): each
+        # micro-batch's loss is divided by the size of its group, which is shorter at the end
+        # of an epoch, and DDP syncs on the group's last one. DeepSpeed's engine accumulates
+        # and divides by its own count (its config's gradient_accumulation_steps) instead.
+        deepspeed = acc.distributed_type == "DEEPSPEED"
         trainable = [p for p in model.parameters() if p.requires_grad]
+        forward = self._train_forward()
+        pin = acc.device.type == "cuda"  # page-locked batches: the copy to the GPU runs asynchronously
         pending_losses: list[torch.Tensor] = []
-        tokens_since_log, tokens_total, train_time = 0, 0, 0.0
+        tokens_since_log, tokens_total, train_time, wait_total, wait_at_log = 0, 0, 0.0, 0.0, 0.0
         seen = _RowsDigest()
         model.train()
         with _StopRequest() as stop, self._progress() as progress:
@@ -371,61 +404,44 @@ class ChatTrainer:
                 epoch, skip = state["epoch"], state["batch_in_epoch"]
                 step_loss = None
                 t0 = time.perf_counter()
-                for bi, rows in enumerate(source.batches(epoch, skip), start=skip):
-                    batch = collate(rows)
-                    seen.update(batch["index"])
-                    group_start = bi - bi % ga
-                    group_len = min(ga, batches_per_epoch - group_start)
-                    last = bi - group_start == group_len - 1
-                    sync = contextlib.nullcontext() if last else acc.no_sync(model)
-                    with sync:
-                        with acc.autocast():
-                            loss = model(**_device_batch(batch, acc.device)).loss
-                        # accelerate divides by gradient_accumulation_steps; a short last group
-                        # of an epoch must still average over its own micro-batches
-                        acc.backward(loss * (ga / group_len))
-                    step_loss = loss.detach() / group_len if step_loss is None else step_loss + loss.detach() / group_len
-                    tokens_since_log += batch["n_tokens"]
-                    if not last:
-                        continue
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(trainable, 1.0)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    state["global_step"] += 1
-                    state["batch_in_epoch"] = bi + 1
-                    pending_losses.append(step_loss)
-                    step_loss = None
-                    progress.update(step_task, advance=1)
-                    for fn in self.callbacks:
-                        fn(self, state["global_step"])
-                    gs = state["global_step"]
-                    if gs % cfg.logging_steps == 0 or gs == total_steps:
-                        now = time.perf_counter()
-                        train_time += now - t0
-                        t0 = now
-                        losses = torch.stack(pending_losses).float().cpu().tolist()  # the only sync per log
-                        tps = tokens_since_log * world / max(now - t_log, 1e-9)
-                        tokens_total += tokens_since_log
-                        lr = scheduler.get_last_lr()[0]
-                        if acc.is_main_process:
-                            for k, value in enumerate(losses):
-                                self._append_csv(LOSS_CSV, LOSS_FIELDS, {
-                                    "step": gs - len(losses) + 1 + k, "epoch": epoch, "loss": repr(value),
-                                    "lr": f"{lr:.6g}", "tokens_per_s": f"{tps:.1f}"})
-                        mean = sum(losses) / len(losses)
-                        self.log.info("step %d epoch %d loss %.4f lr %.3g tokens/s %.0f", gs, epoch, mean, lr, tps)
-                        progress.update(step_task, info=f"loss {mean:.4f} lr {lr:.2e} {tps:,.0f} tok/s")
-                        pending_losses, tokens_since_log, t_log = [], 0, now
-                    if gs % check_every == 0 or gs == total_steps:
-                        signum = self._should_stop(stop)
-                        if signum:
-                            return self._interrupted(signum, pending_losses)
-                    if gs % cfg.save_steps == 0:
-                        self._checkpoint()
-                    if gs >= total_steps:
-                        break
+                with Prefetcher(source.batches(epoch, skip), collate, pin=pin) as batches:
+                    for bi, batch in enumerate(batches, start=skip):
+                        seen.update(batch["index"])
+                        group_start = bi - bi % ga
+                        group_len = min(ga, batches_per_epoch - group_start)
+                        last = bi - group_start == group_len - 1
+                        loss = self._micro_step(forward, batch, 1.0 if deepspeed else 1.0 / group_len, last)
+                        step_loss = loss if step_loss is None else step_loss + loss
+                        tokens_since_log += batch["n_tokens"]
+                        if not last:
+                            continue
+                        self._optimizer_step(trainable)
+                        state["global_step"] += 1
+                        state["batch_in_epoch"] = bi + 1
+                        pending_losses.append(step_loss)
+                        step_loss = None
+                        progress.update(step_task, advance=1)
+                        for fn in self.callbacks:
+                            fn(self, state["global_step"])
+                        gs = state["global_step"]
+                        if gs % cfg.logging_steps == 0 or gs == total_steps:
+                            now = time.perf_counter()
+                            train_time += now - t0
+                            t0 = now
+                            waited, wait_at_log = wait_total + batches.wait_s - wait_at_log, wait_total + batches.wait_s
+                            self._log_losses(pending_losses, epoch, tokens_since_log * world / max(now - t_log, 1e-9),
+                                             waited / max(now - t_log, 1e-9), progress, step_task)
+                            tokens_total += tokens_since_log
+                            pending_losses, tokens_since_log, t_log = [], 0, now
+                        if gs % check_every == 0 or gs == total_steps:
+                            signum = self._should_stop(stop)
+                            if signum:
+                                return self._interrupted(signum, pending_losses)
+                        if gs % cfg.save_steps == 0:
+                            self._checkpoint()
+                        if gs >= total_steps:
+                            break
+                    wait_total += batches.wait_s
                 train_time += time.perf_counter() - t0
                 tokens_total += tokens_since_log
                 tokens_since_log = 0
@@ -435,10 +451,26 @@ class ChatTrainer:
                     progress.update(ep_task, advance=1)
                     self._evaluate_and_keep_best(valid, collate, progress, epoch)
                     self._checkpoint()
+                    t_log = time.perf_counter()
             if state["last_eval_step"] != state["global_step"]:  # stopped by max_steps mid-epoch
                 self._evaluate_and_keep_best(valid, collate, progress, state["epoch"])
                 self._checkpoint()
-        return self._finish(train_time, tokens_total, seen)
+        return self._finish(train_time, tokens_total, seen, wait_total)
+
+    def _log_losses(self, pending_losses, epoch: int, tps: float, wait_share: float, progress, task) -> None:
+        """One log line and a CSV row per step since the last log (the only device sync per log)."""
+        gs = self.state["global_step"]
+        losses = torch.stack(pending_losses).float().cpu().tolist()
+        lr = self.scheduler.get_last_lr()[0]
+        if self.accelerator.is_main_process:
+            for k, value in enumerate(losses):
+                self._append_csv(LOSS_CSV, LOSS_FIELDS, {
+                    "step": gs - len(losses) + 1 + k, "epoch": epoch, "loss": repr(value),
+                    "lr": f"{lr:.6g}", "tokens_per_s": f"{tps:.1f}"})
+        mean = sum(losses) / len(losses)
+        self.log.info("step %d epoch %d loss %.4f lr %.3g tokens/s %.0f data wait %.1f%%", gs, epoch, mean, lr, tps,
+                      100 * wait_share)
+        progress.update(task, info=f"loss {mean:.4f} lr {lr:.2e} {tps:,.0f} tok/s wait {100 * wait_share:.1f}%")
 
     def _interrupted(self, signum: int, pending_losses) -> dict:
         name = signal.Signals(signum).name if signum in (2, 15) else str(signum)
@@ -458,7 +490,7 @@ class ChatTrainer:
             print(msg, file=sys.stderr)
         raise SystemExit(128 + signum)
 
-    def _finish(self, train_time: float, tokens_local: int, seen: "_RowsDigest") -> dict:
+    def _finish(self, train_time: float, tokens_local: int, seen: "_RowsDigest", wait_s: float) -> dict:
         import hashlib
 
         acc = self.accelerator
@@ -475,13 +507,16 @@ class ChatTrainer:
         summary = {"global_step": self.state["global_step"], "train_runtime_s": round(train_time, 3),
                    "non_padding_tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
                    "best_bleu4": self.state["best_bleu"], "best_model_dir": str(self.out / "best"),
-                   "world_size": acc.num_processes}
+                   "world_size": acc.num_processes,
+                   # share of the training time this rank's loop waited for its next batch
+                   "data_wait_share": round(wait_s / max(train_time, 1e-9), 4)}
         if acc.is_main_process:
             from model.plot import plot_loss_curve
 
             atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
             plot_loss_curve(self.out / LOSS_CSV, self.out / "loss_curve.png", self.out / EVAL_CSV)
-            print(f"trained {summary['global_step']} steps, {summary['tokens_per_s']:.0f} tokens/s; best BLEU-4 "
+            print(f"trained {summary['global_step']} steps, {summary['tokens_per_s']:.0f} tokens/s "
+                  f"(waiting for data {100 * summary['data_wait_share']:.1f}% of the time); best BLEU-4 "
                   f"{summary['best_bleu4']:.4f} at {summary['best_model_dir']}")
         acc.wait_for_everyone()
         return summary

@@ -123,6 +123,8 @@ def _bad_values(rule) -> list[str]:
         return [str(int(m.group(1)) - 1), str(int(m.group(2)) + 1)]
     if text == "a finite number > 0":
         return ["0", "-1e-5", "nan", "inf"]
+    if text == "a finite number >= 0":
+        return ["-1e-5", "nan", "inf"]
     if m := re.match(r"a number in ([\[(])0, 1([\])])", text):
         return ["-0.1", "1.5", "nan"] + (["0"] if m.group(1) == "(" else []) + (["1"] if m.group(2) == ")" else [])
     return ["bogus"]  # one of a list of names

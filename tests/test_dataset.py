@@ -105,3 +105,40 @@ def test_in_memory_matches_file_and_mode_choice(parquet, tok):
     assert isinstance(open_training_data(path, tok, 16, 4, 0, "no"), InMemoryBatches)
     with pytest.raises(UserError, match="batch size must be positive"):
         open_training_data(path, tok, 16, 0, 0, "no")
+
+
+@pytest.mark.parametrize("streaming", ["yes", "no"])
+def test_prefetcher_gives_the_source_batches_in_order(parquet, tok, streaming):
+    """Batches prepared ahead by the thread are the source's, in its order, resumed or not."""
+    import torch
+
+    from model.dataset import Collator, Prefetcher, open_training_data
+
+    path, _ = parquet
+    collate = Collator(tok.pad_token_id, tok, 16)
+    source = open_training_data(path, tok, 16, 4, seed=3, streaming=streaming, buffer_size=8, rank=1, world=2,
+                                group_by_length=True)
+    for skip in (0, 5):
+        expected = [collate(rows) for rows in source.batches(1, skip)]
+        with Prefetcher(source.batches(1, skip), collate, depth=2) as batches:
+            got = list(batches)
+        assert batches.wait_s >= 0 and len(got) == len(expected) == source.num_batches() - skip
+        for a, b in zip(got, expected):
+            assert a["index"] == b["index"] and a["n_tokens"] == b["n_tokens"]
+            for key in ("input_ids", "attention_mask", "labels"):
+                assert torch.equal(a[key], b[key])
+
+
+def test_prefetcher_stops_early_and_raises_source_errors(parquet, tok, tmp_path):
+    from model.dataset import Collator, Prefetcher, StreamingBatches
+    from utils.cli import UserError
+
+    path, _ = parquet
+    collate = Collator(tok.pad_token_id, tok, 16)
+    with Prefetcher(StreamingBatches(path, 4, 0, 8).batches(0), collate, depth=1) as batches:
+        first = next(batches)  # leaving early: close() stops the thread blocked on a full queue
+    assert len(first["index"]) == 4 and not batches._thread.is_alive()
+    pd.DataFrame({"prompt": ["a", None, "c"], "response": ["x", "y", "z"]}).to_parquet(tmp_path / "null.parquet")
+    with pytest.raises(UserError, match="null prompt or response"):
+        with Prefetcher(StreamingBatches(tmp_path / "null.parquet", 1, 0, 1).batches(0), collate) as batches:
+            list(batches)

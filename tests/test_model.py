@@ -141,6 +141,52 @@ def test_contrastive_with_alpha_zero_is_greedy(tiny):
     assert torch.equal(greedy[:, :n], contrastive[:, :n])
 
 
+def _contrastive_without_cache(model, input_ids, attention_mask, max_new_tokens, penalty_alpha, top_k):
+    """The project's earlier contrastive search: the decoder over the whole sequence for all
+    K candidates at every step, no cache. The oracle the cached search must match."""
+    from transformers.modeling_outputs import BaseModelOutput
+
+    cfg = model.config
+    batch = input_ids.size(0)
+    enc = model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    seq = torch.full((batch, 1), cfg.decoder_start_token_id, dtype=torch.long)
+    out = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=attention_mask,
+                decoder_input_ids=seq, output_hidden_states=True, use_cache=False)
+    logits, ctx = out.logits[:, -1], out.decoder_hidden_states[-1]
+    enc_k, mask_k = enc.repeat_interleave(top_k, dim=0), attention_mask.repeat_interleave(top_k, dim=0)
+    finished, rows = torch.zeros(batch, dtype=torch.bool), torch.arange(batch)
+    for _ in range(max_new_tokens):
+        probs, ids = logits.softmax(dim=-1).topk(top_k, dim=-1)
+        cand = torch.cat([seq.repeat_interleave(top_k, dim=0), ids.reshape(-1, 1)], dim=1)
+        out = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc_k), attention_mask=mask_k,
+                    decoder_input_ids=cand, output_hidden_states=True, use_cache=False)
+        hidden = out.decoder_hidden_states[-1].view(batch, top_k, cand.size(1), -1)
+        best = degeneration_scores(probs, hidden[:, :, -1], ctx, penalty_alpha).argmax(dim=-1)
+        nxt = torch.where(finished, torch.full_like(ids[:, 0], cfg.pad_token_id), ids[rows, best])
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        ctx = hidden[rows, best]
+        logits = out.logits.view(batch, top_k, cand.size(1), -1)[rows, best, -1]
+        finished |= nxt == cfg.eos_token_id
+        if bool(finished.all()):
+            break
+    return seq
+
+
+@pytest.mark.parametrize("alpha, k", [(0.5, 50), (0.9, 8)])
+def test_contrastive_with_cache_gives_the_tokens_of_the_uncached_search(tiny_model_dir, alpha, k):
+    """The KV-cached search picks the same tokens as the whole-sequence search on fixed prompts
+    (a padded batch of two, the original's settings and a strong penalty)."""
+    tok = load_tokenizer(tiny_model_dir)
+    model = load_model(tiny_model_dir).eval()
+    enc = tok(["今天天气很好，我们去", "你好"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = _contrastive_without_cache(model, enc["input_ids"], enc["attention_mask"], 24, alpha, k)
+    got = contrastive_search(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=24,
+                             penalty_alpha=alpha, top_k=k)
+    assert got.shape[1] > 10
+    assert torch.equal(got, expected)
+
+
 def test_contrastive_penalty_changes_choice_when_context_repeats(tiny):
     """With a strong penalty the search must avoid re-emitting tokens whose hidden state
     repeats the context; the result differs from greedy on a random model that loops."""
@@ -217,3 +263,30 @@ def test_save_is_atomic(tiny_model_dir, tmp_path):
         save_model(model, out, BrokenTokenizer())
     assert (out / "model.safetensors").read_bytes() == before  # the previous copy is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary left behind
+
+
+def test_sdpa_is_the_default_and_matches_eager(tokenizer_dir):
+    """transformers 5.25 runs our T5 through PyTorch SDPA by default; eager gives the same
+    logits and gradients (relative position bias and padding mask included)."""
+    torch.manual_seed(0)
+    sdpa = build_model(TINY_CONFIG)
+    assert sdpa.config._attn_implementation == "sdpa"
+    eager = build_model(TINY_CONFIG)
+    eager.load_state_dict(sdpa.state_dict())
+    eager.set_attn_implementation("eager")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    assert eager.config._attn_implementation == "eager"
+    assert eager.encoder.block[0].layer[0].SelfAttention.config._attn_implementation == "eager"
+    enc = tokenizer(["今天天气很好，我们去公园散步吧", "你好"], padding=True, return_tensors="pt")
+    labels = tokenizer(["好的，一起去", "你好，有什么可以帮你"], padding=True, return_tensors="pt")["input_ids"]
+    labels[labels == tokenizer.pad_token_id] = -100
+    results = []
+    for model in (sdpa, eager):
+        model.train()  # the tiny config has no dropout: train mode is deterministic
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (la, ga), (lb, gb) = results
+    assert torch.allclose(la, lb, atol=1e-5, rtol=1e-4)
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], atol=1e-6, rtol=1e-3), name

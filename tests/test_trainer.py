@@ -236,3 +236,93 @@ def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
     (root / "step-00000016").mkdir()  # renamed but incomplete (cannot happen with os.replace, still ignored)
     assert latest_checkpoint(root).name == "step-00000008"
     assert [p.name for p in list_checkpoints(root)] == ["step-00000004", "step-00000008"]
+
+
+def test_accumulated_step_is_the_mean_of_its_micro_batches(pairs_dir, tokenizer_dir, tmp_path):
+    """One optimiser step over ga=2 micro-batches: the gradient the optimiser sees is the
+    gradient of the mean of the two micro-batch losses, and the logged loss is that mean
+    (the loop accumulates by itself; accelerate is not asked to divide)."""
+    from accelerate.utils import set_seed
+
+    from model.chat_model import build_model, load_tokenizer
+    from model.dataset import Collator, open_training_data
+    from model.trainer import ChatTrainer
+
+    seen = {}
+
+    class Recording(ChatTrainer):
+        def _optimizer_step(self, trainable):
+            if "grads" not in seen:
+                seen["grads"] = {n: p.grad.clone() for n, p in self.model.named_parameters()}
+            super()._optimizer_step(trainable)
+
+    cfg = tiny_cfg(pairs_dir, tokenizer_dir, tmp_path / "run", max_steps=2, optimizer="adamw")
+    summary = Recording(cfg).train()
+    assert 0 <= summary["data_wait_share"] < 1
+    assert "data wait" in (tmp_path / "run" / "train.log").read_text()
+
+    tok = load_tokenizer(tokenizer_dir)
+    set_seed(cfg.seed)
+    model = build_model(TINY_CONFIG)  # the trainer's initial weights (same seed, same order of draws)
+    model.train()
+    source = open_training_data(cfg.train_file, tok, cfg.max_seq_len, cfg.batch_size_per_gpu, cfg.seed, "no")
+    collate = Collator(tok.pad_token_id, tok, cfg.max_seq_len)
+    batches = [collate(rows) for rows, _ in zip(source.batches(0), range(2))]
+    losses = [model(**{k: b[k] for k in ("input_ids", "attention_mask", "labels")}).loss for b in batches]
+    mean = (losses[0] + losses[1]) / 2
+    mean.backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(seen["grads"][name], p.grad, atol=1e-6, rtol=1e-4), name
+    assert read_losses(tmp_path / "run")[1] == pytest.approx(mean.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="inductor compiles for minutes on a small CPU: RUN_SLOW=1")
+def test_torch_compile_trains_like_eager(pairs_dir, tokenizer_dir, tmp_path):
+    """--torch_compile True on CPU (inductor): two steps, the same losses as eager."""
+    from model.trainer import ChatTrainer
+
+    cfg = tiny_cfg(pairs_dir, tokenizer_dir, tmp_path / "eager", max_steps=2, gradient_accumulation_steps=1)
+    ChatTrainer(cfg).train()
+    ChatTrainer(replace(cfg, output_dir=str(tmp_path / "compiled"), torch_compile=True)).train()
+    a, b = read_losses(tmp_path / "eager"), read_losses(tmp_path / "compiled")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_leaner_adafactor_makes_transformers_updates(scaled):
+    """model.adafactor.Adafactor: the same weights as transformers' Adafactor step after step
+    (matrices, a 3-D weight, vectors), and the same optimizer state, so checkpoints load either way."""
+    from transformers.optimization import Adafactor as Reference
+
+    from model.adafactor import Adafactor
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 48), torch.randn(48), torch.randn(3, 16, 8), torch.randn(32, 4) * 5]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    kw = dict(lr=1e-2, scale_parameter=scaled, relative_step=False, warmup_init=False)
+    opt_ours, opt_theirs = Adafactor(ours, **kw), Reference(theirs, **kw)
+    for _ in range(6):
+        grads = [torch.randn_like(t) * 3 for t in start]
+        for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b, s in zip(ours, theirs, start):
+        assert not torch.equal(a, s)
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+    state_ours, state_theirs = opt_ours.state_dict()["state"], opt_theirs.state_dict()["state"]
+    for i in state_theirs:
+        assert state_ours[i].keys() == state_theirs[i].keys()
+        for key, value in state_theirs[i].items():
+            if key == "RMS" and not scaled:
+                continue  # read only with scale_parameter; transformers computes it anyway, we skip it
+            assert torch.allclose(torch.as_tensor(state_ours[i][key]), torch.as_tensor(value), rtol=1e-5), key
+    # relative_step (not the lean path) still runs transformers' own step
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    p.grad = torch.ones(4, 4)
+    Adafactor([p], lr=None, relative_step=True).step()
+    assert not torch.equal(p, torch.ones(4, 4))

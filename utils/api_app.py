@@ -477,17 +477,6 @@ def server_settings(config: InferConfig) -> dict:
             "h11_max_incomplete_event_size": 16 * 1024}  # request line + headers (uvicorn's default)
 
 
-def check_server_settings(config: InferConfig) -> None:
-    if config.workers < 1:
-        raise UserError(f"workers must be >= 1, got {config.workers}")
-    if not 0 < config.port < 65536:
-        raise UserError(f"port must be 1-65535, got {config.port}")
-    for name in ("max_new_tokens_cap", "max_input_chars", "max_body_bytes", "max_connections", "header_timeout",
-                 "body_timeout", "keep_alive_timeout", "max_batch_size"):
-        if not getattr(config, name) > 0:
-            raise UserError(f"{name} must be positive, got {getattr(config, name)}")
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -501,7 +490,6 @@ def serve(config: InferConfig) -> None:
     """Load the model (a bad path is a one-line error before any port is bound) and run uvicorn."""
     import uvicorn
 
-    check_server_settings(config)
     resolve_api_key(config)
     if not config.api_key and not _is_loopback(config.host):
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use "
