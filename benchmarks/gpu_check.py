@@ -126,6 +126,25 @@ def run_hf_path(base, out: Path, cuda: bool) -> dict:
     return {"tokens_per_s": s["tokens_per_sec"]}
 
 
+WIDTHS = (22, 20, 7, 12)
+
+
+def print_row(name, speed, mfu, mem, note) -> None:
+    print(f"{name:<{WIDTHS[0]}} {speed:>{WIDTHS[1]}} {mfu:>{WIDTHS[2]}} {mem:>{WIDTHS[3]}}  {note}", flush=True)
+
+
+def guarded(rows: list, name: str, measure) -> None:
+    """Run one row's measurement; a failure becomes a FAILED row (with its error) instead of
+    ending the run, since a lent GPU is there for one try. Each row is printed as it ends, so
+    a run cut short by its time limit still shows what it measured."""
+    try:
+        row = measure()
+    except Exception as exc:  # noqa: BLE001 (any failure is reported in the table)
+        row = (name, "FAILED", "", "", f"{type(exc).__name__}: {str(exc).splitlines()[0][:100] if str(exc) else ''}")
+    rows.append(row)
+    print_row(*row)
+
+
 def fmt_mib(x) -> str:
     return "-" if x is None else f"{x:,.0f} MiB"
 
@@ -169,53 +188,74 @@ def main(argv=None) -> list[tuple]:
         per_token = (enc_f + dec_f) / 2  # prompt and response are halves of the same sentences
         kind = "bf16" if cuda else "fp32"
         rows.append(("matmul", f"{peak / 1e9:,.1f} GFLOP/s", "", "", f"{kind} n x n matrix product"))
+        print_row(*rows[-1])
+
+        def train_row(name, changes):
+            r = run_train_py(base, work / name.replace(" ", "_").replace("+", "_"), cuda, **changes)
+            return (name, f"{r['tokens_per_s']:,.0f} tok/s", f"{100 * r['tokens_per_s'] * per_token / peak:.1f}%",
+                    fmt_mib(r["peak_mib"]), f"batch 16, data wait {100 * r['data_wait_share']:.1f}%")
 
         for name, changes in (("train.py eager", dict(attn_implementation="eager")),
                               ("train.py sdpa", dict(attn_implementation="sdpa")),
                               ("train.py sdpa+compile", dict(attn_implementation="sdpa", torch_compile=True))):
             if args.no_compile and changes.get("torch_compile"):
                 rows.append((name, "skipped", "", "", "--no_compile"))
+                print_row(*rows[-1])
                 continue
-            r = run_train_py(base, work / name.replace(" ", "_").replace("+", "_"), cuda, **changes)
-            rows.append((name, f"{r['tokens_per_s']:,.0f} tok/s", f"{100 * r['tokens_per_s'] * per_token / peak:.1f}%",
-                         fmt_mib(r["peak_mib"]), f"batch 16, data wait {100 * r['data_wait_share']:.1f}%"))
-        r = run_hf_path(base, work / "hf", cuda)
-        rows.append(("HF Trainer path", f"{r['tokens_per_s']:,.0f} tok/s",
-                     f"{100 * r['tokens_per_s'] * per_token / peak:.1f}%", "", "pre_train.py, whole run"))
+            guarded(rows, name, lambda: train_row(name, changes))
 
-        r = run_train_py(base, work / "mem1", cuda, batch_size_per_gpu=1, max_seq_len=320, train_file=str(long_file),
-                         max_steps=3, logging_steps=1, group_by_length=False, optimizer="adafactor")
-        rows.append(("memory batch 1 x 320", "", "", fmt_mib(r["peak_mib"]), "320 + 320 tokens, Adafactor"))
-        r = run_train_py(base, work / "mem16", cuda, max_steps=3, logging_steps=1)
-        rows.append(("memory batch 16", "", "", fmt_mib(r["peak_mib"]), "max_seq_len 128, Adafactor"))
+        def hf_row():
+            r = run_hf_path(base, work / "hf", cuda)
+            return ("HF Trainer path", f"{r['tokens_per_s']:,.0f} tok/s",
+                    f"{100 * r['tokens_per_s'] * per_token / peak:.1f}%", "", "pre_train.py, whole run")
 
-        reset_between_runs(cuda)
-        from model.chat_model import build_model
+        guarded(rows, "HF Trainer path", hf_row)
 
-        model = build_model(config).eval()
-        model = model.to("cuda", dtype=torch.bfloat16) if cuda else model
-        prompts = fixed_prompts(4 if args.dry_run else 8, 24, model.config.vocab_size)
-        tokens, seconds = generation_speed(model, prompts, 16 if args.dry_run else 128, ["greedy"],
-                                           "cuda" if cuda else "cpu", torch.cuda.synchronize if cuda else None)["greedy"]
-        rows.append(("inference greedy", f"{tokens / seconds:,.0f} tok/s", "", "", f"{kind}, one prompt at a time"))
-        del model
+        def mem1_row():
+            r = run_train_py(base, work / "mem1", cuda, batch_size_per_gpu=1, max_seq_len=320,
+                             train_file=str(long_file), max_steps=3, logging_steps=1, group_by_length=False,
+                             optimizer="adafactor")
+            return ("memory batch 1 x 320", "", "", fmt_mib(r["peak_mib"]), "320 + 320 tokens, Adafactor")
 
-        r = run_train_py(base, work / "fp16", cuda, mixed_precision="fp16")
-        finite = all(math.isfinite(x) for x in r["losses"])
-        scale = r["loss_scale"]
-        ok = finite and (scale is None or scale >= 1.0)
-        note = f"losses finite: {finite}, final loss scale {scale if scale is not None else 'n/a (no CUDA: fp32)'}"
-        rows.append(("fp16 overflow check", "ok" if ok else "OVERFLOW", "", fmt_mib(r["peak_mib"]), note))
+        def mem16_row():
+            r = run_train_py(base, work / "mem16", cuda, max_steps=3, logging_steps=1)
+            return ("memory batch 16", "", "", fmt_mib(r["peak_mib"]), "max_seq_len 128, Adafactor")
+
+        guarded(rows, "memory batch 1 x 320", mem1_row)
+        guarded(rows, "memory batch 16", mem16_row)
+
+        def inference_row():
+            reset_between_runs(cuda)
+            from model.chat_model import build_model
+
+            model = build_model(config).eval()
+            model = model.to("cuda", dtype=torch.bfloat16) if cuda else model
+            prompts = fixed_prompts(4 if args.dry_run else 8, 24, model.config.vocab_size)
+            tokens, seconds = generation_speed(model, prompts, 16 if args.dry_run else 128, ["greedy"],
+                                               "cuda" if cuda else "cpu",
+                                               torch.cuda.synchronize if cuda else None)["greedy"]
+            return ("inference greedy", f"{tokens / seconds:,.0f} tok/s", "", "", f"{kind}, one prompt at a time")
+
+        guarded(rows, "inference greedy", inference_row)
+
+        def fp16_row():
+            r = run_train_py(base, work / "fp16", cuda, mixed_precision="fp16")
+            finite = all(math.isfinite(x) for x in r["losses"])
+            scale = r["loss_scale"]
+            ok = finite and (scale is None or scale >= 1.0)
+            note = f"losses finite: {finite}, final loss scale {scale if scale is not None else 'n/a (no CUDA: fp32)'}"
+            return ("fp16 overflow check", "ok" if ok else "OVERFLOW", "", fmt_mib(r["peak_mib"]), note)
+
+        guarded(rows, "fp16 overflow check", fp16_row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     device = torch.cuda.get_device_name(0) if cuda else f"CPU dry run, {torch.get_num_threads()} thread(s)"
     print(f"\ngpu_check: {device}; model {config.name}; {steps} steps per training row; "
           f"{time.perf_counter() - t_start:.0f} s in all")
-    widths = (22, 20, 7, 12)
-    print(f"{'row':<{widths[0]}} {'speed':>{widths[1]}} {'MFU':>{widths[2]}} {'peak GPU mem':>{widths[3]}}  note")
-    for name, speed, mfu, mem, note in rows:
-        print(f"{name:<{widths[0]}} {speed:>{widths[1]}} {mfu:>{widths[2]}} {mem:>{widths[3]}}  {note}")
+    print_row("row", "speed", "MFU", "peak GPU mem", "note")
+    for row in rows:
+        print_row(*row)
     return rows
 
 

@@ -43,6 +43,7 @@ def test_gpu_check_dry_run_prints_every_row():
     import gpu_check
 
     assert list(rows) == list(gpu_check.ROW_NAMES)
+    assert not [line for line in rows.values() if "FAILED" in line], table
     for name in ("train.py eager", "train.py sdpa", "HF Trainer path", "inference greedy"):
         speed = rows[name][22:43].split()[0]
         assert float(speed.replace(",", "")) > 0, rows[name]
