@@ -14,7 +14,7 @@ Prints a table and writes <workdir>/bench_dpo.json.
 
 measures only the step time of full DPO with and without --precompute_ref_log_probs (the
 frozen reference scored once per pair before training instead of at every step), on a
-random tiny model and review pairs (chosen = the review's next 12 characters, rejected =
+random model (tiny, or --model_config_file model_config.json) and review pairs (chosen = the review's next 12 characters, rejected =
 them reversed); each run is `dpo_train.py train`, timed by the Trainer's train_runtime.
 """
 from __future__ import annotations
@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--sft_steps", type=int, default=300)
     ap.add_argument("--dpo_steps", type=int, default=60)
     ap.add_argument("--dpo_rows", type=int, default=400)
+    ap.add_argument("--model_config_file", default=str(ROOT / "model_config_tiny.json"),
+                    help="--ref_cache_only: the random model's config (model_config.json for the 0.2B model)")
     ap.add_argument("--ref_cache_only", action="store_true",
                     help="only time DPO steps with and without precomputed reference log-probs")
     args = ap.parse_args()
@@ -142,7 +144,7 @@ def ref_cache_timing(args) -> None:
     run([py, "train_tokenizer.py", "--corpus_file", work / "corpus.txt", "--vocab_size", 6000,
          "--output_dir", work / "tokenizer"], log)
     torch.manual_seed(0)
-    save_model(build_model(ROOT / "model_config_tiny.json"), work / "init", load_tokenizer(work / "tokenizer"))
+    save_model(build_model(Path(args.model_config_file).resolve()), work / "init", load_tokenizer(work / "tokenizer"))
     pairs = [{"prompt": r[:10], "chosen": r[10:22], "rejected": r[10:22][::-1]} for r in lines[: args.dpo_rows]]
     (work / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
     times = {}
@@ -155,7 +157,8 @@ def ref_cache_timing(args) -> None:
              "--max_seq_len", 32, "--mixed_precision", "no", "--precompute_ref_log_probs", flag], log)
         times[flag] = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))["train_runtime"]
     per_step = {k: v / args.dpo_steps for k, v in times.items()}
-    print(f"full DPO, tiny model, {args.dpo_steps} steps of 16 pairs: reference every step "
+    print(f"full DPO, random {Path(args.model_config_file).name} model, {args.dpo_steps} steps of 16 pairs: "
+          f"reference every step "
           f"{per_step[False] * 1000:.0f} ms/step; precomputed {per_step[True] * 1000:.0f} ms/step "
           f"(x{per_step[False] / per_step[True]:.2f}; the precomputation itself is outside train_runtime)")
 

@@ -356,8 +356,8 @@ class Prefetcher:
     torch kernels that release it too, so one thread overlaps them without a second copy
     of the tokenizer and the data per process. The order is the source's, unchanged, so
     the per-rank data order and the exact resume (count of batches consumed) are exactly
-    those of the source; nothing here draws from a global random generator. Measured on
-    the tiny config with streaming data: see README's benchmark section.
+    those of the source; nothing here draws from a global random generator. The trainer
+    logs the share of time it waited (README, benchmarks: 0.0-0.3% on the tiny config).
     """
 
     _END = object()
