@@ -20,10 +20,8 @@ from utils.cli import UserError, parse_config, run_cli
 
 def main() -> None:
     _, config = parse_config(InferConfig, description=__doc__)
-    from model.infer import find_model
     from utils.api_app import serve
 
-    config.model_dir = str(find_model(config))  # serve prints it: the model being served
     serve(config)
 
 

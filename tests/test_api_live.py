@@ -271,7 +271,7 @@ def test_workers_get_the_key_neither_in_argv_nor_environment(chatty_model_dir, t
     (["--host", "0.0.0.0"], {}, "warning: serving on 0.0.0.0 without an API key"),
     (["--api_key", "a"], {"CHATLM_API_KEY": "b"}, "error: the API key is given twice (--api_key and CHATLM_API_KEY)"),
     (["--api_key_file", "/nonexistent/key"], {}, "error: cannot read api_key_file /nonexistent/key"),
-    (["--max_connections", "0"], {}, "error: max_connections must be positive, got 0"),
+    (["--max_connections", "0"], {}, "error: --max_connections must be an integer >= 1, got 0"),
 ])
 def test_server_startup_messages(args, env, expected, tmp_path):
     import sys

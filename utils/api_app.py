@@ -494,6 +494,9 @@ def serve(config: InferConfig) -> None:
     if not config.api_key and not _is_loopback(config.host):
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use "
               f"the model (set {API_KEY_ENV} or --api_key_file)", file=sys.stderr, flush=True)
+    from model.infer import find_model
+
+    config.model_dir = str(find_model(config))  # printed below: the model being served
     url = f"http://{config.host}:{config.port}"
     settings = server_settings(config)
     if config.workers == 1 and not config.reload:
