@@ -136,6 +136,17 @@ def _check_input(path: str | Path, what: str) -> Path:
     return p
 
 
+def join_prompt(head: str, tail: str) -> str:
+    """The one rule that makes a prompt of an instruction and its input (BELLE, alpaca) or a
+    title and its description: stripped, on two lines, the tail dropped when empty or already
+    inside the head. SFT data (utils.data_readers) and DPO data (read_instruction_file) both
+    use it, so the same record is the same prompt in every stage."""
+    head, tail = head.strip(), tail.strip()
+    if not tail or tail in head:
+        return head
+    return f"{head}\n{tail}"
+
+
 def read_instruction_file(path: str | Path, report: Report, max_rows: int = -1) -> list[dict]:
     """{'prompt', 'chosen'} rows of a prompt/response or alpaca (instruction/input/output) file."""
     p = _check_input(path, "instruction file")
@@ -145,10 +156,7 @@ def read_instruction_file(path: str | Path, report: Report, max_rows: int = -1) 
         if isinstance(rec, dict) and "instruction" in rec:
             got, why = _fields(rec, ("instruction", "input", "output"))
             if got is not None:
-                prompt = got["instruction"]
-                if got["input"].strip():
-                    prompt = f"{prompt}，{got['input']}"  # the original's joining rule
-                got = {"prompt": prompt, "chosen": got["output"]}
+                got = {"prompt": join_prompt(got["instruction"], got["input"]), "chosen": got["output"]}
         else:
             got, why = _fields(rec, ("prompt", "response"))
             if got is not None:

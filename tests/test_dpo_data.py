@@ -15,10 +15,25 @@ FIXTURES = Path(__file__).parent / "fixtures" / "dpo"
 
 
 
+def test_the_same_belle_record_is_the_same_prompt_in_sft_and_dpo(tmp_path):
+    """One joining rule (model.pairs.join_prompt): the SFT data reader and the DPO instruction
+    reader turn an instruction + input record into the same prompt (they used to differ:
+    a newline in one, "，" in the other)."""
+    from utils.data_readers import read_pairs
+
+    record = {"instruction": "把下面的句子改写得更礼貌。", "input": "给我倒杯水", "output": "请您帮我倒一杯水，好吗？"}
+    src = tmp_path / "belle.jsonl"
+    src.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    sft = list(read_pairs(src, "belle"))
+    dpo = read_instruction_file(src, Report())
+    assert sft == [(dpo[0]["prompt"], dpo[0]["chosen"])]
+    assert dpo[0]["prompt"] == "把下面的句子改写得更礼貌。\n给我倒杯水"
+
+
 def test_alpaca_reader_joins_instruction_and_input():
     report = Report()
     rows = read_instruction_file(FIXTURES / "alpaca_gpt4_data_zh_sample.json", report)
-    assert [r["prompt"] for r in rows] == ["保持健康的三个提示。", "将以下句子翻译成英文。，今天天气很好", "三原色是什么？"]
+    assert [r["prompt"] for r in rows] == ["保持健康的三个提示。", "将以下句子翻译成英文。\n今天天气很好", "三原色是什么？"]
     assert rows[1]["chosen"] == "The weather is nice today."
     assert rows[0]["chosen"].startswith("以下是保持健康的三个提示：\n\n1.")
     assert report.malformed == [] and report.read == {str(FIXTURES / "alpaca_gpt4_data_zh_sample.json"): 3}

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import ujson
 
 from config import INPUT_FORMATS
+from model.pairs import join_prompt
 from model.text_files import HINT, first_char, iter_utf8_lines, read_utf8
 from utils.cli import UserError
 
@@ -84,23 +85,16 @@ def _field(obj, key: str, required: bool = True) -> str:
     return value
 
 
-def _join(head: str, tail: str) -> str:
-    head, tail = head.strip(), tail.strip()
-    if not tail or tail in head:
-        return head
-    return f"{head}\n{tail}"
-
-
 def _belle(obj) -> tuple[str, str]:
-    return _join(_field(obj, "instruction"), _field(obj, "input", required=False)), _field(obj, "output")
+    return join_prompt(_field(obj, "instruction"), _field(obj, "input", required=False)), _field(obj, "output")
 
 
 def _web_text_zh(obj) -> tuple[str, str]:
-    return _join(_field(obj, "title"), _field(obj, "desc", required=False)), _field(obj, "content")
+    return join_prompt(_field(obj, "title"), _field(obj, "desc", required=False)), _field(obj, "content")
 
 
 def _baike_qa(obj) -> tuple[str, str]:
-    return _join(_field(obj, "title"), _field(obj, "desc", required=False)), _field(obj, "answer")
+    return join_prompt(_field(obj, "title"), _field(obj, "desc", required=False)), _field(obj, "answer")
 
 
 def _prompt_response(obj) -> tuple[str, str]:
