@@ -38,6 +38,9 @@ def _p(*parts: str) -> str:
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # PyTorch's fused attention | transformers' matmul + softmax
+# torch.compile backends: inductor generates kernels (the fast one, minutes to compile on a small
+# CPU); aot_eager traces the same graphs, forward and backward, without generating code
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager", "cudagraphs")
 OPTIMIZERS = ("adafactor", "adafactor_scaled", "adamw")
 STREAMING = ("auto", "yes", "no")
 SEARCH_TYPES = ("greedy", "beam", "sampling", "contrastive")  # model/modeling_chat_model.py ships its own copy
@@ -89,7 +92,7 @@ _TRAIN_RULES = {
     "max_steps": _LIMIT, "optimizer": one_of(*OPTIMIZERS), "logging_steps": _COUNT, "save_steps": _COUNT,
     "keep_latest_n_ckp": _COUNT, "seed": SEED, "dataloader_buffer_size": _COUNT, "streaming": one_of(*STREAMING),
     "max_seq_len": _SEQ, "eval_max_samples": unset_or_at_least(1, "all"),
-    "attn_implementation": one_of(*ATTN_IMPLEMENTATIONS),
+    "attn_implementation": one_of(*ATTN_IMPLEMENTATIONS), "torch_compile_backend": one_of(*COMPILE_BACKENDS),
 }
 
 _SFT_RULES = {
@@ -98,6 +101,7 @@ _SFT_RULES = {
     "logging_steps": _COUNT, "warmup_steps": _STEPS, "mixed_precision": one_of(*MIXED_PRECISION), "seed": SEED,
     "save_total_limit": at_least(0, " (0 = keep all)"), "optimizer": one_of(*OPTIMIZERS),
     "eval_max_samples": unset_or_at_least(1, "all"), "attn_implementation": one_of(*ATTN_IMPLEMENTATIONS),
+    "torch_compile_backend": one_of(*COMPILE_BACKENDS),
 }
 
 _DPO_RULES = {
@@ -108,6 +112,7 @@ _DPO_RULES = {
     "lora_r": _COUNT, "lora_alpha": _COUNT, "lora_dropout": fraction(high_open=True),
     "lora_target_modules": names_from(*T5_LINEAR_LAYERS), "eval_batch_size": _COUNT,
     "max_eval_pairs": unset_or_at_least(1, "all"), "attn_implementation": one_of(*ATTN_IMPLEMENTATIONS),
+    "torch_compile_backend": one_of(*COMPILE_BACKENDS),
 }
 
 _DPO_DATA_RULES = {
@@ -190,6 +195,7 @@ class TrainConfig(Settings, rules=_TRAIN_RULES):
     test_model_dir: str = ""  # `train.py test`: the model dir to score; "" = <output_dir>/best
     attn_implementation: str = "sdpa"  # "sdpa" (PyTorch's fused attention) | "eager" (transformers' matmul + softmax)
     torch_compile: bool = False  # torch.compile the training forward/backward (first steps compile: slower start)
+    torch_compile_backend: str = "inductor"  # its backend, as TrainingArguments.torch_compile_backend
 
 
 @dataclass
@@ -222,6 +228,7 @@ class SFTconfig(Settings, rules=_SFT_RULES):
     eval_max_samples: int = -1  # > 0: evaluate (loss, BLEU of greedy answers) on at most this many eval rows
     attn_implementation: str = "sdpa"  # "sdpa" | "eager"
     torch_compile: bool = False  # TrainingArguments.torch_compile
+    torch_compile_backend: str = "inductor"  # TrainingArguments.torch_compile_backend
 
 
 @dataclass
@@ -269,6 +276,7 @@ class DpoConfig(Settings, rules=_DPO_RULES):
     precompute_ref_log_probs: bool = False  # score every pair with the frozen reference once, before training
     attn_implementation: str = "sdpa"  # "sdpa" | "eager"
     torch_compile: bool = False  # TrainingArguments.torch_compile
+    torch_compile_backend: str = "inductor"  # TrainingArguments.torch_compile_backend
 
 
 @dataclass

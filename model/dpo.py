@@ -167,6 +167,7 @@ def train(cfg) -> Path:
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         torch_compile=cfg.torch_compile,
+        torch_compile_backend=cfg.torch_compile_backend if cfg.torch_compile else None,
         **_precision(cfg),
     )
     trainer = Seq2SeqDPOTrainer(

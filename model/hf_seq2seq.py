@@ -77,6 +77,7 @@ class Seq2SeqJob:
     per_sample_loss: bool = False  # training loss = mean over pairs of each pair's token mean
     attn_implementation: str = "sdpa"
     torch_compile: bool = False  # TrainingArguments.torch_compile
+    torch_compile_backend: str = "inductor"
 
     def __post_init__(self):
         # Relative paths from the command line mean the current directory; made absolute
@@ -113,7 +114,8 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
         mixed_precision=cfg.mixed_precision, optimizer=cfg.optimizer, group_by_length=cfg.group_by_length,
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=resume,
         overwrite_output_dir=cfg.overwrite_output_dir, model_config_file=cfg.model_config_file,
-        attn_implementation=cfg.attn_implementation, torch_compile=cfg.torch_compile)
+        attn_implementation=cfg.attn_implementation, torch_compile=cfg.torch_compile,
+        torch_compile_backend=cfg.torch_compile_backend)
 
 
 def job_from_sft_config(cfg) -> Seq2SeqJob:
@@ -132,7 +134,7 @@ def job_from_sft_config(cfg) -> Seq2SeqJob:
         eval_max_samples=cfg.eval_max_samples, resume_from_checkpoint=cfg.resume_from_checkpoint,
         overwrite_output_dir=cfg.overwrite_output_dir, allow_json=True, init_model_dir=start,
         per_sample_loss=cfg.per_sample_loss, attn_implementation=cfg.attn_implementation,
-        torch_compile=cfg.torch_compile,
+        torch_compile=cfg.torch_compile, torch_compile_backend=cfg.torch_compile_backend,
         # no model to start from: a fresh one (the "from random initialisation" baseline)
         model_config_file=cfg.model_config_file if not start or is_given(cfg, "model_config_file") else "")
 
@@ -494,7 +496,8 @@ def run(job: Seq2SeqJob) -> dict:
         generation_config=eval_generation,
         train_sampling_strategy="group_by_length" if job.group_by_length else "random",
         seed=job.seed, report_to="none", dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(), torch_compile=job.torch_compile, **precision)
+        dataloader_pin_memory=torch.cuda.is_available(), torch_compile=job.torch_compile,
+        torch_compile_backend=job.torch_compile_backend if job.torch_compile else None, **precision)
 
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(out / "runs")

@@ -362,7 +362,7 @@ class ChatTrainer:
         uncompiled model (same weights), so generation's changing shapes never recompile."""
         if not self.cfg.torch_compile:
             return self.model
-        return torch.compile(self.model)
+        return torch.compile(self.model, backend=self.cfg.torch_compile_backend)
 
     def _micro_step(self, forward, batch: dict, scale: float, sync: bool) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its detached, scaled loss."""

@@ -262,3 +262,27 @@ def test_per_sample_loss_weighs_every_pair_equally(tiny_model_dir, tmp_path):
     assert torch.allclose(got, expected, atol=1e-5)
     assert not torch.allclose(got, token_mean, atol=1e-3)  # the two weightings really differ here
     assert torch.allclose(eval_loss, token_mean, atol=1e-5)
+
+
+def test_pre_train_passes_torch_compile_to_the_trainer(tokenizer_dir, data, tmp_path):
+    """--torch_compile True --torch_compile_backend aot_eager reach the job that builds the
+    TrainingArguments, and pre_train.py trains 4 steps with them (in a process of its own: a
+    compiling Trainer changes accelerate's process-wide state); a backend outside the list is
+    refused with one line. (Whether the Trainer then compiled is not checked here.)"""
+    from config import TrainConfig
+    from model.hf_seq2seq import job_from_train_config
+    from utils.cli import parse_config
+
+    out = tmp_path / "out"
+    argv = _pretrain_args(tokenizer_dir, data, out, max_steps=4, save_steps=4, torch_compile=True,
+                          torch_compile_backend="aot_eager")
+    _, cfg = parse_config(TrainConfig, [str(x) for x in argv])
+    job = job_from_train_config(cfg)
+    assert (job.torch_compile, job.torch_compile_backend) == (True, "aot_eager")
+    _ok(_run("pre_train.py", argv, tmp_path))
+    state = json.loads(sorted((out / "checkpoints").glob("checkpoint-*"))[-1].joinpath("trainer_state.json")
+                       .read_text())
+    assert state["global_step"] == 4
+    bad = _run("pre_train.py", _pretrain_args(tokenizer_dir, data, tmp_path / "bad", torch_compile=True,
+                                              torch_compile_backend="turbo"), tmp_path)
+    assert bad.returncode == 2 and "--torch_compile_backend must be one of" in bad.stderr.strip().splitlines()[-1]
