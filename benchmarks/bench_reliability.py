@@ -47,6 +47,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import stop_process  # noqa: E402 (tests/conftest.py: one way to stop a server)
 PY = sys.executable
 TINY = ROOT / "model_config_tiny.json"
 
@@ -460,11 +462,7 @@ def main() -> None:
                 report["slow_clients"] = slow_clients(proc, base, port, args.slow_clients, args.slow_seconds)
                 report["mixed_load"] = mixed_load(base, args.clients, args.requests, args.load_seconds)
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_process(proc)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import stop_process  # noqa: E402 (tests/conftest.py: one way to stop a server)
 
 
 def build_model(work: Path, model_config_file: Path) -> Path:
@@ -155,11 +157,7 @@ def main() -> None:
                       f"  p99 {res['p99_ms']:7.0f} ms  ({res['requests']} requests, {len(res['errors'])} errors)",
                       flush=True)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
             log.close()
     print(f"\nmodel {config_file.name}, {args.max_tokens}-token answers, {args.requests} requests per client, "
           f"server OMP_NUM_THREADS={args.threads}, load average at start {load_start:.1f}, at end {os.getloadavg()[0]:.1f}")

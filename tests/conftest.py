@@ -17,6 +17,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TINY_CONFIG = ROOT / "model_config_tiny.json"
 
 
+def stop_process(proc, timeout: float = 20) -> None:
+    """End a server started by a test or a benchmark: SIGTERM, then SIGKILL if it lingers."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Every model in the suite is tiny: one thread is fastest (more threads spin-wait on a
@@ -161,10 +173,5 @@ def live_api(tmp_path_factory, chatty_model_dir):
             time.sleep(0.3)
         yield base, port
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout=15)
         log.close()

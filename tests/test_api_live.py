@@ -14,6 +14,7 @@ import openai
 import pytest
 
 from config import PROJECT_ROOT
+from conftest import stop_process
 from utils.api_app import CURL_EXAMPLE
 
 
@@ -193,12 +194,7 @@ def _start(args: list, env: dict, log_path) -> tuple:
 
 
 def _stop(proc, log) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    stop_process(proc)
     log.close()
 
 
