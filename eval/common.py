@@ -26,12 +26,6 @@ def batches(items: Sequence, size: int) -> Iterator[Sequence]:
         yield items[start:start + size]
 
 
-def pad_inputs(tokenizer, ids: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists with the tokenizer's [PAD]; (input_ids, attention_mask)."""
-    enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
-
-
 def read_rows(path: str | Path, columns: Sequence[str], what: str = "file") -> list[dict]:
     """Rows of a parquet file or a JSON-lines file, each with (at least) `columns` as strings.
 

@@ -286,7 +286,9 @@ class ModelScorer:
     def choice_logits(self, prompts: Sequence[str]):
         import torch
 
-        from .common import batches, pad_inputs
+        from model.generation import pad_prompts
+
+        from .common import batches
 
         device = next(self.model.parameters()).device
         start = self.model.config.decoder_start_token_id
@@ -296,9 +298,8 @@ class ModelScorer:
                 ids = self.tokenizer(list(batch), add_special_tokens=False)["input_ids"]
                 # keep the end (the question and "答案："), where truncation must not cut
                 ids = [x[-(self.max_seq_len - 1):] + [self.tokenizer.eos_token_id] for x in ids]
-                input_ids, mask = pad_inputs(self.tokenizer, ids, device)
                 decoder_input_ids = torch.full((len(ids), 1), start, dtype=torch.long, device=device)
-                logits = self.model(input_ids=input_ids, attention_mask=mask,
+                logits = self.model(**pad_prompts(self.tokenizer, ids, device),
                                     decoder_input_ids=decoder_input_ids).logits[:, 0]
                 out.append(logits[:, self.choice_ids].float().cpu())
         return torch.cat(out)

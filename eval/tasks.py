@@ -108,21 +108,12 @@ def lm_figures(model, tokenizer, prompts: Sequence[str], references: Sequence[st
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, max_seq_len: int,
                      max_new_tokens: int | None = None) -> list[str]:
-    """Greedy answers, batched by similar prompt length (less padding), in input order."""
-    from model.dataset import encode_texts
+    """Greedy answers, batched by similar prompt length (less padding), in input order, stripped."""
+    from model.generation import generate_batch
 
-    from .common import batches, pad_inputs
-
-    device = next(model.parameters()).device
-    ids = encode_texts(tokenizer, prompts, max_seq_len)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    answers = [""] * len(ids)
-    for chunk in batches(order, batch_size):
-        input_ids, mask = pad_inputs(tokenizer, [ids[i] for i in chunk], device)
-        out = model.my_generate(input_ids, mask, max_seq_len=max_new_tokens or max_seq_len, search_type="greedy")
-        for i, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
-            answers[i] = text.strip()
-    return answers
+    answers = generate_batch(model, tokenizer, prompts, max_new_tokens or max_seq_len, max_prompt_len=max_seq_len,
+                             batch_size=batch_size)
+    return [text.strip() for text in answers]
 
 
 def evaluate_file(cfg: EvalTasksConfig) -> dict:

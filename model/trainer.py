@@ -581,6 +581,7 @@ def evaluate(accelerator, model, tokenizer, data: TokenizedPairs, collate, batch
     """
     from accelerate.utils import gather_object
 
+    from model.generation import generate_batch
     from model.metrics import corpus_bleu4
 
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -598,9 +599,9 @@ def evaluate(accelerator, model, tokenizer, data: TokenizedPairs, collate, batch
             out = unwrapped(**batch)
             n = (batch["labels"] != -100).sum()
             loss_sum += torch.stack([out.loss.double() * n, n.double()])
-            gen = unwrapped.my_generate(batch["input_ids"], batch["attention_mask"], max_seq_len=max_new_tokens,
-                                        search_type="greedy")
-        hyps.extend(tokenizer.batch_decode(gen, skip_special_tokens=True))
+            # the same (already encoded) prompts, padded for generation as every caller pads them
+            hyps.extend(generate_batch(unwrapped, tokenizer, [data[i]["input_ids"].tolist() for i in idx],
+                                       max_new_tokens))
         refs.extend(data.texts_response[i] for i in idx)
         order.extend(idx)
         if task is not None:

@@ -132,21 +132,14 @@ class PartialLog:
 
 def generate_answers(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int,
                      max_seq_len: int, search_type: str, seed: int) -> list[str]:
-    """The model's answers to a batch of prompts (prompt + [EOS] in, as in training)."""
+    """The model's answers to a batch of prompts (prompt + [EOS] in, as in training), as one batch."""
     import torch
 
-    from model.dataset import encode_texts
+    from model.generation import generate_batch
 
-    ids = encode_texts(tokenizer, prompts, max_seq_len)
-    width = max(len(x) for x in ids)
-    pad = tokenizer.pad_token_id
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids], device=device)
-    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids], device=device)
     torch.manual_seed(seed)  # sampling search types: the same batch gives the same answers on a rerun
-    out = model.my_generate(input_ids=input_ids, attention_mask=mask, max_seq_len=max_new_tokens,
-                            search_type=search_type)
-    return tokenizer.batch_decode(out.cpu().tolist(), skip_special_tokens=True)
+    return generate_batch(model, tokenizer, prompts, max_new_tokens, max_prompt_len=max_seq_len,
+                          search_type=search_type)
 
 
 def _model_fingerprint(model_dir: Path) -> dict:
