@@ -122,7 +122,7 @@ _DPO_DATA_RULES = {
 }
 
 _INFER_RULES = {
-    "max_seq_len": _COUNT, "mixed_precision": one_of(*MIXED_PRECISION), "device": DEVICE,
+    "max_seq_len": _COUNT, "max_prompt_tokens": _SEQ, "mixed_precision": one_of(*MIXED_PRECISION), "device": DEVICE,
     "search_type": one_of(*SEARCH_TYPES), "port": in_range(1, 65535), "workers": _COUNT,
     "log_level": one_of(*LOG_LEVELS), "max_input_chars": _COUNT, "max_new_tokens_cap": _COUNT,
     "max_body_bytes": _COUNT, "max_connections": _COUNT, "header_timeout": positive(), "body_timeout": positive(),
@@ -306,7 +306,8 @@ class DpoDataConfig(Settings, rules=_DPO_DATA_RULES):
 @dataclass
 class InferConfig(Settings, rules=_INFER_RULES):
     """Chat CLI (cli_demo.py) and HTTP API (api_demo.py)."""
-    max_seq_len: int = 320  # default number of new tokens of an answer
+    max_seq_len: int = 320  # the longest answer, in tokens (the original's 回答的最大长度); a request's max_tokens overrides it
+    max_prompt_tokens: int = 320  # the question's tokens fed to the model, [EOS] included; a longer one is cut at the end
     mixed_precision: str = "bf16"  # on a GPU: "bf16" (fp16 where bf16 is unsupported) | "fp16" | "no"; CPU: fp32
     model_dir: str = _p("model_save", "final")  # a model directory, .safetensors or legacy .bin file; not given: this, else model_save/ itself
     tokenizer_dir: str = ""  # "": the model directory (or the directory holding the model file), else model_save/tokenizer

@@ -14,7 +14,8 @@ model_save/final, else the model directory at model_save/ itself (where the orig
 README puts the published model): `find_model`. Its tokenizer is the one in the model's
 directory unless `tokenizer_dir` says otherwise. It runs on CUDA, MPS or the CPU, in half
 precision on a GPU and fp32 on the CPU. A question gets [EOS] appended exactly as in
-training (`model.dataset.encode_texts`).
+training and is cut to `max_prompt_tokens`; an answer is at most `max_seq_len` tokens unless the
+call says otherwise (model/generation.py: how every stage encodes, pads, generates and decodes).
 
 `answer` and `stream_chat` (what the API uses) go through the bot's Batcher: answers asked for
 concurrently are generated as one batch, each row ending at its own EOS or max_new_tokens or
@@ -37,7 +38,7 @@ from transformers import (AsyncTextIteratorStreamer, LogitsProcessor, LogitsProc
 
 from config import MODEL_SAVE_DIR, InferConfig
 from model.chat_model import SEARCH_TYPES, check_vocab, is_model_dir, load_model, load_tokenizer
-from model.dataset import encode_texts
+from model.generation import decode_answers, encode_prompts, generate_ids, pad_prompts
 from model.tokenizer import tokenizer_dir_for
 from model.common import UserError, is_given
 
@@ -365,32 +366,28 @@ class ChatBot:
         self.batcher = Batcher(self, self.config.max_batch_size, self.config.batch_wait_ms)
         self.tokens_generated = 0  # decoding steps since start, all requests together (for /health)
 
-    # ---- encoding / decoding -------------------------------------------------------------
+    # ---- encoding (model.generation: as every stage encodes and pads prompts) -----------------
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each question's tokens plus [EOS], cut to max_prompt_tokens."""
+        return encode_prompts(self.tokenizer, texts, self.config.max_prompt_tokens)
+
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Padded input_ids/attention_mask on the model's device, each text ending in [EOS]."""
-        return self._pad(encode_texts(self.tokenizer, texts, self.config.max_seq_len))
-
-    def _pad(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-
-    def _decode(self, ids: torch.Tensor) -> list[str]:
-        texts = self.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
-        return [t if t.strip() else FALLBACK_ANSWER for t in texts]
+        return pad_prompts(self.tokenizer, self._encode(texts), self.device)
 
     def count_tokens(self, text: str) -> int:
-        return len(encode_texts(self.tokenizer, [text], self.config.max_seq_len)[0])
+        return len(self._encode([text])[0])
 
     # ---- generation ----------------------------------------------------------------------
     def _submit(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, search_type: str,
                 control: GenerationControl, streamer=None) -> _Job:
         """Queue one answer for the batcher; the returned job's `done` is set when it is ready."""
-        ids = encode_texts(self.tokenizer, [prompt], self.config.max_seq_len)[0]
+        ids = self._encode([prompt])[0]
         return self.batcher.submit(_Job(ids, max_new_tokens, temperature, top_p, search_type, control, streamer))
 
     def _finish(self, job: _Job, reason: str) -> None:
         """Deliver a job's answer (its row of the batch is done) and wake its reader."""
-        text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
+        text = decode_answers(self.tokenizer, [job.tokens])[0]
         job.answer = Answer(text, len(job.ids), len(job.tokens), reason)
         if job.streamer is not None:
             try:
@@ -409,7 +406,7 @@ class ChatBot:
         if not jobs:
             return
         search_type = jobs[0].search_type
-        inputs = self._pad([job.ids for job in jobs])
+        inputs = pad_prompts(self.tokenizer, [job.ids for job in jobs], self.device)
         rows = _BatchRows(self, jobs)
         max_new = max(job.max_new_tokens for job in jobs)
         with self.lock:
@@ -476,11 +473,9 @@ class ChatBot:
         search_type = search_type or self.config.search_type
         if search_type not in SEARCH_TYPES:
             raise ValueError(f"search_type must be one of {SEARCH_TYPES}, got {search_type!r}")
-        inputs = self.encode(texts)
-        with self.lock:
-            out = self.model.my_generate(inputs["input_ids"], inputs["attention_mask"],
-                                         max_seq_len=max_new_tokens or self.config.max_seq_len,
-                                         search_type=search_type)
+        with self.lock:  # model.generation: the encode, pad, generate, decode of every stage
+            out = generate_ids(self.model, self.tokenizer, self._encode(texts),
+                               max_new_tokens or self.config.max_seq_len, search_type=search_type)
             self.tokens_generated += int(out.shape[1] - 1) * len(texts)
-        answers = self._decode(out)
+        answers = [t if t.strip() else FALLBACK_ANSWER for t in decode_answers(self.tokenizer, out)]
         return answers[0] if single else answers

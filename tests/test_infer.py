@@ -36,7 +36,23 @@ def test_half_precision_on_gpus():
 def test_question_gets_eos_appended_like_training(bot):
     ids = bot.encode(["感冒了要怎么办"])["input_ids"][0].tolist()
     assert ids[-1] == bot.tokenizer.eos_token_id
-    assert ids == encode_texts(bot.tokenizer, ["感冒了要怎么办"], bot.config.max_seq_len)[0]
+    assert ids == encode_texts(bot.tokenizer, ["感冒了要怎么办"], bot.config.max_prompt_tokens)[0]
+
+
+def test_max_seq_len_caps_the_answer_and_max_prompt_tokens_cuts_the_question(bot, chatty_model_dir):
+    """max_seq_len is the longest answer (the original's meaning); it used to cut the question too."""
+    question = "今天天气怎么样，我想出去走走，可以吗？还是在家里看书比较好"
+    whole = len(encode_texts(bot.tokenizer, [question], 10_000)[0])
+    short = ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=4))
+    assert whole > 4
+    answer = short.answer(question)
+    assert (answer.prompt_tokens, answer.completion_tokens) == (whole, 4)
+    assert short.chat(question) == bot.chat(question, max_new_tokens=4)
+    cut = ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=4, max_prompt_tokens=5))
+    assert cut.answer(question).prompt_tokens == 5
+    assert cut.encode([question])["input_ids"][0].tolist() == encode_texts(bot.tokenizer, [question], 5)[0]
+    with pytest.raises(UserError, match="max_prompt_tokens"):
+        InferConfig(max_prompt_tokens=1)
 
 
 def test_stream_matches_greedy_chat(bot):
