@@ -28,12 +28,14 @@ class TextToTextModel(T5ForConditionalGeneration):
     config_class = TextToTextModelConfig
 
     def generation_config_for(self, search_type: str, max_seq_len: int) -> GenerationConfig:
-        """The original's decoding settings for greedy, beam and sampling."""
+        """The original's decoding settings for greedy, beam and sampling; [EOS], [PAD] and the
+        decoder's start token are the model config's, as contrastive search reads them."""
         if search_type not in SEARCH_TYPES:
             raise ValueError(f"search_type must be one of {SEARCH_TYPES}, got {search_type!r}")
+        cfg = self.config
         gc = GenerationConfig(
-            eos_token_id=1, pad_token_id=0,
-            decoder_start_token_id=self.config.decoder_start_token_id,
+            eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+            decoder_start_token_id=cfg.decoder_start_token_id,
             max_new_tokens=max_seq_len, remove_invalid_values=True,
         )
         if search_type == "beam":
@@ -59,8 +61,10 @@ class TextToTextModel(T5ForConditionalGeneration):
 
     @torch.no_grad()
     def my_generate(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
-                    max_seq_len: int = 256, search_type: str = "beam", streamer=None) -> torch.LongTensor:
-        """Generate answers; returns decoder token ids (starting with the start token)."""
+                    max_seq_len: int = 256, search_type: str = "greedy", streamer=None) -> torch.LongTensor:
+        """Generate answers of at most `max_seq_len` new tokens; returns decoder token ids (starting
+        with the start token). Greedy unless `search_type` says otherwise (the original defaulted to
+        beam, which no caller used)."""
         if search_type == "contrastive":
             return contrastive_search(self, input_ids, attention_mask, max_new_tokens=max_seq_len,
                                       penalty_alpha=CONTRASTIVE_PENALTY_ALPHA,

@@ -114,6 +114,41 @@ def test_my_generate_every_search_type(tiny, search_type):
     assert ((out >= 0) & (out < model.config.vocab_size)).all()
 
 
+@pytest.fixture()
+def talkative(tiny):
+    """A fresh tiny model whose special tokens never win (as conftest's chatty model), and tiny's inputs."""
+    _, ids, mask = tiny
+    torch.manual_seed(0)
+    model = build_model(TINY_CONFIG).eval()
+    with torch.no_grad():
+        model.shared.weight[:7].zero_()
+    return model, ids, mask
+
+
+def test_my_generate_is_greedy_by_default(talkative):
+    model, ids, mask = talkative
+    torch.manual_seed(1)  # the original's default, beam, samples: a seed makes it comparable
+    greedy = model.my_generate(ids, mask, max_seq_len=8, search_type="greedy")
+    assert torch.equal(model.my_generate(ids, mask, max_seq_len=8), greedy)
+    assert (greedy[:, 1:] >= 7).all()
+
+
+def test_eos_and_pad_come_from_the_model_config(talkative):
+    """A model whose [EOS] / [PAD] ids are not 1 / 0: generation ends a row at the config's
+    [EOS] and pads it with the config's [PAD] (they were hard-coded for all but contrastive)."""
+    model, ids, mask = talkative
+    first = model.my_generate(ids, mask, max_seq_len=6)[:, 1]
+    eos, pad = int(first[0]), 3
+    assert eos >= 7 and int(first[1]) != eos
+    model.config.eos_token_id, model.config.pad_token_id = eos, pad
+    for search_type in ("greedy", "beam", "sampling"):
+        gc = model.generation_config_for(search_type, 6)
+        assert (gc.eos_token_id, gc.pad_token_id) == (eos, pad)
+    out = model.my_generate(ids, mask, max_seq_len=6)
+    assert out[0, 1] == eos and (out[0, 2:] == pad).all() and out.shape[1] == 7
+    assert (out[1, 1:] != pad).all() and (out[1, 1:] != eos).all()
+
+
 def test_unknown_search_type_is_rejected(tiny):
     model, ids, mask = tiny
     with pytest.raises(ValueError, match="search_type"):
