@@ -101,6 +101,7 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
     """
     from .checkpoint import is_checkpoint_dir
 
+    refuse_train_py_only(cfg)
     state_dir = cfg.train_state_dir
     named = bool(state_dir) and (is_checkpoint_dir(state_dir) or Path(state_dir).name.startswith(CHECKPOINT_PREFIX))
     resume = (state_dir if named else "last") if cfg.is_keep_training else ""
@@ -116,6 +117,24 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
         overwrite_output_dir=cfg.overwrite_output_dir, model_config_file=cfg.model_config_file,
         attn_implementation=cfg.attn_implementation, torch_compile=cfg.torch_compile,
         torch_compile_backend=cfg.torch_compile_backend)
+
+
+def refuse_train_py_only(cfg) -> None:
+    """TrainConfig fields only train.py acts on: pre_train.py refuses them rather than drop them.
+
+    --streaming no/auto are accepted: datasets reads the parquet file through a memory-mapped
+    Arrow copy, never whole into memory, which is what either asks for.
+    """
+    if cfg.is_finetune:
+        raise UserError("pre_train.py trains a fresh model and does not fine-tune: for --is_finetune True use "
+                        "train.py (python train.py train --is_finetune True --finetune_from_ckp_file DIR), "
+                        "or sft_train.py for instruction fine-tuning")
+    if cfg.streaming == "yes":
+        raise UserError("pre_train.py does not stream: --streaming yes is train.py's (python train.py train "
+                        "--streaming yes); pre_train.py reads parquet through datasets' memory-mapped Arrow cache")
+    if is_given(cfg, "test_file"):
+        raise UserError("pre_train.py does not test: for --test_file run python train.py test --test_file FILE "
+                        "--test_model_dir <output_dir>/best after training")
 
 
 def job_from_sft_config(cfg) -> Seq2SeqJob:
