@@ -36,7 +36,7 @@ def test_alpaca_reader_joins_instruction_and_input():
     assert [r["prompt"] for r in rows] == ["保持健康的三个提示。", "将以下句子翻译成英文。\n今天天气很好", "三原色是什么？"]
     assert rows[1]["chosen"] == "The weather is nice today."
     assert rows[0]["chosen"].startswith("以下是保持健康的三个提示：\n\n1.")
-    assert report.malformed == [] and report.read == {str(FIXTURES / "alpaca_gpt4_data_zh_sample.json"): 3}
+    assert report.malformed.count == 0 and report.read == {str(FIXTURES / "alpaca_gpt4_data_zh_sample.json"): 3}
 
 
 def test_huozi_reader_takes_reject_field_and_unescapes_newlines():
@@ -70,26 +70,31 @@ def test_malformed_records_are_reported_with_position(tmp_path):
     report = Report()
     rows = read_preference_file(jsonl, report)
     assert [r["prompt"] for r in rows] == ["a", "x"]
-    assert [(m.position, m.reason) for m in report.malformed] == [
-        ("line 2", report.malformed[0].reason), ("line 3", "missing field 'rejected'"),
-        ("line 5", "field 'chosen' is null"), ("line 6", "field 'chosen' is int, expected a string"),
-        ("line 7", "expected an object, got list")]
-    assert report.malformed[0].reason.startswith("invalid JSON")
-    assert str(report.malformed[1]) == f"{jsonl}: line 3: missing field 'rejected'"
+    bad = report.malformed.examples
+    assert [(m.position, m.reason) for m in bad] == [
+        ("line 2", bad[0].reason), ("line 3", "missing key: 'rejected'"),
+        ("line 5", "null value: 'chosen'"), ("line 6", "not a string: 'chosen' is int"),
+        ("line 7", "not a JSON object: list")]
+    assert bad[0].reason.startswith("bad JSON")
+    assert str(bad[1]) == f"{jsonl}:line 3: missing key: 'rejected'"
+    assert report.read == {str(jsonl): 7} and report.malformed.count == 5
 
+    # an absent or null input is no input, as in SFT data (utils.data_readers); a null output is malformed
     array = tmp_path / "instr.json"
     array.write_text(json.dumps([{"instruction": "i", "input": "", "output": "o"},
-                                 {"instruction": "i", "input": None, "output": "o"}]), encoding="utf-8")
+                                 {"instruction": "i", "input": None, "output": "o"},
+                                 {"instruction": "i", "output": "o"},
+                                 {"instruction": "i", "input": "x", "output": None}]), encoding="utf-8")
     report = Report()
-    assert len(read_instruction_file(array, report)) == 1
-    assert [(m.position, m.reason) for m in report.malformed] == [("item 2", "field 'input' is null")]
+    assert read_instruction_file(array, report) == [{"prompt": "i", "chosen": "o"}] * 3
+    assert [(m.position, m.reason) for m in report.malformed.examples] == [("item 4", "null value: 'output'")]
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"prompt": ["p", None], "response": ["r", "r"]}), tmp_path / "instr.parquet")
     report = Report()
     assert read_instruction_file(tmp_path / "instr.parquet", report) == [{"prompt": "p", "chosen": "r"}]
-    assert [(m.position, m.reason) for m in report.malformed] == [("row 2", "field 'prompt' is null")]
+    assert [(m.position, m.reason) for m in report.malformed.examples] == [("row 2", "null value: 'prompt'")]
 
 
 def test_unreadable_inputs_are_user_errors(tmp_path):
