@@ -15,19 +15,41 @@ FIXTURES = Path(__file__).parent / "fixtures" / "dpo"
 
 
 
-def test_the_same_belle_record_is_the_same_prompt_in_sft_and_dpo(tmp_path):
-    """One joining rule (model.pairs.join_prompt): the SFT data reader and the DPO instruction
-    reader turn an instruction + input record into the same prompt (they used to differ:
-    a newline in one, "，" in the other)."""
+BELLE = [{"instruction": "把下面的句子改写得更礼貌。", "input": "给我倒杯水", "output": "请您帮我倒一杯水，好吗？"},
+         {"instruction": "写一句问候语", "input": None, "output": "你好！"},  # a null input is no input
+         {"instruction": "写一句问候语", "output": "早上好！"}]  # nor is an absent one
+BELLE_PAIRS = [("把下面的句子改写得更礼貌。\n给我倒杯水", "请您帮我倒一杯水，好吗？"), ("写一句问候语", "你好！"),
+               ("写一句问候语", "早上好！")]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
+def test_the_same_belle_record_is_the_same_prompt_in_every_reader(tmp_path, kind):
+    """One reader and one joining rule (model.pairs): the cleaning stage's belle format, SFT's
+    JSON training files (hf_seq2seq.load_pair_dataset), the DPO instruction reader and the
+    generic pair reader turn an instruction + input record into the same prompt. DPO used to
+    join with "，" (SFT data with a newline), refused a null input, and sft_train.py refused
+    BELLE records outright."""
+    import pandas as pd
+
+    from model.hf_seq2seq import load_pair_dataset
+    from model.pairs import BadRows, iter_pairs
     from utils.data_readers import read_pairs
 
-    record = {"instruction": "把下面的句子改写得更礼貌。", "input": "给我倒杯水", "output": "请您帮我倒一杯水，好吗？"}
-    src = tmp_path / "belle.jsonl"
-    src.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-    sft = list(read_pairs(src, "belle"))
+    src = tmp_path / f"belle.{kind}"
+    if kind == "jsonl":
+        src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in BELLE), encoding="utf-8")
+    elif kind == "json":
+        src.write_text(json.dumps(BELLE, ensure_ascii=False), encoding="utf-8")
+    else:
+        pd.DataFrame(BELLE).to_parquet(src)
+    bad = BadRows()
+    assert list(iter_pairs(src, bad)) == BELLE_PAIRS and bad.count == 0
+    assert list(read_pairs(src, "belle")) == BELLE_PAIRS  # the cleaning stage (SFT data)
     dpo = read_instruction_file(src, Report())
-    assert sft == [(dpo[0]["prompt"], dpo[0]["chosen"])]
-    assert dpo[0]["prompt"] == "把下面的句子改写得更礼貌。\n给我倒杯水"
+    assert [(r["prompt"], r["chosen"]) for r in dpo] == BELLE_PAIRS
+    if kind != "parquet":  # sft_train.py's JSON files (its parquet files are the cleaning stage's output)
+        ds = load_pair_dataset(src, "train")
+        assert list(zip(ds["prompt"], ds["response"])) == BELLE_PAIRS and ds.column_names == ["prompt", "response"]
 
 
 def test_alpaca_reader_joins_instruction_and_input():
