@@ -156,8 +156,10 @@ def _parquet_columns(pf, path: Path, wanted: Sequence[str] | None) -> list[str] 
 
 
 def iter_records(path: str | Path, max_rows: int = -1, columns: Sequence[str] | None = None
-                 ) -> Iterator[tuple[str, object]]:
-    """(position, record) of each record of a JSON-lines, JSON-array or parquet file.
+                 ) -> Iterator[tuple[tuple[str, int], object]]:
+    """(position, record) of each record of a JSON-lines, JSON-array or parquet file; the
+    position is ("line", 3), ("item", 3) or ("row", 3), counted from 1 (a tuple, formatted
+    only for a malformed record: the cleaning stage reads millions of lines).
 
     A line that is not UTF-8 or not JSON yields a `BadRow` as its record. Of a parquet
     file only `columns` are read (default: those of a pair file's shape), all of which
@@ -176,7 +178,7 @@ def iter_records(path: str | Path, max_rows: int = -1, columns: Sequence[str] | 
         for batch in pf.iter_batches(batch_size=4096, columns=_parquet_columns(pf, path, columns)):
             for rec in batch.to_pylist():
                 count += 1
-                yield f"row {count}", rec
+                yield ("row", count), rec
                 if 0 < max_rows <= count:
                     return
         return
@@ -189,7 +191,7 @@ def iter_records(path: str | Path, max_rows: int = -1, columns: Sequence[str] | 
         if not isinstance(items, list):
             raise UserError(f"{path}: expected a JSON array of objects or JSON lines, got a {type(items).__name__}")
         for i, rec in enumerate(items, start=1):
-            yield f"item {i}", rec
+            yield ("item", i), rec
             if 0 < max_rows <= i:
                 return
         return
@@ -204,7 +206,7 @@ def iter_records(path: str | Path, max_rows: int = -1, columns: Sequence[str] | 
             except ValueError as exc:
                 rec = BadRow(f"bad JSON: {exc}")
         count += 1
-        yield f"line {lineno}", rec
+        yield ("line", lineno), rec
         if 0 < max_rows <= count:
             return
 
@@ -218,7 +220,7 @@ def read_records(path: str | Path, row_fn: Callable, bad: BadRows, max_rows: int
                 raise rec
             yield row_fn(rec)
         except BadRow as exc:
-            bad.add(path, where, str(exc))
+            bad.add(path, f"{where[0]} {where[1]}", str(exc))
 
 
 def iter_pairs(path: str | Path, bad: BadRows, max_rows: int = -1) -> Iterator[tuple[str, str]]:
