@@ -202,7 +202,7 @@ def iter_records(path: str | Path, max_rows: int = -1, columns: Sequence[str] | 
             continue
         else:
             try:
-                rec = ujson.loads(line)  # ujson: 2-3x json's speed on the cleaning stage's corpora
+                rec = ujson.loads(line)  # ujson: 1.2x json's speed (200k BELLE lines: 1.00 vs 1.18 s)
             except ValueError as exc:
                 rec = BadRow(f"bad JSON: {exc}")
         count += 1
