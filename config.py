@@ -81,11 +81,6 @@ def _min_max(kind: str):
     return check
 
 
-_T5_MODEL_RULES = {name: _COUNT for name in ("d_ff", "d_model", "num_heads", "d_kv", "num_decoder_layers",
-                                              "num_layers")}
-_T5_MODEL_CHECKS = (lambda c: "" if c.d_model == c.num_heads * c.d_kv else
-                    f"--d_model ({c.d_model}) must equal --num_heads * --d_kv ({c.num_heads} * {c.d_kv})",)
-
 _TRAIN_RULES = {
     "epochs": _COUNT, "batch_size_per_gpu": _COUNT, "learn_rate": positive(), "div_factor": _COUNT,
     "mixed_precision": one_of(*MIXED_PRECISION), "gradient_accumulation_steps": _COUNT, "warmup_steps": _STEPS,
@@ -147,17 +142,6 @@ _DATA_PROCESS_CHECKS = (
     f"--demo_valid_ratio + --demo_test_ratio must be < 1 (train keeps the rest), got "
     f"{c.demo_valid_ratio} + {c.demo_test_ratio}",
 )
-
-
-@dataclass
-class T5ModelConfig(Settings, rules=_T5_MODEL_RULES, checks=_T5_MODEL_CHECKS):
-    """The published 0.2B architecture (model_config.json holds the same numbers)."""
-    d_ff: int = 3072
-    d_model: int = 768
-    num_heads: int = 12
-    d_kv: int = 64
-    num_decoder_layers: int = 10
-    num_layers: int = 10
 
 
 @dataclass

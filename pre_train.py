@@ -14,6 +14,8 @@ peak learning rate learn_rate * div_factor, mixed_precision (fp32 on CPU), loggi
 save_steps, keep_latest_n_ckp, group_by_length, max_seq_len, eval_max_samples, seed.
 Writes `<output_dir>/best` (best validation loss), `<output_dir>/checkpoints/`,
 `<output_dir>/runs/` and `<output_dir>/train_summary.json`; see model/hf_seq2seq.py.
+The fields only train.py acts on are refused with one line naming it: --is_finetune True,
+--streaming yes and --test_file (test with `python train.py test` afterwards).
 """
 from config import TrainConfig
 from utils.cli import parse_config, require_writable, run_cli

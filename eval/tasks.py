@@ -117,9 +117,10 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, 
 
 
 def evaluate_file(cfg: EvalTasksConfig) -> dict:
+    from model.pairs import read_rows
     from utils.parquet_io import atomic_write_text
 
-    from .common import load_model_and_tokenizer, read_rows
+    from .common import load_model_and_tokenizer
 
     if cfg.task not in TASKS:
         raise UserError(f"--task must be one of: {', '.join(TASKS)} (got {cfg.task!r})")

@@ -62,6 +62,9 @@ KNOWN_OUTPUT_FILES = frozenset(MODEL_FILES) | frozenset(WEIGHT_FILES) | {
     "adapter_model.safetensors", "adapter_model.bin", "README.md", OUTPUT_MARKER}
 
 
+MODEL_DIMENSIONS = ("d_ff", "d_model", "num_heads", "d_kv", "num_layers", "num_decoder_layers")
+
+
 def load_model_config(config_file: str | Path, vocab_size: int | None = None) -> TextToTextModelConfig:
     path = Path(config_file)
     if not path.is_file():
@@ -73,6 +76,12 @@ def load_model_config(config_file: str | Path, vocab_size: int | None = None) ->
     except TypeError as exc:  # valid JSON that is not an object of settings
         raise UserError(f"model config file is not a JSON object of settings: {path} ({exc}); "
                         "fix or replace it") from None
+    # The model's dimensions come from this file only (the original's config.T5ModelConfig
+    # was never read here and is gone); each must be a whole number of at least 1.
+    bad = [f"{k} = {getattr(config, k)!r}" for k in MODEL_DIMENSIONS
+           if not (isinstance(getattr(config, k), int) and getattr(config, k) >= 1)]
+    if bad:
+        raise UserError(f"{path}: {', '.join(bad)}; each of {', '.join(MODEL_DIMENSIONS)} must be an integer >= 1")
     if config.d_model != config.num_heads * config.d_kv:
         raise UserError(f"{path}: d_model ({config.d_model}) must equal num_heads * d_kv "
                         f"({config.num_heads} * {config.d_kv})")

@@ -14,32 +14,7 @@ from typing import Sequence
 
 from config import STREAMING
 from model.common import UserError
-
-REQUIRED_COLUMNS = ("prompt", "response")
-
-
-def check_parquet(path: str | Path, what: str = "dataset") -> Path:
-    """A parquet file that exists, has string `prompt` and `response` columns and rows."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{what} file not found: {p}")
-    try:
-        meta = pq.ParquetFile(p)
-    except Exception as exc:  # pyarrow raises several types for a non-parquet file
-        raise UserError(f"{what} file is not a readable parquet file: {p} ({exc})") from None
-    schema = meta.schema_arrow
-    for col in REQUIRED_COLUMNS:
-        if col not in schema.names:
-            raise UserError(f"{what} file {p} has no '{col}' column (columns: {', '.join(schema.names)})")
-        if not (pa.types.is_string(schema.field(col).type) or pa.types.is_large_string(schema.field(col).type)):
-            raise UserError(f"{what} file {p}: column '{col}' is {schema.field(col).type}, expected string")
-    if meta.metadata.num_rows == 0:
-        raise UserError(f"{what} file has no rows: {p}")
-    return p
-
+from model.pairs import check_parquet, parquet_pair_batches
 
 def encode_texts(tokenizer, texts: Sequence[str], max_seq_len: int) -> list[list[int]]:
     """Token ids of each text, truncated so that with the appended [EOS] it fits max_seq_len."""
@@ -156,15 +131,12 @@ class TokenizedPairs:
     def __init__(self, path: str | Path, tokenizer, max_seq_len: int, chunk_rows: int = 8192,
                  max_rows: int | None = None, keep_texts: bool = False):
         import numpy as np
-        import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(check_parquet(path))
-        self.path = Path(path)
+        self.path = check_parquet(path)
         ids = {"input_ids": [], "labels": []}
         self.texts_response: list[str] = []  # the references, kept for evaluation only
         n_rows = 0
-        for rb in pf.iter_batches(batch_size=chunk_rows, columns=list(REQUIRED_COLUMNS)):
-            prompts, responses = _column_texts(rb, self.path)
+        for prompts, responses in parquet_pair_batches(self.path, chunk_rows):
             if max_rows is not None:
                 keep = max(0, max_rows - n_rows)
                 prompts, responses = prompts[:keep], responses[:keep]
@@ -187,14 +159,6 @@ class TokenizedPairs:
 
     def __getitem__(self, i: int) -> dict:
         return {key: self.flat[key][self.offsets[key][i]:self.offsets[key][i + 1]] for key in self.flat}
-
-
-def _column_texts(rb, path: Path) -> tuple[list[str], list[str]]:
-    prompts = rb.column("prompt").to_pylist()
-    responses = rb.column("response").to_pylist()
-    if any(x is None for x in prompts) or any(x is None for x in responses):
-        raise UserError(f"{path}: a row has a null prompt or response")
-    return prompts, responses
 
 
 class Collator:
@@ -297,8 +261,7 @@ class StreamingBatches:
         for g in groups:
             first = starts[g]
             # record batches of a row group: Python strings exist for 4096 rows at a time
-            for rb in pf.iter_batches(batch_size=4096, row_groups=[g], columns=list(REQUIRED_COLUMNS)):
-                prompts, responses = _column_texts(rb, self.path)
+            for prompts, responses in parquet_pair_batches(self.path, 4096, [g], first_row=first + 1):
                 begin = (self.rank - first) % self.world
                 for j in range(begin, len(prompts), self.world):
                     if first + j >= limit:

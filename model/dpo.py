@@ -111,13 +111,13 @@ def train(cfg) -> Path:
     """DPO from the SFT model; returns the written <output_dir>/best."""
     from transformers import TrainingArguments
 
-    from model.pairs import load_pairs
+    from model.pairs import load_preference_pairs
 
     out = Path(cfg.output_dir)
-    train_rows = load_pairs(cfg.dpo_train_file, what="DPO training file")
+    train_rows = load_preference_pairs(cfg.dpo_train_file, what="DPO training file")
     eval_rows = None
     if cfg.dpo_eval_file and Path(cfg.dpo_eval_file).is_file():
-        eval_rows = load_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
+        eval_rows = load_preference_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
     elif cfg.dpo_eval_file:
         print(f"note: no eval file at {cfg.dpo_eval_file}; training without evaluation")
     _require_sft(cfg)
@@ -214,7 +214,7 @@ def merge(cfg) -> Path:
 
 def evaluate(cfg) -> dict:
     """Preference accuracy and reward margin of a policy against the SFT reference."""
-    from model.pairs import load_pairs
+    from model.pairs import load_preference_pairs
 
     policy_path = Path(cfg.model) if cfg.model else Path(cfg.output_dir) / "best"
     if not policy_path.exists():  # the subject of the command: checked before its tokenizer, data or reference
@@ -222,7 +222,7 @@ def evaluate(cfg) -> dict:
                         f"directory; default <output_dir>/best)")
     if not cfg.dpo_eval_file:
         raise UserError("--dpo_eval_file is required for eval")
-    rows = load_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
+    rows = load_preference_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
     _require_sft(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))

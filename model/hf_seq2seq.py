@@ -6,7 +6,7 @@ Used by two thin scripts (the logic lives here once):
     python sft_train.py  [--field value ...]   # instruction fine-tuning (SFTconfig)
 
 Data: parquet files of `prompt`/`response` strings (SFT also reads JSON / JSON lines with
-those keys), read with `datasets`, tokenised by `model.dataset.encode_batch` ([EOS]
+those keys or BELLE's instruction/input/output, through model.pairs), read with `datasets`, tokenised by `model.dataset.encode_batch` ([EOS]
 appended, truncated to `max_seq_len`) and padded per batch by `DataCollatorForSeq2Seq`
 (label padding -100). Evaluation, when an eval file is given, computes the loss and,
 through `predict_with_generate`, greedy generations scored with corpus BLEU-4.
@@ -34,7 +34,8 @@ from pathlib import Path
 
 from model.common import UserError, atomic_write_text, is_given, require_file
 
-from .dataset import REQUIRED_COLUMNS, check_parquet, encode_batch
+from .dataset import encode_batch
+from .pairs import REQUIRED_COLUMNS, BadRows, check_no_nulls, check_parquet, iter_pairs, pair_table, require_rows
 from .tokenizer import tokenizer_dir_for
 from .trainer import adafactor_kwargs
 
@@ -101,6 +102,7 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
     """
     from .checkpoint import is_checkpoint_dir
 
+    refuse_train_py_only(cfg)
     state_dir = cfg.train_state_dir
     named = bool(state_dir) and (is_checkpoint_dir(state_dir) or Path(state_dir).name.startswith(CHECKPOINT_PREFIX))
     resume = (state_dir if named else "last") if cfg.is_keep_training else ""
@@ -116,6 +118,24 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
         overwrite_output_dir=cfg.overwrite_output_dir, model_config_file=cfg.model_config_file,
         attn_implementation=cfg.attn_implementation, torch_compile=cfg.torch_compile,
         torch_compile_backend=cfg.torch_compile_backend)
+
+
+def refuse_train_py_only(cfg) -> None:
+    """TrainConfig fields only train.py acts on: pre_train.py refuses them rather than drop them.
+
+    --streaming no/auto are accepted: datasets reads the parquet file through a memory-mapped
+    Arrow copy, never whole into memory, which is what either asks for.
+    """
+    if cfg.is_finetune:
+        raise UserError("pre_train.py trains a fresh model and does not fine-tune: for --is_finetune True use "
+                        "train.py (python train.py train --is_finetune True --finetune_from_ckp_file DIR), "
+                        "or sft_train.py for instruction fine-tuning")
+    if cfg.streaming == "yes":
+        raise UserError("pre_train.py does not stream: --streaming yes is train.py's (python train.py train "
+                        "--streaming yes); pre_train.py reads parquet through datasets' memory-mapped Arrow cache")
+    if is_given(cfg, "test_file"):
+        raise UserError("pre_train.py does not test: for --test_file run python train.py test --test_file FILE "
+                        "--test_model_dir <output_dir>/best after training")
 
 
 def job_from_sft_config(cfg) -> Seq2SeqJob:
@@ -161,9 +181,9 @@ def _is_json(path: str | Path) -> bool:
 
 
 def check_pairs_file(path: str | Path, what: str, allow_json: bool) -> Path:
-    """A parquet file checked by model.dataset.check_parquet, or (SFT) an existing JSON file.
+    """A parquet file checked by model.pairs.check_parquet, or (SFT) an existing JSON file.
 
-    JSON content is checked when it is loaded (load_pairs): reading it here would mean
+    JSON content is checked when it is loaded (load_pair_dataset): reading it here would mean
     parsing it twice.
     """
     if _is_json(path):
@@ -218,46 +238,29 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
 
 # --- data ---------------------------------------------------------------------------------
 
-def load_pairs(path: str | Path, what: str):
-    """A datasets.Dataset with string `prompt` and `response` columns (nothing else)."""
+def load_pair_dataset(path: str | Path, what: str):
+    """A datasets.Dataset with string `prompt` and `response` columns (nothing else).
+
+    Parquet is read by datasets (memory-mapped) and a null stops the run (the project wrote
+    the file); JSON is read by model.pairs.iter_pairs, as every stage reads it (BELLE records
+    too): a malformed record is reported with its line and skipped.
+    """
     import datasets
+    from datasets.table import InMemoryTable
 
     # Quiet while reading, so that a bad file ends in one line on stderr.
     datasets.disable_progress_bars()
     try:
-        return _load_pairs(str(path), what)
+        if _is_json(path):
+            bad = BadRows()
+            table = pair_table(iter_pairs(path, bad))
+            require_rows(table.num_rows, bad, path, f"{what} file", "prompt/response")
+            return datasets.Dataset(InMemoryTable(table))
+        ds = datasets.Dataset.from_parquet(str(path), columns=list(REQUIRED_COLUMNS))
+        check_no_nulls(ds.data, path, what)
+        return ds.select_columns(list(REQUIRED_COLUMNS))
     finally:
         datasets.enable_progress_bars()
-
-
-def _load_pairs(path: str, what: str):
-    import datasets
-    import pyarrow as pa
-
-    if _is_json(path):
-        try:
-            ds = datasets.Dataset.from_json(path)
-        except Exception as exc:  # datasets raises several types for malformed JSON
-            raise UserError(f"{what} file is not readable JSON / JSON lines: {path} "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
-        for col in REQUIRED_COLUMNS:
-            if col not in ds.column_names:
-                raise UserError(f"{what} file {path} has no '{col}' field "
-                                f"(fields: {', '.join(ds.column_names) or 'none'})")
-            kind = ds.data.schema.field(col).type
-            if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-                raise UserError(f"{what} file {path}: field '{col}' is {kind}, expected strings")
-        if len(ds) == 0:
-            raise UserError(f"{what} file has no rows: {path}")
-    else:
-        ds = datasets.Dataset.from_parquet(path, columns=list(REQUIRED_COLUMNS))
-    ds = ds.select_columns(list(REQUIRED_COLUMNS))
-    for col in REQUIRED_COLUMNS:
-        column = ds.data.column(col)
-        if column.null_count:
-            first = column.is_null().to_pylist().index(True)
-            raise UserError(f"{what} file {path}: {column.null_count} rows have no '{col}' (first: row {first})")
-    return ds
 
 
 def tokenize_pairs(ds, tokenizer, max_seq_len: int, what: str):
@@ -453,8 +456,8 @@ def run(job: Seq2SeqJob) -> dict:
     from .chat_model import build_model, check_vocab, count_parameters, load_model, load_tokenizer, save_model
 
     # Everything a user can get wrong is checked before the model is built or loaded.
-    train_ds = load_pairs(job.train_file, "train")
-    eval_ds = load_pairs(job.eval_file, "eval") if job.eval_file else None
+    train_ds = load_pair_dataset(job.train_file, "train")
+    eval_ds = load_pair_dataset(job.eval_file, "eval") if job.eval_file else None
     if eval_ds is not None and job.eval_max_samples > 0:
         eval_ds = eval_ds.select(range(min(job.eval_max_samples, len(eval_ds))))
     tokenizer = load_tokenizer(job.tokenizer_dir)

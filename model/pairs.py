@@ -1,27 +1,54 @@
-"""Readers of preference pairs (prompt / chosen / rejected) and of the instructions they are
-built from, with malformed records reported by file and position rather than crashing.
+"""The one reader of prompt/response files, for every stage: records, row checks, joining rule.
 
-    from model.pairs import load_pairs
-    rows = load_pairs("data/my_dpo_train.json")  # [{"prompt", "chosen", "rejected"}, ...]
+    from model.pairs import BadRows, iter_pairs, load_preference_pairs
+    bad = BadRows()
+    pairs = list(iter_pairs("data/sft.jsonl", bad))  # [(prompt, response), ...]
+    print(bad.report())                                 # malformed rows: count by reason, where
 
-`load_pairs` is what DPO training and evaluation read (model/dpo.py); the preference-data
-builder (utils/dpo_data_process.py, whose docstring describes the accepted formats) reads
-its inputs with `read_instruction_file` and `read_preference_file` and counts what it
-dropped in a `Report`. Files are read strictly as UTF-8 (model/text_files.py).
+Files: JSON lines, a JSON array or parquet (`iter_records`), read strictly as UTF-8
+(model/text_files.py). A record is a prompt/response pair in one of two shapes: `prompt` /
+`response`, or BELLE / alpaca `instruction` / `input` / `output`, whose instruction and input
+are joined by `join_prompt`, the one rule for every stage. A malformed record (bad JSON, not
+an object, a missing / null / non-string field) is counted in `BadRows` with its file and
+line, item or row, and skipped; a `BadRows(strict=...)` turns the first one into a one-line
+error instead, for files that must be whole (the references of an evaluation).
+
+Who reads what:
+- `iter_pairs`: SFT's JSON files (model/hf_seq2seq.py), the cleaning stage's belle and
+  prompt_response formats (utils/data_readers.py, which adds the raw corpora's formats);
+- `read_instruction_file`, `read_preference_file`: the preference-data builder
+  (utils/dpo_data_process.py, whose docstring describes the accepted formats), counting in
+  a `Report`; `load_preference_pairs`: DPO training and evaluation (model/dpo.py);
+- `read_rows`: the evaluation scripts' test and prediction files (eval/);
+- `check_parquet`, `parquet_pair_batches`, `check_no_nulls`: the training parquet files
+  (model/dataset.py, model/hf_seq2seq.py), whose nulls stop a run: the project wrote them.
 """
 from __future__ import annotations
 
 import json
 import re
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
-from model.common import UserError
-from model.text_files import first_char, iter_utf8_lines, read_utf8
+import ujson
 
+from model.common import UserError, require_file
+from model.text_files import HINT, first_char, iter_utf8_lines, read_utf8
+
+REQUIRED_COLUMNS = ("prompt", "response")
+INSTRUCTION_FIELDS = ("instruction", "input", "output")
 PAIR_FIELDS = ("prompt", "chosen", "rejected")
-MAX_REPORTED = 20  # malformed records printed one by one; the rest are only counted
+FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+MAX_REPORTED = 20  # malformed records listed one by one; the rest are only counted
+
+
+# --------------------------------------------------------------------------- bad rows
+
+class BadRow(Exception):
+    """One record is malformed; the message says why ("missing key: 'output'")."""
 
 
 @dataclass
@@ -31,14 +58,216 @@ class Malformed:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.position}: {self.reason}"
+        return f"{self.file}:{self.position}: {self.reason}"
 
 
 @dataclass
+class BadRows:
+    """Malformed rows: a count by reason and the first `keep` of them with their position.
+
+    With `strict` (what the file is, e.g. "test file") the first one is a UserError instead.
+    """
+    keep: int = MAX_REPORTED
+    strict: str = ""
+    count: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    examples: list = field(default_factory=list)  # [Malformed]
+
+    def add(self, path: str | Path, where: str, reason: str) -> None:
+        if self.strict:
+            hint = f"; {HINT}" if reason.startswith("not UTF-8") else ""
+            raise UserError(f"{self.strict} {path} {where}: {reason}{hint}")
+        self.count += 1
+        self.reasons[reason.split(":")[0]] += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(Malformed(str(path), where, reason))
+
+    def report(self) -> str:
+        if not self.count:
+            return "malformed rows: 0"
+        lines = [f"malformed rows: {self.count} (" + ", ".join(f"{k} {v}" for k, v in self.reasons.most_common()) + ")"]
+        lines += [f"  {e}" for e in self.examples]
+        if self.count > len(self.examples):
+            lines.append(f"  ... and {self.count - len(self.examples)} more")
+        return "\n".join(lines)
+
+    def warn(self) -> None:
+        """The report on stderr, as a warning, when there is anything to report."""
+        if self.count:
+            print(f"warning: skipped {self.report()}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------- records
+
+def text_field(rec: object, key: str, required: bool = True) -> str:
+    """The string `rec[key]`; an absent or null optional field is ""; else BadRow saying why."""
+    if not isinstance(rec, dict):
+        raise BadRow(f"not a JSON object: {type(rec).__name__}")
+    value = rec.get(key)
+    if value is None:
+        if not required:
+            return ""
+        raise BadRow(f"missing key: '{key}'" if key not in rec else f"null value: '{key}'")
+    if not isinstance(value, str):
+        raise BadRow(f"not a string: '{key}' is {type(value).__name__}")
+    return value
+
+
+def join_prompt(head: str, tail: str) -> str:
+    """The one rule that makes a prompt of an instruction and its input (BELLE, alpaca) or a
+    title and its description: stripped, on two lines, the tail dropped when empty or already
+    inside the head. Every reader of such records uses it (record_pair here, the raw corpora
+    of utils/data_readers.py), so the same record is the same prompt in SFT, DPO and evaluation."""
+    head, tail = head.strip(), tail.strip()
+    if not tail or tail in head:
+        return head
+    return f"{head}\n{tail}"
+
+
+def instruction_pair(rec: object) -> tuple[str, str]:
+    """(prompt, response) of a BELLE / alpaca record: instruction + input (which may be absent,
+    null or empty) joined by join_prompt, and the output."""
+    return join_prompt(text_field(rec, "instruction"), text_field(rec, "input", required=False)), \
+        text_field(rec, "output")
+
+
+def prompt_response_pair(rec: object) -> tuple[str, str]:
+    return text_field(rec, "prompt"), text_field(rec, "response")
+
+
+def record_pair(rec: object) -> tuple[str, str]:
+    """(prompt, response) of a record of either shape: instruction/input/output or prompt/response."""
+    if isinstance(rec, dict) and "instruction" in rec:
+        return instruction_pair(rec)
+    return prompt_response_pair(rec)
+
+
+def _parquet_columns(pf, path: Path, wanted: Sequence[str] | None) -> list[str] | None:
+    """The columns to read: `wanted` (each must exist), or for a pair file the columns of its shape."""
+    names = pf.schema_arrow.names
+    if wanted is None and "instruction" in names:
+        wanted = [c for c in INSTRUCTION_FIELDS if c in names]
+    elif wanted is None:
+        wanted = REQUIRED_COLUMNS
+    missing = [c for c in wanted if c not in names and not (c == "rejected" and "reject" in names)]
+    if missing:
+        raise UserError(f"{path}: parquet file has no {' / '.join(missing)} column (columns: {', '.join(names)})")
+    return [c if c in names else "reject" for c in wanted]
+
+
+def iter_records(path: str | Path, max_rows: int = -1, columns: Sequence[str] | None = None
+                 ) -> Iterator[tuple[tuple[str, int], object]]:
+    """(position, record) of each record of a JSON-lines, JSON-array or parquet file; the
+    position is ("line", 3), ("item", 3) or ("row", 3), counted from 1 (a tuple, formatted
+    only for a malformed record: the cleaning stage reads millions of lines).
+
+    A line that is not UTF-8 or not JSON yields a `BadRow` as its record. Of a parquet
+    file only `columns` are read (default: those of a pair file's shape), all of which
+    must exist. At most `max_rows` records when > 0. Blank lines are skipped.
+    """
+    path = Path(path)
+    count = 0
+    if path.suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            # pre_buffer=False: one row group in memory at a time (see utils.parquet_io.iter_parquet_rows)
+            pf = pq.ParquetFile(path, pre_buffer=False)
+        except Exception as exc:  # pyarrow raises several types for a non-parquet file
+            raise UserError(f"{path} is not a readable parquet file ({exc})") from None
+        for batch in pf.iter_batches(batch_size=4096, columns=_parquet_columns(pf, path, columns)):
+            for rec in batch.to_pylist():
+                count += 1
+                yield ("row", count), rec
+                if 0 < max_rows <= count:
+                    return
+        return
+    if first_char(path) == "[":
+        try:
+            # json, not ujson: its error says where (line, column)
+            items = json.loads(read_utf8(path, "input file"))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
+        if not isinstance(items, list):
+            raise UserError(f"{path}: expected a JSON array of objects or JSON lines, got a {type(items).__name__}")
+        for i, rec in enumerate(items, start=1):
+            yield ("item", i), rec
+            if 0 < max_rows <= i:
+                return
+        return
+    for lineno, line, problem in iter_utf8_lines(path):
+        if problem:
+            rec = BadRow(problem)
+        elif not line.strip():
+            continue
+        else:
+            try:
+                rec = ujson.loads(line)  # ujson: 1.2x json's speed (200k BELLE lines: 1.00 vs 1.18 s)
+            except ValueError as exc:
+                rec = BadRow(f"bad JSON: {exc}")
+        count += 1
+        yield ("line", lineno), rec
+        if 0 < max_rows <= count:
+            return
+
+
+def read_records(path: str | Path, row_fn: Callable, bad: BadRows, max_rows: int = -1,
+                 columns: Sequence[str] | None = None) -> Iterator:
+    """row_fn(record) for each record of `path`; a malformed one (row_fn raised BadRow) goes to `bad`."""
+    for where, rec in iter_records(path, max_rows, columns):
+        try:
+            if isinstance(rec, BadRow):
+                raise rec
+            yield row_fn(rec)
+        except BadRow as exc:
+            bad.add(path, f"{where[0]} {where[1]}", str(exc))
+
+
+def iter_pairs(path: str | Path, bad: BadRows, max_rows: int = -1) -> Iterator[tuple[str, str]]:
+    """(prompt, response) of each valid record of a .json / .jsonl / .parquet file (`record_pair`)."""
+    return read_records(path, record_pair, bad, max_rows)
+
+
+def require_pair_file(path: str | Path, what: str) -> Path:
+    """An existing, non-empty .json, .jsonl or .parquet file."""
+    p = require_file(Path(path).expanduser(), what)
+    if p.suffix.lower() not in FILE_SUFFIXES:
+        raise UserError(f"{what} must be .json, .jsonl or .parquet: {p}")
+    return p
+
+
+def pair_table(pairs: Iterable[tuple[str, str]], chunk_rows: int = 10_000):
+    """A pyarrow table of string `prompt` / `response` columns, built `chunk_rows` pairs at a
+    time, so that memory holds the UTF-8 text once rather than as Python strings."""
+    import pyarrow as pa
+
+    schema = pa.schema([(c, pa.string()) for c in REQUIRED_COLUMNS])
+    chunks, chunk = [], []
+    for pair in pairs:
+        chunk.append(pair)
+        if len(chunk) == chunk_rows:
+            chunks.append(pa.table(list(map(list, zip(*chunk))), schema=schema))
+            chunk = []
+    if chunk:
+        chunks.append(pa.table(list(map(list, zip(*chunk))), schema=schema))
+    return pa.concat_tables(chunks) if chunks else schema.empty_table()
+
+
+def require_rows(n_rows: int, bad: BadRows, path: str | Path, what: str, fields: str) -> None:
+    """Some valid rows were read: the malformed ones are reported on stderr; none: one line saying why."""
+    if not n_rows:
+        first = f" ({bad.count} malformed, first: {bad.examples[0]})" if bad.count else ""
+        raise UserError(f"{what} has no valid {fields} rows: {path}{first}")
+    bad.warn()
+
+
+# --------------------------------------------------------------------------- preference data
+
+@dataclass
 class Report:
-    """What a build read, kept and dropped (by reason)."""
+    """What a preference-data build read, kept and dropped (by reason)."""
     read: dict = field(default_factory=dict)  # file -> records read
-    malformed: list = field(default_factory=list)
+    malformed: BadRows = field(default_factory=BadRows)
     dropped: dict = field(default_factory=dict)  # reason -> count
     generated: int = 0
     resumed_from: int = 0
@@ -49,124 +278,19 @@ class Report:
         self.dropped[reason] = self.dropped.get(reason, 0) + n
 
 
-# --------------------------------------------------------------------------- readers
-
-def _iter_records(path: Path, max_rows: int = -1) -> Iterator[tuple[str, object]]:
-    """(position, record) of a JSON array, a JSON-lines file or a parquet file.
-
-    A line that is not UTF-8 or not valid JSON yields the record `_BadLine(reason)`.
-    """
-    suffix = path.suffix.lower()
-    count = 0
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            pf = pq.ParquetFile(path, pre_buffer=False)  # streams (see utils.parquet_io.iter_parquet_rows)
-        except Exception as exc:  # pyarrow raises several types for a non-parquet file
-            raise UserError(f"not a readable parquet file: {path} ({exc})") from None
-        for batch in pf.iter_batches(batch_size=4096):
-            for rec in batch.to_pylist():
-                count += 1
-                yield f"row {count}", rec
-                if 0 < max_rows <= count:
-                    return
-        return
-    if first_char(path) == "[":
-        try:
-            data = json.loads(read_utf8(path, "input file"))
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{path} is not valid JSON (line {exc.lineno}, column {exc.colno}): {exc.msg}") from None
-        for i, rec in enumerate(data, start=1):
-            yield f"item {i}", rec
-            if 0 < max_rows <= i:
-                return
-        return
-    for lineno, line, problem in iter_utf8_lines(path):
-        if problem:
-            rec = _BadLine(problem)
-        elif not line.strip():
-            continue
-        else:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                rec = _BadLine(f"invalid JSON ({exc.msg})")
-        count += 1
-        yield f"line {lineno}", rec
-        if 0 < max_rows <= count:
-            return
-
-
-class _BadLine:
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
-
-
-def _fields(rec: object, names: Iterable[str], aliases: dict | None = None) -> tuple[dict | None, str]:
-    """The string fields `names` of a record, or (None, why it is malformed)."""
-    if isinstance(rec, _BadLine):
-        return None, rec.reason
-    if not isinstance(rec, dict):
-        return None, f"expected an object, got {type(rec).__name__}"
-    out = {}
-    for name in names:
-        key = name
-        if key not in rec and aliases and aliases.get(name) in rec:
-            key = aliases[name]
-        if key not in rec:
-            return None, f"missing field '{name}'"
-        value = rec[key]
-        if value is None:
-            return None, f"field '{key}' is null"
-        if not isinstance(value, str):
-            return None, f"field '{key}' is {type(value).__name__}, expected a string"
-        out[name] = value
-    return out, ""
-
-
-def _check_input(path: str | Path, what: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise UserError(f"{what} not found: {p}")
-    if p.stat().st_size == 0:
-        raise UserError(f"{what} is empty: {p}")
-    if p.suffix.lower() not in (".json", ".jsonl", ".parquet"):
-        raise UserError(f"{what} must be .json, .jsonl or .parquet: {p}")
-    return p
-
-
-def join_prompt(head: str, tail: str) -> str:
-    """The one rule that makes a prompt of an instruction and its input (BELLE, alpaca) or a
-    title and its description: stripped, on two lines, the tail dropped when empty or already
-    inside the head. SFT data (utils.data_readers) and DPO data (read_instruction_file) both
-    use it, so the same record is the same prompt in every stage."""
-    head, tail = head.strip(), tail.strip()
-    if not tail or tail in head:
-        return head
-    return f"{head}\n{tail}"
+def _read_counted(path: Path, row_fn: Callable, report: Report, max_rows: int,
+                  columns: Sequence[str] | None = None) -> list:
+    before = report.malformed.count
+    rows = list(read_records(path, row_fn, report.malformed, max_rows, columns))
+    report.read[str(path)] = len(rows) + report.malformed.count - before  # every record, valid or not
+    return rows
 
 
 def read_instruction_file(path: str | Path, report: Report, max_rows: int = -1) -> list[dict]:
     """{'prompt', 'chosen'} rows of a prompt/response or alpaca (instruction/input/output) file."""
-    p = _check_input(path, "instruction file")
-    rows, n = [], 0
-    for pos, rec in _iter_records(p, max_rows):
-        n += 1
-        if isinstance(rec, dict) and "instruction" in rec:
-            got, why = _fields(rec, ("instruction", "input", "output"))
-            if got is not None:
-                got = {"prompt": join_prompt(got["instruction"], got["input"]), "chosen": got["output"]}
-        else:
-            got, why = _fields(rec, ("prompt", "response"))
-            if got is not None:
-                got = {"prompt": got["prompt"], "chosen": got["response"]}
-        if got is None:
-            report.malformed.append(Malformed(str(p), pos, why))
-            continue
-        rows.append(got)
-    report.read[str(p)] = n
-    return rows
+    p = require_pair_file(path, "instruction file")
+    return [{"prompt": prompt, "chosen": response}
+            for prompt, response in _read_counted(p, record_pair, report, max_rows)]
 
 
 def unescape_newlines(text: str) -> str:
@@ -174,41 +298,99 @@ def unescape_newlines(text: str) -> str:
     return re.sub(r"\\n", "\n", text)
 
 
+def preference_record(rec: object) -> dict:
+    """prompt/chosen/rejected of a record; `reject` is accepted for `rejected` (huozi_rlhf_data_json)."""
+    if isinstance(rec, dict) and "rejected" not in rec and "reject" in rec:
+        rec = {**rec, "rejected": rec["reject"]}
+    return {k: text_field(rec, k) for k in PAIR_FIELDS}
+
+
 def read_preference_file(path: str | Path, report: Report, max_rows: int = -1,
                          unescape: bool = False) -> list[dict]:
-    """prompt/chosen/rejected rows; `reject` is accepted for `rejected` (huozi_rlhf_data_json)."""
-    p = _check_input(path, "preference file")
-    rows, n = [], 0
-    for pos, rec in _iter_records(p, max_rows):
-        n += 1
-        got, why = _fields(rec, PAIR_FIELDS, aliases={"rejected": "reject"})
-        if got is None:
-            report.malformed.append(Malformed(str(p), pos, why))
-            continue
-        if unescape:
-            got = {k: unescape_newlines(v) for k, v in got.items()}
-        rows.append(got)
-    report.read[str(p)] = n
+    """prompt/chosen/rejected rows of a preference file, malformed ones counted in `report`."""
+    p = require_pair_file(path, "preference file")
+    rows = _read_counted(p, preference_record, report, max_rows, PAIR_FIELDS)
+    if unescape:
+        rows = [{k: unescape_newlines(v) for k, v in row.items()} for row in rows]
     return rows
 
 
-def load_pairs(path: str | Path, max_rows: int = -1, what: str = "preference file") -> list[dict]:
-    """The pairs of a preference file for training or evaluation; malformed rows are printed."""
-    report = Report()
+def load_preference_pairs(path: str | Path, max_rows: int = -1, what: str = "preference file") -> list[dict]:
+    """The pairs of a preference file for DPO training or evaluation; malformed rows are reported."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} not found: {p}")
-    rows = read_preference_file(p, report, max_rows)
-    print_malformed(report.malformed)
-    if not rows:
-        raise UserError(f"{what} has no valid prompt/chosen/rejected rows: {p}")
+    bad = BadRows()
+    rows = list(read_records(require_pair_file(p, what), preference_record, bad, max_rows, PAIR_FIELDS))
+    require_rows(len(rows), bad, p, what, "prompt/chosen/rejected")
     return rows
 
 
-def print_malformed(malformed: list) -> None:
-    import sys
+# --------------------------------------------------------------------------- evaluation files
 
-    for m in malformed[:MAX_REPORTED]:
-        print(f"warning: malformed record: {m}", file=sys.stderr)
-    if len(malformed) > MAX_REPORTED:
-        print(f"warning: ... and {len(malformed) - MAX_REPORTED} more malformed records", file=sys.stderr)
+def read_rows(path: str | Path, columns: Sequence[str], what: str = "file") -> list[dict]:
+    """Rows of a parquet, JSON-lines or JSON-array file, each with `columns` as strings (a null
+    is ""); any malformed row is a one-line error, since rows pair up with another file's.
+
+    Parquet is the project's dataset format; JSON lines is what the evaluation scripts write
+    for predictions, so either side of a comparison can be either format.
+    """
+    def row_fn(rec):
+        for c in columns:  # present: a string or null; absent: an error
+            text_field(rec, c, required=not isinstance(rec, dict) or c not in rec)
+        return {**rec, **{c: rec[c] or "" for c in columns}}
+
+    p = require_file(path, what)
+    rows = list(read_records(p, row_fn, BadRows(strict=what), columns=columns))
+    if not rows:
+        raise UserError(f"{what} has no rows: {p}")
+    return rows
+
+
+# --------------------------------------------------------------------------- training parquet
+
+def check_parquet(path: str | Path, what: str = "dataset") -> Path:
+    """A parquet file that exists, has string `prompt` and `response` columns and rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{what} file not found: {p}")
+    try:
+        meta = pq.ParquetFile(p)
+    except Exception as exc:  # pyarrow raises several types for a non-parquet file
+        raise UserError(f"{what} file is not a readable parquet file: {p} ({exc})") from None
+    schema = meta.schema_arrow
+    for col in REQUIRED_COLUMNS:
+        if col not in schema.names:
+            raise UserError(f"{what} file {p} has no '{col}' column (columns: {', '.join(schema.names)})")
+        if not (pa.types.is_string(schema.field(col).type) or pa.types.is_large_string(schema.field(col).type)):
+            raise UserError(f"{what} file {p}: column '{col}' is {schema.field(col).type}, expected string")
+    if meta.metadata.num_rows == 0:
+        raise UserError(f"{what} file has no rows: {p}")
+    return p
+
+
+def check_no_nulls(table, path: str | Path, what: str = "dataset", first_row: int = 1) -> None:
+    """A pyarrow table or record batch of a training file whose prompt or response is null
+    stops the run, naming the first such row (numbered from 1; `first_row` is the table's)."""
+    for col in REQUIRED_COLUMNS:
+        column = table.column(col)
+        if column.null_count:
+            first = column.is_null().to_pylist().index(True) + first_row
+            raise UserError(f"{what} file {path}: {column.null_count} rows have a null '{col}' "
+                            f"(first: row {first})")
+
+
+def parquet_pair_batches(path: str | Path, batch_size: int = 4096, row_groups: Sequence[int] | None = None,
+                         what: str = "dataset", first_row: int = 1) -> Iterator[tuple[list[str], list[str]]]:
+    """(prompts, responses) of `path` (or of its `row_groups`, whose first row is `first_row`),
+    `batch_size` rows at a time; a null is an error (check_no_nulls)."""
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path, pre_buffer=False)
+    for rb in pf.iter_batches(batch_size=batch_size, row_groups=row_groups, columns=list(REQUIRED_COLUMNS)):
+        check_no_nulls(rb, path, what, first_row)
+        first_row += rb.num_rows
+        yield rb.column("prompt").to_pylist(), rb.column("response").to_pylist()

@@ -41,7 +41,8 @@ from model.common import UserError, atomic_write_text, is_given, require_file
 from . import checkpoint as ckpt_io
 from .chat_model import (build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model,
                          weights_config_file)
-from .dataset import Collator, Prefetcher, TokenizedPairs, check_parquet, open_training_data
+from .dataset import Collator, Prefetcher, TokenizedPairs, open_training_data
+from .pairs import check_parquet
 from .tokenizer import tokenizer_dir_for
 
 LOSS_CSV = "train_loss.csv"

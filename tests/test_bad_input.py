@@ -75,14 +75,14 @@ def test_csv_and_wiki_readers_drop_only_the_row_with_invalid_utf8(tmp_path):
                            b'"\xc4\xe3\n', "第二行\",回答二\n问题三,回答三\n".encode())
     bad = BadRows()
     assert list(read_pairs(csv_file, bad=bad)) == [("问题一", "回答一"), ("问题三", "回答三")]
-    assert bad.count == 1 and bad.examples[0].startswith(f"{csv_file}:line 3: not UTF-8: byte 0xc4")
+    assert bad.count == 1 and str(bad.examples[0]).startswith(f"{csv_file}:line 3: not UTF-8: byte 0xc4")
 
     wiki = _bytes_file(tmp_path / "wiki.txt", '<doc id="1" title="北京">\n北京\n北京是中国的首都。\n</doc>\n'.encode(),
                        '<doc id="2" title="上海">\n上海\n'.encode(), "上海是城市。".encode("gbk"),
                        b"\n</doc>\n")
     bad = BadRows()
     assert [p[1] for p in read_pairs(wiki, bad=bad)] == ["北京是中国的首都。"]
-    assert bad.count == 1 and "not UTF-8" in bad.examples[0] and "(line 7)" in bad.examples[0]
+    assert bad.count == 1 and "not UTF-8" in str(bad.examples[0]) and "(line 7)" in str(bad.examples[0])
 
 
 def test_json_array_not_utf8_is_one_line_error(tmp_path, capsys):
@@ -96,6 +96,7 @@ def test_json_array_not_utf8_is_one_line_error(tmp_path, capsys):
 
 
 def test_dpo_and_eval_readers_reject_invalid_utf8(tmp_path):
+    from model.pairs import read_rows
     from utils.dpo_data_process import Report, read_preference_file
     from utils.parquet_io import iter_json_lines
 
@@ -103,9 +104,13 @@ def test_dpo_and_eval_readers_reject_invalid_utf8(tmp_path):
     src = _bytes_file(tmp_path / "pref.jsonl", _line(pref), GBK_ROW.replace(b'"response"', b'"chosen": "x", "rejected"'))
     report = Report()
     assert read_preference_file(src, report) == [pref]
-    assert [(m.position, m.reason.split(":")[0]) for m in report.malformed] == [("line 2", "not UTF-8")]
+    assert [(m.position, m.reason.split(":")[0]) for m in report.malformed.examples] == [("line 2", "not UTF-8")]
+    pred = _bytes_file(tmp_path / "pred.jsonl", _line(GOOD), GBK_ROW)
     with pytest.raises(UserError, match=r"pred\.jsonl line 2: not UTF-8: byte 0xc4 at byte offset"):
-        list(iter_json_lines(_bytes_file(tmp_path / "pred.jsonl", _line(GOOD), GBK_ROW), "predictions"))
+        list(iter_json_lines(pred, "predictions"))
+    with pytest.raises(UserError, match=r"^predictions .*pred\.jsonl line 2: not UTF-8: byte 0xc4 at byte offset .*; "
+                                        r"save it as UTF-8"):
+        read_rows(pred, ("response",), "predictions")
 
 
 # ------------------------------------------------------------------ impossible settings
@@ -158,7 +163,7 @@ def test_every_numeric_or_choice_setting_has_a_rule():
     from settings import Settings
 
     classes = [c for c in vars(config).values() if isinstance(c, type) and issubclass(c, Settings) and c is not Settings]
-    assert len(classes) == 7
+    assert len(classes) == 6
     for cls in classes:
         assert set(cls.rules) <= {f.name for f in dataclasses.fields(cls)}, cls  # no rule for a missing field
         for f in dataclasses.fields(cls):

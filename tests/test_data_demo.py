@@ -5,7 +5,7 @@ import re
 import pyarrow.parquet as pq
 import pytest
 
-from model.dataset import check_parquet
+from model.pairs import check_parquet
 from utils.embedded_corpus import (ENTITY_PROMPT, SENTIMENT_PROMPT, entity_rows, parse_entity_response,
                                    parse_tagged_line, pretrain_rows)
 from utils.metrics import parse_tuples

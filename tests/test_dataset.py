@@ -139,6 +139,6 @@ def test_prefetcher_stops_early_and_raises_source_errors(parquet, tok, tmp_path)
         first = next(batches)  # leaving early: close() stops the thread blocked on a full queue
     assert len(first["index"]) == 4 and not batches._thread.is_alive()
     pd.DataFrame({"prompt": ["a", None, "c"], "response": ["x", "y", "z"]}).to_parquet(tmp_path / "null.parquet")
-    with pytest.raises(UserError, match="null prompt or response"):
+    with pytest.raises(UserError, match="rows have a null 'prompt' \\(first: row 2\\)"):
         with Prefetcher(StreamingBatches(tmp_path / "null.parquet", 1, 0, 1).batches(0), collate) as batches:
             list(batches)

@@ -15,19 +15,41 @@ FIXTURES = Path(__file__).parent / "fixtures" / "dpo"
 
 
 
-def test_the_same_belle_record_is_the_same_prompt_in_sft_and_dpo(tmp_path):
-    """One joining rule (model.pairs.join_prompt): the SFT data reader and the DPO instruction
-    reader turn an instruction + input record into the same prompt (they used to differ:
-    a newline in one, "，" in the other)."""
+BELLE = [{"instruction": "把下面的句子改写得更礼貌。", "input": "给我倒杯水", "output": "请您帮我倒一杯水，好吗？"},
+         {"instruction": "写一句问候语", "input": None, "output": "你好！"},  # a null input is no input
+         {"instruction": "写一句问候语", "output": "早上好！"}]  # nor is an absent one
+BELLE_PAIRS = [("把下面的句子改写得更礼貌。\n给我倒杯水", "请您帮我倒一杯水，好吗？"), ("写一句问候语", "你好！"),
+               ("写一句问候语", "早上好！")]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "json", "parquet"])
+def test_the_same_belle_record_is_the_same_prompt_in_every_reader(tmp_path, kind):
+    """One reader and one joining rule (model.pairs): the cleaning stage's belle format, SFT's
+    JSON training files (hf_seq2seq.load_pair_dataset), the DPO instruction reader and the
+    generic pair reader turn an instruction + input record into the same prompt. DPO used to
+    join with "，" (SFT data with a newline), refused a null input, and sft_train.py refused
+    BELLE records outright."""
+    import pandas as pd
+
+    from model.hf_seq2seq import load_pair_dataset
+    from model.pairs import BadRows, iter_pairs
     from utils.data_readers import read_pairs
 
-    record = {"instruction": "把下面的句子改写得更礼貌。", "input": "给我倒杯水", "output": "请您帮我倒一杯水，好吗？"}
-    src = tmp_path / "belle.jsonl"
-    src.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-    sft = list(read_pairs(src, "belle"))
+    src = tmp_path / f"belle.{kind}"
+    if kind == "jsonl":
+        src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in BELLE), encoding="utf-8")
+    elif kind == "json":
+        src.write_text(json.dumps(BELLE, ensure_ascii=False), encoding="utf-8")
+    else:
+        pd.DataFrame(BELLE).to_parquet(src)
+    bad = BadRows()
+    assert list(iter_pairs(src, bad)) == BELLE_PAIRS and bad.count == 0
+    assert list(read_pairs(src, "belle")) == BELLE_PAIRS  # the cleaning stage (SFT data)
     dpo = read_instruction_file(src, Report())
-    assert sft == [(dpo[0]["prompt"], dpo[0]["chosen"])]
-    assert dpo[0]["prompt"] == "把下面的句子改写得更礼貌。\n给我倒杯水"
+    assert [(r["prompt"], r["chosen"]) for r in dpo] == BELLE_PAIRS
+    if kind != "parquet":  # sft_train.py's JSON files (its parquet files are the cleaning stage's output)
+        ds = load_pair_dataset(src, "train")
+        assert list(zip(ds["prompt"], ds["response"])) == BELLE_PAIRS and ds.column_names == ["prompt", "response"]
 
 
 def test_alpaca_reader_joins_instruction_and_input():
@@ -36,7 +58,7 @@ def test_alpaca_reader_joins_instruction_and_input():
     assert [r["prompt"] for r in rows] == ["保持健康的三个提示。", "将以下句子翻译成英文。\n今天天气很好", "三原色是什么？"]
     assert rows[1]["chosen"] == "The weather is nice today."
     assert rows[0]["chosen"].startswith("以下是保持健康的三个提示：\n\n1.")
-    assert report.malformed == [] and report.read == {str(FIXTURES / "alpaca_gpt4_data_zh_sample.json"): 3}
+    assert report.malformed.count == 0 and report.read == {str(FIXTURES / "alpaca_gpt4_data_zh_sample.json"): 3}
 
 
 def test_huozi_reader_takes_reject_field_and_unescapes_newlines():
@@ -70,26 +92,31 @@ def test_malformed_records_are_reported_with_position(tmp_path):
     report = Report()
     rows = read_preference_file(jsonl, report)
     assert [r["prompt"] for r in rows] == ["a", "x"]
-    assert [(m.position, m.reason) for m in report.malformed] == [
-        ("line 2", report.malformed[0].reason), ("line 3", "missing field 'rejected'"),
-        ("line 5", "field 'chosen' is null"), ("line 6", "field 'chosen' is int, expected a string"),
-        ("line 7", "expected an object, got list")]
-    assert report.malformed[0].reason.startswith("invalid JSON")
-    assert str(report.malformed[1]) == f"{jsonl}: line 3: missing field 'rejected'"
+    bad = report.malformed.examples
+    assert [(m.position, m.reason) for m in bad] == [
+        ("line 2", bad[0].reason), ("line 3", "missing key: 'rejected'"),
+        ("line 5", "null value: 'chosen'"), ("line 6", "not a string: 'chosen' is int"),
+        ("line 7", "not a JSON object: list")]
+    assert bad[0].reason.startswith("bad JSON")
+    assert str(bad[1]) == f"{jsonl}:line 3: missing key: 'rejected'"
+    assert report.read == {str(jsonl): 7} and report.malformed.count == 5
 
+    # an absent or null input is no input, as in SFT data (utils.data_readers); a null output is malformed
     array = tmp_path / "instr.json"
     array.write_text(json.dumps([{"instruction": "i", "input": "", "output": "o"},
-                                 {"instruction": "i", "input": None, "output": "o"}]), encoding="utf-8")
+                                 {"instruction": "i", "input": None, "output": "o"},
+                                 {"instruction": "i", "output": "o"},
+                                 {"instruction": "i", "input": "x", "output": None}]), encoding="utf-8")
     report = Report()
-    assert len(read_instruction_file(array, report)) == 1
-    assert [(m.position, m.reason) for m in report.malformed] == [("item 2", "field 'input' is null")]
+    assert read_instruction_file(array, report) == [{"prompt": "i", "chosen": "o"}] * 3
+    assert [(m.position, m.reason) for m in report.malformed.examples] == [("item 4", "null value: 'output'")]
 
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"prompt": ["p", None], "response": ["r", "r"]}), tmp_path / "instr.parquet")
     report = Report()
     assert read_instruction_file(tmp_path / "instr.parquet", report) == [{"prompt": "p", "chosen": "r"}]
-    assert [(m.position, m.reason) for m in report.malformed] == [("row 2", "field 'prompt' is null")]
+    assert [(m.position, m.reason) for m in report.malformed.examples] == [("row 2", "null value: 'prompt'")]
 
 
 def test_unreadable_inputs_are_user_errors(tmp_path):

@@ -221,6 +221,31 @@ def test_bad_input_is_one_line_and_exit_2(tokenizer_dir, tiny_model_dir, data, t
         assert not (tmp_path / "out" / "best").exists()
 
 
+def test_pre_train_refuses_the_flags_only_train_py_acts_on(tokenizer_dir, tiny_model_dir, data, tmp_path):
+    """pre_train.py parses the whole TrainConfig: --is_finetune True used to train a fresh model
+    without a word, --streaming yes and --test_file were dropped the same way. Each is now one
+    line naming train.py, before anything is loaded; --streaming no (the benchmarks') still runs."""
+    from config import TrainConfig
+    from model.hf_seq2seq import job_from_train_config
+    from utils.cli import UserError, parse_config
+
+    out = tmp_path / "out"
+    proc = _run("pre_train.py", _pretrain_args(tokenizer_dir, data, out, is_finetune=True,
+                                               finetune_from_ckp_file=tiny_model_dir), tmp_path)
+    lines = [x for x in proc.stderr.splitlines() if x.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("error: pre_train.py trains a fresh model and does not fine-tune: "
+                               "for --is_finetune True use train.py")
+    assert not out.exists()
+    for flag, value, needle in [("streaming", "yes", "--streaming yes is train.py's"),
+                                ("test_file", data["valid"], "for --test_file run python train.py test")]:
+        _, cfg = parse_config(TrainConfig, [str(x) for x in _pretrain_args(tokenizer_dir, data, out, **{flag: value})])
+        with pytest.raises(UserError, match=needle):
+            job_from_train_config(cfg)
+    _, cfg = parse_config(TrainConfig, [str(x) for x in _pretrain_args(tokenizer_dir, data, out, streaming="no")])
+    assert job_from_train_config(cfg).train_file == str(data["train"])
+
+
 def test_fresh_run_refuses_to_mix_with_existing_checkpoints(pretrained, tokenizer_dir, data, tmp_path):
     proc = _run("pre_train.py", _pretrain_args(tokenizer_dir, data, pretrained), tmp_path)
     assert proc.returncode == 2 and "--is_keep_training True" in proc.stderr, proc.stderr[-2000:]

@@ -27,6 +27,17 @@ def test_published_config_has_the_published_size():
     assert count_parameters(model) + model.lm_head.weight.numel() == 210_193_152
 
 
+@pytest.mark.parametrize("change,named", [({"num_layers": 0}, "num_layers = 0"), ({"d_ff": -1}, "d_ff = -1")])
+def test_model_dimensions_below_one_are_one_line_errors(tmp_path, change, named):
+    """model_config.json is the one place the model's dimensions come from (config.T5ModelConfig,
+    never read, is gone); the rule its table had (each at least 1) is checked on the file."""
+    config = json.loads((ROOT / "model_config.json").read_text(encoding="utf-8"))
+    bad = tmp_path / "model_config.json"
+    bad.write_text(json.dumps({**config, **change}), encoding="utf-8")
+    with pytest.raises(UserError, match=f"{bad}: {named}; each of d_ff, .* must be an integer >= 1"):
+        load_model_config(bad)
+
+
 def test_saved_directory_has_the_original_file_set(tiny_model_dir):
     names = set(os.listdir(tiny_model_dir))
     expected = set(MODEL_FILES) | {"special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"}

@@ -62,10 +62,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from config import InferConfig
 from utils.cli import UserError, parse_config
 
-# The README's example request, run verbatim by tests/test_api_live.py against a live server.
-CURL_EXAMPLE = ("curl -s -X POST http://127.0.0.1:8812/api/chat -H \"Content-Type: application/json\" "
-                "-d '{\"input_txt\": \"感冒了要怎么办\"}'")
-
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PROTECTED_PREFIXES = ("/api/", "/v1/")
 CONFIG_ENV = "CHATLM_INFER_CONFIG"  # hands the parsed config (never the key) to uvicorn's worker processes

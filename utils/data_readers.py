@@ -10,6 +10,9 @@ Formats (`--input_format` of `python -m utils.raw_data_process clean`; "auto" gu
 - baike_qa:     JSON lines with title / desc / answer (baike_qa 2019).
 - prompt_response: prompt / response in JSON lines, a JSON array, CSV or parquet.
 
+JSON, JSON lines and parquet are read by model.pairs, the one reader of prompt/response
+files (same records, same row checks, same joining rule `join_prompt` as SFT, DPO and
+evaluation); this module adds the raw corpora's shapes, CSV and WikiExtractor's documents.
 Every reader streams (one line / one batch at a time), except a JSON array file, which
 Python's json module can only load whole. A malformed line or row (bad JSON, missing key,
 null, not a string) is never silently dropped and never stops the run: it is counted in
@@ -21,15 +24,14 @@ import csv
 import html
 import random
 import re
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import ujson
 
 from config import INPUT_FORMATS
-from model.pairs import join_prompt
+from model.pairs import (BadRow, BadRows, instruction_pair, iter_pairs, join_prompt, prompt_response_pair,
+                         read_records, text_field)
 from model.text_files import HINT, first_char, iter_utf8_lines, read_utf8
 from utils.cli import UserError
 
@@ -40,65 +42,12 @@ WIKI_PROMPTS = ("{}是什么？", "介绍一下{}", "你知道{}吗？", "什么
                 "你了解{}吗？", "{}是指什么？", "能介绍一下{}吗？")
 
 
-@dataclass
-class BadRows:
-    """Malformed rows: a count by reason and the first `keep` positions for the report."""
-    keep: int = 20
-    count: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    examples: list[str] = field(default_factory=list)
-
-    def add(self, path: Path, where: str, reason: str) -> None:
-        self.count += 1
-        self.reasons[reason.split(":")[0]] += 1
-        if len(self.examples) < self.keep:
-            self.examples.append(f"{path}:{where}: {reason}")
-
-    def report(self) -> str:
-        if not self.count:
-            return "malformed rows: 0"
-        lines = [f"malformed rows: {self.count} (" + ", ".join(f"{k} {v}" for k, v in self.reasons.most_common()) + ")"]
-        lines += [f"  {e}" for e in self.examples]
-        if self.count > len(self.examples):
-            lines.append(f"  ... and {self.count - len(self.examples)} more")
-        return "\n".join(lines)
-
-
-class _Bad(Exception):
-    """One row is malformed; the message says why."""
-
-
-def _field(obj, key: str, required: bool = True) -> str:
-    if not isinstance(obj, dict):
-        raise _Bad(f"not a JSON object: {type(obj).__name__}")
-    if key not in obj:
-        if required:
-            raise _Bad(f"missing key: '{key}'")
-        return ""
-    value = obj[key]
-    if value is None:
-        if required:
-            raise _Bad(f"null value: '{key}'")
-        return ""
-    if not isinstance(value, str):
-        raise _Bad(f"not a string: '{key}' is {type(value).__name__}")
-    return value
-
-
-def _belle(obj) -> tuple[str, str]:
-    return join_prompt(_field(obj, "instruction"), _field(obj, "input", required=False)), _field(obj, "output")
-
-
 def _web_text_zh(obj) -> tuple[str, str]:
-    return join_prompt(_field(obj, "title"), _field(obj, "desc", required=False)), _field(obj, "content")
+    return join_prompt(text_field(obj, "title"), text_field(obj, "desc", required=False)), text_field(obj, "content")
 
 
 def _baike_qa(obj) -> tuple[str, str]:
-    return join_prompt(_field(obj, "title"), _field(obj, "desc", required=False)), _field(obj, "answer")
-
-
-def _prompt_response(obj) -> tuple[str, str]:
-    return _field(obj, "prompt"), _field(obj, "response")
+    return join_prompt(text_field(obj, "title"), text_field(obj, "desc", required=False)), text_field(obj, "answer")
 
 
 class _WikiJson:
@@ -106,7 +55,7 @@ class _WikiJson:
         self.rng = random.Random(seed)
 
     def __call__(self, obj) -> tuple[str, str]:
-        title, text = _field(obj, "title").strip(), _field(obj, "text")
+        title, text = text_field(obj, "title").strip(), text_field(obj, "text")
         if text.startswith(title):  # some WikiExtractor versions repeat the title as line 1
             text = text[len(title):]
         return _wiki_pair(self.rng, title, text)
@@ -119,50 +68,11 @@ WIKI_MAX_CHARS = 4096
 
 def _wiki_pair(rng: random.Random, title: str, text: str) -> tuple[str, str]:
     if not title:
-        raise _Bad("article has no title")
+        raise BadRow("article has no title")
     body = "".join(line.strip() for line in text.splitlines())[:WIKI_MAX_CHARS]
     if not body:
-        raise _Bad("article has no text")
+        raise BadRow("article has no text")
     return rng.choice(WIKI_PROMPTS).format(title), body
-
-
-def _read_jsonl(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tuple[str, str]]:
-    for lineno, line, problem in iter_utf8_lines(path):
-        if problem:
-            bad.add(path, f"line {lineno}", problem)
-            continue
-        if not line.strip():
-            continue
-        try:
-            obj = ujson.loads(line)
-        except ValueError as exc:
-            bad.add(path, f"line {lineno}", f"bad JSON: {exc}")
-            continue
-        try:
-            yield row_fn(obj)
-        except _Bad as exc:
-            bad.add(path, f"line {lineno}", str(exc))
-
-
-def _read_json_array(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tuple[str, str]]:
-    try:
-        items = ujson.loads(read_utf8(path, "input file"))
-    except ValueError as exc:
-        raise UserError(f"{path} is not valid JSON: {exc}") from None
-    if not isinstance(items, list):
-        raise UserError(f"{path}: expected a JSON array of objects or JSON lines, got a {type(items).__name__}")
-    for i, obj in enumerate(items, 1):
-        try:
-            yield row_fn(obj)
-        except _Bad as exc:
-            bad.add(path, f"item {i}", str(exc))
-
-
-def _read_json_any(path: Path, bad: BadRows, row_fn: Callable) -> Iterator[tuple[str, str]]:
-    if first_char(path) == "[":
-        yield from _read_json_array(path, bad, row_fn)
-    else:
-        yield from _read_jsonl(path, bad, row_fn)
 
 
 _DOC_RE = re.compile(r'^<doc\b[^>]*>')
@@ -195,9 +105,9 @@ def _read_wiki_docs(path: Path, bad: BadRows, seed: int) -> Iterator[tuple[str, 
                 lines = lines[1:]
             try:
                 if broken:
-                    raise _Bad(broken)
+                    raise BadRow(broken)
                 yield _wiki_pair(rng, title, "\n".join(lines))
-            except _Bad as exc:
+            except BadRow as exc:
                 bad.add(path, f"line {start}", str(exc))
             title = None
         elif _DOC_RE.match(stripped):
@@ -234,27 +144,10 @@ def _read_csv(path: Path, bad: BadRows) -> Iterator[tuple[str, str]]:
             bad.add(path, f"line {broken[0][0]}", broken[0][1])
             continue
         try:
-            yield _prompt_response(row)
-        except _Bad as exc:
+            yield prompt_response_pair(row)
+        except BadRow as exc:
             # DictReader fills short rows with None: a row with too few fields.
             bad.add(path, f"line {reader.line_num}", str(exc).replace("null value", "missing field"))
-
-
-def _read_parquet(path: Path, bad: BadRows) -> Iterator[tuple[str, str]]:
-    from utils.parquet_io import iter_parquet_rows, parquet_columns
-
-    try:
-        columns = parquet_columns(path)
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable parquet file ({exc})") from None
-    missing = [c for c in ("prompt", "response") if c not in columns]
-    if missing:
-        raise UserError(f"{path}: parquet file has no {' / '.join(missing)} column (columns: {', '.join(columns)})")
-    for row, prompt, response in iter_parquet_rows(path):
-        try:
-            yield _prompt_response({"prompt": prompt, "response": response})
-        except _Bad as exc:
-            bad.add(path, f"row {row}", str(exc))
 
 
 def _first_json_object(path: Path) -> dict | None:
@@ -317,16 +210,13 @@ def read_pairs(path: str | Path, fmt: str = "auto", bad: BadRows | None = None,
         raise UserError(f"unknown format {fmt!r}; expected one of: {', '.join(FORMATS)}")
     if fmt == "auto":
         fmt = detect_format(path)
-    suffix = path.suffix.lower()
     if fmt == "prompt_response":
-        if suffix == ".parquet":
-            return _read_parquet(path, bad)
-        if suffix == ".csv":
+        if path.suffix.lower() == ".csv":
             return _read_csv(path, bad)
-        return _read_json_any(path, bad, _prompt_response)
+        return iter_pairs(path, bad)
     if fmt == "wiki":
         if first_char(path) in ("{", "["):
-            return _read_json_any(path, bad, _WikiJson(seed))
+            return read_records(path, _WikiJson(seed), bad)
         return _read_wiki_docs(path, bad, seed)
-    row_fn = {"belle": _belle, "web_text_zh": _web_text_zh, "baike_qa": _baike_qa}[fmt]
-    return _read_json_any(path, bad, row_fn)
+    row_fn = {"belle": instruction_pair, "web_text_zh": _web_text_zh, "baike_qa": _baike_qa}[fmt]
+    return read_records(path, row_fn, bad)

@@ -12,7 +12,8 @@ default), so DPO pushes the model from its own habits towards the reference answ
 Inputs
 - `--instruction_file`: a parquet file of `prompt`/`response`, or JSON / JSON lines of
   alpaca-gpt4-data-zh records (`instruction`, `input`, `output`; the prompt is
-  "instruction，input" when input is not empty, as the original) or of `prompt`/`response`.
+  "instruction\ninput" when input is not empty, model.pairs.join_prompt, as in SFT data) or
+  of `prompt`/`response`.
 - `--preference_files`: ready-made pairs merged in, JSON / JSON lines / parquet with
   `prompt`, `chosen` and `rejected` (rlhf-reward-single-round-trans_chinese) or `reject`
   (huozi_rlhf_data_json, as the original reads it).
@@ -39,7 +40,7 @@ import unicodedata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from model.pairs import PAIR_FIELDS, Report, print_malformed, read_instruction_file, read_preference_file
+from model.pairs import PAIR_FIELDS, Report, read_instruction_file, read_preference_file
 from utils.cli import UserError, parse_config, require_writable, run_cli
 
 
@@ -259,7 +260,7 @@ def build(cfg, generate: Callable[..., list[str]] = generate_answers) -> Report:
     instruction_rows = read_instruction_file(cfg.instruction_file, report, cfg.max_rows) if cfg.instruction_file else []
     extra_rows = [row for p in extra
                   for row in read_preference_file(p, report, cfg.max_rows, unescape=cfg.unescape_newlines)]
-    print_malformed(report.malformed)
+    report.malformed.warn()
     pairs = []
     if instruction_rows:
         # prompts or chosen answers that would be dropped anyway are not worth generating for
@@ -292,8 +293,8 @@ def build(cfg, generate: Callable[..., list[str]] = generate_answers) -> Report:
 def print_counts(report: Report) -> None:
     for path, n in report.read.items():
         print(f"read {n} records from {path}")
-    if report.malformed:
-        print(f"malformed records skipped: {len(report.malformed)}")
+    if report.malformed.count:
+        print(f"malformed records skipped: {report.malformed.count}")
     if report.generated or report.resumed_from:
         print(f"rejected answers generated: {report.generated} (resumed after {report.resumed_from})")
     for reason, n in sorted(report.dropped.items()):

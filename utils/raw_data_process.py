@@ -54,7 +54,7 @@ def _inputs(cfg: DataProcessConfig, command: str) -> tuple[Iterator[tuple[str, s
     """The valid pairs of --input (at most --max_rows), and where malformed ones are counted."""
     path = _need(cfg.input, "input", command)
     if path.suffix.lower() == ".parquet" and path.is_file():
-        from model.dataset import check_parquet
+        from model.pairs import check_parquet
         check_parquet(path, "input")
     bad = BadRows()
     pairs = read_pairs(path, cfg.input_format, bad, seed=cfg.seed)
