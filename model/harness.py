@@ -4,10 +4,11 @@
 
 - `resolve_device(name)`: "auto" (CUDA, else MPS, else the CPU) or a device the user named,
   checked; `training_device()` is the one the trainers train on (CUDA, else the CPU).
-- `resolve_precision(requested, device)`: one of config.MIXED_PRECISION resolved for a device,
-  as a `Precision` (its torch dtype, the accelerate name, the TrainingArguments flags, and the
-  note to print when it differs from what was asked). fp32 on a CPU: bf16 matrix products there
-  are hundreds of times slower; bf16 on a GPU without bf16 (or on MPS) falls back to fp16.
+- `resolve_precision(requested, device)`: a name of config.MIXED_PRECISION (the one table of
+  precision names and their dtypes) as it runs on a device: a `Precision` (its torch dtype,
+  the accelerate name, the TrainingArguments flags, and the note to print when it differs from
+  what was asked). fp32 on a CPU: bf16 matrix products there are hundreds of times slower;
+  bf16 on a GPU without bf16 (or on MPS) falls back to fp16.
 - `StopRequest`: Ctrl+C (SIGINT) or SIGTERM becomes a flag that a training loop checks after
   each optimiser step; `StopOnSignal` is the same for transformers' Trainer (pre_train.py,
   sft_train.py, dpo_train.py). Every stage then stops the same way: the current step finishes,
@@ -30,9 +31,7 @@ from transformers import TrainerCallback
 from config import MIXED_PRECISION
 from model.common import UserError
 
-# The torch dtype of each precision name of config.MIXED_PRECISION ("no": fp32).
-DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-assert tuple(sorted(DTYPES)) == tuple(sorted(MIXED_PRECISION)), "config.MIXED_PRECISION and DTYPES disagree"
+DTYPES = {name: getattr(torch, dtype) for name, dtype in MIXED_PRECISION.items()}
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -459,7 +459,7 @@ def run(job: Seq2SeqJob) -> dict:
         "eval_bleu4": best_entry.get("eval_bleu4"),
         "best_checkpoint": state.best_model_checkpoint,
         "device": str(args.device),
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "precision": precision.label,
         "parameters": count_parameters(trainer.model),
         "batch_size": job.batch_size,
         "gradient_accumulation_steps": job.gradient_accumulation_steps,

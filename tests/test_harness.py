@@ -31,7 +31,8 @@ def test_one_precision_table_for_every_stage(monkeypatch):
     from config import MIXED_PRECISION
     from model.harness import DTYPES, resolve_precision
 
-    assert set(DTYPES) == set(MIXED_PRECISION)
+    assert DTYPES == {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    assert list(MIXED_PRECISION) == ["no", "fp16", "bf16"]  # what --help and the error messages list
     cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("bf16", cuda).dtype == torch.bfloat16
