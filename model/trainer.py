@@ -38,18 +38,18 @@ from config import OPTIMIZERS  # noqa: F401 (the one list is in config.py)
 from model.common import UserError, atomic_write_text, is_given, require_file
 
 from . import checkpoint as ckpt_io
-from .harness import StopRequest, exit_after_stop, resolve_precision, training_device
 from .chat_model import (build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model,
                          weights_config_file)
 from .dataset import Collator, Prefetcher, TokenizedPairs, check_parquet, open_training_data
+from .harness import StopRequest, exit_after_stop, resolve_precision, training_device
 from .tokenizer import tokenizer_dir_for
 
 LOSS_CSV = "train_loss.csv"
 EVAL_CSV = "eval.csv"
 LOSS_FIELDS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
 EVAL_FIELDS = ["step", "epoch", "valid_loss", "bleu4", "n_samples"]
-# what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
 CONTINUE_FLAG = "--is_keep_training True"
+# what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
 OWN_OUTPUTS = (LOSS_CSV, EVAL_CSV, "train.log", "train-rank*.log", "loss_curve.png", "train_summary.json", "best")
 
 
