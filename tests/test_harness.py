@@ -87,6 +87,25 @@ def test_one_naming_scheme_and_old_step_names_still_listed(tmp_path):
 
 # --- stopping every stage the same way ---------------------------------------------------------
 
+def test_first_signal_is_a_request_the_second_gets_the_previous_handler():
+    from model.harness import StopRequest
+
+    seen, sigint = [], signal.getsignal(signal.SIGINT)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.signum == signal.SIGTERM and seen == []  # noted, nothing stopped yet
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [signal.SIGTERM]  # the handler from before: stop at once
+            with pytest.raises(SystemExit) as exc:
+                stop.exit(5, "somewhere", "--flag")
+        assert exc.value.code == 143
+        assert signal.getsignal(signal.SIGINT) is sigint  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("harness_data")
