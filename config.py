@@ -36,7 +36,8 @@ def _p(*parts: str) -> str:
 # dataclass below names its rules on its class line. The choices are the one list each;
 # the modules that act on them import them from here.
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
+# the one table of precision names: name -> the torch dtype it computes in (model/harness.py)
+MIXED_PRECISION = {"no": "float32", "fp16": "float16", "bf16": "bfloat16"}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # PyTorch's fused attention | transformers' matmul + softmax
 # torch.compile backends: inductor generates kernels (the fast one, minutes to compile on a small
 # CPU); aot_eager traces the same graphs, forward and backward, without generating code

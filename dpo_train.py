@@ -4,7 +4,7 @@
     python dpo_train.py train --use_lora True                                  # LoRA (r 16, alpha 16)
     python dpo_train.py merge                                                  # adapter -> full model
     python dpo_train.py eval --model model_save/dpo/best --dpo_eval_file data/my_dpo_eval.json
-    python dpo_train.py train --resume_from_checkpoint last                    # after an interruption
+    python dpo_train.py train --resume_from_checkpoint last                    # after Ctrl+C / SIGTERM
 
 Build the preference data first with `python -m utils.dpo_data_process`. The trainer is the
 project's own seq2seq DPO on transformers' Trainer (model/dpo_trainer.py says why trl's

@@ -13,7 +13,7 @@
 Settings are TrainConfig in config.py (`python train.py --help`). The best model by
 validation BLEU-4 is written to <output_dir>/best, resumable checkpoints to
 <output_dir>/checkpoints/, logs, train_loss.csv, eval.csv and loss_curve.png to <output_dir>.
-Ctrl+C or SIGTERM saves a checkpoint first (asking y/n when run from a terminal).
+Ctrl+C or SIGTERM saves a checkpoint and exits (130 / 143), as every training stage does.
 On a CPU-only machine `accelerate launch --multi_gpu --num_processes 2` starts two
 independent single-process runs; use torchrun for two real ranks.
 """

@@ -12,6 +12,7 @@ import torch
 def load_model_and_tokenizer(model_dir: str | Path):
     """(model in eval mode on the best device, tokenizer): the model's own tokenizer, else model_save/tokenizer."""
     from model.chat_model import check_vocab, load_model, load_tokenizer
+    from model.harness import training_device
     from model.tokenizer import tokenizer_dir_for
 
     tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
@@ -19,8 +20,7 @@ def load_model_and_tokenizer(model_dir: str | Path):
     check_vocab(tokenizer, model.config, str(model_dir))
     # fp32 everywhere: bf16 on CPU is hundreds of times slower, and the scores compared
     # here (A/B/C/D logits) are close enough that half precision could flip ties.
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device).eval(), tokenizer
+    return model.to(training_device()).eval(), tokenizer
 
 
 def batches(items: Sequence, size: int) -> Iterator[Sequence]:

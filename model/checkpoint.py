@@ -1,6 +1,12 @@
-"""Resumable training checkpoints of the accelerate trainer (model/trainer.py).
+"""Resumable training checkpoints: their one naming scheme and resume lookup for every stage,
+and the format of the accelerate trainer's (model/trainer.py).
 
-A checkpoint is a directory `<output_dir>/checkpoints/step-00001234/` holding
+Every stage names a checkpoint `checkpoint-N` (N the optimiser step), the name transformers'
+Trainer gives its own; `resolve_resume` finds the one to continue from for all of them and
+`begin_run` refuses to mix a fresh run with an earlier one's. Directories named
+`step-0000N` by train.py before this release still resume.
+
+A checkpoint of train.py is a directory `<output_dir>/checkpoints/checkpoint-1234/` holding
 
     model/               the model in the project's Hugging Face format (model.chat_model.save_model)
     optimizer.pt         optimiser state (torch.save of state_dict())
@@ -8,7 +14,7 @@ A checkpoint is a directory `<output_dir>/checkpoints/step-00001234/` holding
     rng_state_<rank>.pt  every random generator of every process (python, numpy, torch, cuda)
     trainer_state.json   step, epoch, batches consumed in the epoch, best BLEU... (written last)
 
-It is written into `.step-00001234.tmp` and renamed when complete, so a kill during a save
+It is written into `.checkpoint-1234.tmp` and renamed when complete, so a kill during a save
 leaves the previous checkpoints untouched; a directory without trainer_state.json is
 never picked up.
 
@@ -40,25 +46,30 @@ from model.common import UserError
 from .chat_model import _fsync_tree, save_model
 
 STATE_FILE = "trainer_state.json"
-_NAME = re.compile(r"^step-(\d+)$")
+PREFIX = "checkpoint-"  # transformers.trainer_utils.PREFIX_CHECKPOINT_DIR
+# checkpoint-N, and step-0000N as train.py named them before (still resumed)
+_NAME = re.compile(r"^(?:checkpoint-|step-)(\d+)$")
+# the Trainer's marker of a save it has not finished (transformers 5)
+_INCOMPLETE = "checkpoint-is-incomplete.txt"
 
 
 def checkpoint_name(step: int) -> str:
-    return f"step-{step:08d}"
+    return f"{PREFIX}{step}"
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under `root`, oldest first."""
+    """Complete checkpoints under `root` (trainer_state.json, written last, is there), oldest first."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+    found = [(int(m.group(1)), p.name, p) for p in root.iterdir()
+             if (m := _NAME.match(p.name)) and (p / STATE_FILE).is_file() and not (p / _INCOMPLETE).exists()]
+    return [p for _, _, p in sorted(found)]
 
 
 def is_checkpoint_dir(path: str | Path) -> bool:
-    """A checkpoint itself (step-N, or any directory holding trainer_state.json), not a directory of them."""
+    """A checkpoint itself (checkpoint-N, step-N, or any directory holding trainer_state.json),
+    not a directory of them."""
     path = Path(path)
     return bool(_NAME.match(path.name)) or (path / STATE_FILE).is_file()
 
@@ -109,7 +120,7 @@ def save_checkpoint(accelerator, root: str | Path, step: int, model, tokenizer, 
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed mid-save
-        for left in root.glob(".step-*.deleting"):  # left by a run killed mid-prune
+        for left in [*root.glob(".checkpoint-*.deleting"), *root.glob(".step-*.deleting")]:  # a run killed mid-prune
             shutil.rmtree(left, ignore_errors=True)
         tmp.mkdir()
     accelerator.wait_for_everyone()
@@ -291,6 +302,45 @@ def pick_resumable(candidates: list[Path], where: str | Path, move_aside: bool =
                     f"{'damaged: ' + ', '.join(damaged) if damaged else 'none found'}")
 
 
+def resolve_resume(spec: str | Path, root: str | Path, continue_flag: str) -> Path | None:
+    """The checkpoint a run continues from, for every stage.
+
+    `spec`: "" -> None (a fresh run); "last" -> the newest complete checkpoint under `root`
+    whose files all read (a damaged newer one is moved aside: pick_resumable); a directory ->
+    that checkpoint, which must be complete and read. Nothing is unpickled: the Trainer loads
+    its states with weights_only=True too, but a planted pickle would end in its traceback.
+    """
+    if not spec:
+        return None
+    flag = continue_flag.split()[0]
+    if str(spec) == "last":
+        found = list_checkpoints(root)
+        if not found:
+            raise UserError(f"{flag}: no checkpoint under {root}")
+        return pick_resumable(found, root, move_aside=os.environ.get("RANK", "0") == "0")
+    path = Path(spec)
+    if not path.is_dir():
+        raise UserError(f"checkpoint to resume from not found: {path}")
+    read_state(path)  # a clear error if it is not a complete checkpoint
+    return check_resumable(path)
+
+
+def begin_run(out_dir: str | Path, ckpt_root: str | Path, resume_spec: str | Path, overwrite: bool,
+              continue_flag: str, own_outputs: tuple[str, ...] = ()) -> Path | None:
+    """Before any stage trains: the checkpoint to continue from (resolve_resume), or, for a fresh
+    run, the check that it does not mix with an earlier run's files (start_fresh, on one rank)."""
+    from .chat_model import check_replaceable
+
+    if resume_spec and overwrite:
+        raise UserError(f"{continue_flag.split()[0]} continues a run, --overwrite_output_dir True starts over: "
+                        "choose one")
+    check_replaceable(Path(out_dir) / "best")  # now, not after training
+    resume = resolve_resume(resume_spec, ckpt_root, continue_flag)
+    if resume is None and os.environ.get("RANK", "0") == "0":  # the other ranks write nothing yet
+        start_fresh(out_dir, ckpt_root, overwrite, continue_flag, own_outputs)
+    return resume
+
+
 def check_resumable(ckpt: Path) -> Path:
     """A checkpoint named by the user: every file must read (no fallback to another)."""
     problem = checkpoint_problem(ckpt)
@@ -304,7 +354,7 @@ def _remove(ckpt: Path) -> None:
 
     rmtree deletes file by file: killed half-way (measured: benchmarks/bench_reliability.py,
     one of 4 kill -9s) it left a step-N with trainer_state.json but no weights. Renamed
-    first, a leftover is a hidden `.step-N.deleting` that the next save removes.
+    first, a leftover is a hidden `.checkpoint-N.deleting` that the next save removes.
     """
     trash = ckpt.with_name(f".{ckpt.name}.deleting")
     shutil.rmtree(trash, ignore_errors=True)
@@ -340,9 +390,11 @@ def load_rng(accelerator, ckpt: str | Path) -> None:
 
 # --- a fresh run next to an earlier one -------------------------------------------------------
 
-# Checkpoint directories either trainer writes (and their leftovers): this format's step-N and
-# .step-N.tmp, the Trainer's checkpoint-N and tmp-checkpoint-N, and both moved aside as damaged.
-_RUN_CHECKPOINT = re.compile(r"^(damaged-)?(step-\d+|checkpoint-\d+)$|^\.step-\d+\.(tmp|deleting)$|^tmp-checkpoint-\d+$")
+# Checkpoint directories a run writes (and their leftovers): checkpoint-N (step-N before),
+# .checkpoint-N.tmp / .deleting of train.py, tmp-checkpoint-N of the Trainer, and any of them
+# moved aside as damaged.
+_RUN_CHECKPOINT = re.compile(r"^(damaged-)?(step-\d+|checkpoint-\d+)$|^\.(step|checkpoint)-\d+\.(tmp|deleting)$"
+                             r"|^tmp-checkpoint-\d+$")
 
 
 def run_checkpoints(root: str | Path) -> list[Path]:

@@ -11,12 +11,12 @@ Outputs: full DPO writes a model directory (model.chat_model.save_model) at
 adapter_model.safetensors, plus the tokenizer) there instead, and `merge` folds it into the
 SFT model and writes a full model directory to `merged_output_dir`. Checkpoints (resumable
 with `--resume_from_checkpoint last`) go under `<output_dir>/checkpoints/`, the metrics log
-to `<output_dir>/dpo_log.csv`.
+to `<output_dir>/dpo_log.csv`. Ctrl+C or SIGTERM stops after the current step with a
+checkpoint saved, as in every stage (model/harness.py).
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -26,27 +26,19 @@ from model.common import UserError
 from .chat_model import check_replaceable, check_vocab, load_model, load_tokenizer, save_model
 from .dpo_trainer import (CsvLogCallback, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
                           preference_metrics, score_pairs)
-from .hf_seq2seq import complete_checkpoints
+from .harness import StopOnSignal, resolve_precision, training_device
 from .tokenizer import tokenizer_dir_for
 
 ADAPTER_CONFIG = "adapter_config.json"
 # what `train` writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
 OWN_OUTPUTS = ("best", "dpo_log.csv", "train_summary.json")
+CONTINUE_FLAG = "--resume_from_checkpoint last"
 
 
 def _require_sft(cfg) -> None:
     if not Path(cfg.sft_model_file).exists():
         raise UserError(f"SFT model not found: {cfg.sft_model_file} (train one with sft_train.py, "
                         "or pass --sft_model_file)")
-
-
-def _precision(cfg) -> dict:
-    """fp32 on a CPU (bf16 there is far slower); on a GPU bf16 falls back to fp16 where unsupported."""
-    if not torch.cuda.is_available() or cfg.mixed_precision == "no":
-        return {"bf16": False, "fp16": False}
-    if cfg.mixed_precision == "bf16" and torch.cuda.is_bf16_supported():
-        return {"bf16": True, "fp16": False}
-    return {"bf16": False, "fp16": True}
 
 
 def _dataset(rows: list[dict], tokenizer, max_seq_len: int):
@@ -66,24 +58,6 @@ def lora_config(cfg):
     return LoraConfig(task_type=TaskType.SEQ_2_SEQ_LM, inference_mode=False, r=cfg.lora_r,
                       lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                       bias="none")
-
-
-def _resume_path(cfg, checkpoints: Path) -> str | None:
-    """The checkpoint to resume (checked, never unpickled: model.hf_seq2seq.resolve_checkpoint);
-    a fresh run refuses to mix with an earlier run's checkpoints unless told to overwrite."""
-    from .checkpoint import start_fresh
-    from .hf_seq2seq import resolve_checkpoint
-
-    if cfg.resume_from_checkpoint and cfg.overwrite_output_dir:
-        raise UserError("--resume_from_checkpoint continues a run, --overwrite_output_dir True starts over: "
-                        "choose one")
-    if cfg.resume_from_checkpoint == "last" and not complete_checkpoints(checkpoints):
-        raise UserError(f"--resume_from_checkpoint last: no checkpoint under {checkpoints}")
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, checkpoints)
-    if resume is None and os.environ.get("RANK", "0") == "0":
-        start_fresh(checkpoints.parent, checkpoints, cfg.overwrite_output_dir, "--resume_from_checkpoint last",
-                    OWN_OUTPUTS)
-    return resume
 
 
 def is_adapter_dir(path: str | Path) -> bool:
@@ -122,8 +96,10 @@ def train(cfg) -> Path:
         print(f"note: no eval file at {cfg.dpo_eval_file}; training without evaluation")
     _require_sft(cfg)
     checkpoints = out / "checkpoints"
-    check_replaceable(out / "best")  # now, not after training
-    resume = _resume_path(cfg, checkpoints)
+    from .checkpoint import begin_run, checkpoint_name
+
+    resume = begin_run(out, checkpoints, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, CONTINUE_FLAG,
+                       OWN_OUTPUTS)
     tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))
     policy = load_model(cfg.sft_model_file)
     check_vocab(tokenizer, policy.config, cfg.sft_model_file)
@@ -141,6 +117,9 @@ def train(cfg) -> Path:
         ref_model.set_attn_implementation(cfg.attn_implementation)
 
     has_eval = bool(eval_rows)
+    precision = resolve_precision(cfg.mixed_precision, training_device())
+    if precision.note:
+        print(precision.note)
     args = TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -168,17 +147,22 @@ def train(cfg) -> Path:
         dataloader_pin_memory=torch.cuda.is_available(),
         torch_compile=cfg.torch_compile,
         torch_compile_backend=cfg.torch_compile_backend if cfg.torch_compile else None,
-        **_precision(cfg),
+        **precision.trainer_flags(),
     )
+    stop_on_signal = StopOnSignal()
     trainer = Seq2SeqDPOTrainer(
         model=policy, ref_model=ref_model, beta=cfg.beta, args=args,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         train_dataset=_dataset(train_rows, tokenizer, cfg.max_seq_len),
         eval_dataset=_dataset(eval_rows, tokenizer, cfg.max_seq_len) if has_eval else None,
         data_collator=PreferenceCollator(tokenizer.pad_token_id),
-        callbacks=[CsvLogCallback(out / "dpo_log.csv")],
+        callbacks=[CsvLogCallback(out / "dpo_log.csv"), stop_on_signal],
     )
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stop_on_signal.requested:
+        step = trainer.state.global_step
+        stop_on_signal.stop.exit(step, checkpoints / checkpoint_name(step), CONTINUE_FLAG,
+                                 trainer.is_world_process_zero())
     best = out / "best"
     model = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_world_process_zero():
@@ -224,7 +208,7 @@ def evaluate(cfg) -> dict:
         raise UserError("--dpo_eval_file is required for eval")
     rows = load_preference_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
     _require_sft(cfg)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = training_device()  # fp32: the models are not cast
     tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))
     if is_adapter_dir(policy_path):
         policy, reference = load_adapter_model(policy_path, cfg.sft_model_file).to(device).eval(), None

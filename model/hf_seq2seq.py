@@ -20,14 +20,13 @@ Outputs under `<output_dir>` (the hand-off convention of config.py):
 - `runs/`: tensorboard logs (`tensorboard --logdir <output_dir>/runs`).
 - `train_summary.json`: steps, non-padding tokens, tokens/s, final losses, timings.
 
-Ctrl+C or SIGTERM stops after the current optimiser step with a checkpoint saved.
+Ctrl+C or SIGTERM stops after the current optimiser step with a checkpoint saved
+(model/harness.py: the same in every stage).
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ from .pairs import REQUIRED_COLUMNS, BadRows, check_no_nulls, check_parquet, ite
 from .tokenizer import tokenizer_dir_for
 from .trainer import adafactor_kwargs
 
-CHECKPOINT_PREFIX = "checkpoint-"
 SUMMARY_FILE = "train_summary.json"
 # what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
 OWN_OUTPUTS = ("best", SUMMARY_FILE, "runs/events.out.tfevents.*")
@@ -104,7 +102,7 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
 
     refuse_train_py_only(cfg)
     state_dir = cfg.train_state_dir
-    named = bool(state_dir) and (is_checkpoint_dir(state_dir) or Path(state_dir).name.startswith(CHECKPOINT_PREFIX))
+    named = bool(state_dir) and is_checkpoint_dir(state_dir)
     resume = (state_dir if named else "last") if cfg.is_keep_training else ""
     return Seq2SeqJob(checkpoints_dir="" if named else state_dir,
         stage="pretrain", output_dir=cfg.output_dir, tokenizer_dir=cfg.tokenizer_dir,
@@ -195,47 +193,6 @@ def check_pairs_file(path: str | Path, what: str, allow_json: bool) -> Path:
     return check_parquet(path, what)
 
 
-def resolve_checkpoint(spec: str, checkpoints_dir: Path) -> str | None:
-    """`""` -> None; `"last"` -> the newest complete checkpoint; a dir -> itself, checked.
-
-    A checkpoint is complete once trainer_state.json exists: the Trainer writes it after
-    the weights, optimiser and RNG states, so a kill during a save leaves a directory
-    without it, which is skipped here and the previous checkpoint is used instead. One whose
-    files do not read (truncated) is moved aside for the previous one, with a warning.
-    """
-    if not spec:
-        return None
-    from .checkpoint import check_resumable, pick_resumable
-
-    # The Trainer loads its states with weights_only=True (transformers 5), but a planted
-    # pickle would end in its traceback and a truncated file in another: every file is
-    # checked first (model.checkpoint.checkpoint_problem), without unpickling anything.
-    if spec == "last":
-        found = complete_checkpoints(checkpoints_dir)
-        if not found:
-            raise UserError(f"no complete checkpoint to resume from in {checkpoints_dir}")
-        return str(pick_resumable(found, checkpoints_dir, move_aside=os.environ.get("RANK", "0") == "0"))
-    path = Path(spec)
-    if not path.is_dir():
-        raise UserError(f"checkpoint to resume from not found: {path}")
-    if not (path / "trainer_state.json").is_file():
-        raise UserError(f"not a complete Trainer checkpoint (no trainer_state.json): {path}")
-    return str(check_resumable(path))
-
-
-def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
-    """checkpoint-N directories holding trainer_state.json, oldest step first."""
-    if not checkpoints_dir.is_dir():
-        return []
-    found = []
-    for d in checkpoints_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        step = d.name[len(CHECKPOINT_PREFIX):]
-        if step.isdigit() and (d / "trainer_state.json").is_file() \
-                and not (d / "checkpoint-is-incomplete.txt").exists():
-            found.append((int(step), d))
-    return [d for _, d in sorted(found)]
-
-
 # --- data ---------------------------------------------------------------------------------
 
 def load_pair_dataset(path: str | Path, what: str):
@@ -270,17 +227,6 @@ def tokenize_pairs(ds, tokenizer, max_seq_len: int, what: str):
 
 # --- Trainer pieces -------------------------------------------------------------------------
 
-def _precision_flags(mixed_precision: str) -> dict:
-    """bf16/fp16 only on CUDA: bf16 matrix products on CPUs run far slower than fp32."""
-    import torch
-
-    if not torch.cuda.is_available() or mixed_precision == "no":
-        return {"bf16": False, "fp16": False}
-    if mixed_precision == "bf16" and not torch.cuda.is_bf16_supported():
-        return {"bf16": False, "fp16": True}
-    return {"bf16": mixed_precision == "bf16", "fp16": mixed_precision == "fp16"}
-
-
 def _adafactor(job: Seq2SeqJob):
     """Both Adafactor variants as train.py builds them, handed to the Trainer as class +
     kwargs: TrainingArguments' "adafactor" fixes scale_parameter=False, so
@@ -294,6 +240,8 @@ def _adafactor(job: Seq2SeqJob):
 
 def _make_callbacks():
     from transformers import TrainerCallback
+
+    from .harness import StopOnSignal
 
     class ThroughputCallback(TrainerCallback):
         """Time spent on training steps only (data, forward, backward, optimiser).
@@ -322,38 +270,6 @@ def _make_callbacks():
             self._mark = time.perf_counter()
 
         on_evaluate = on_save = on_log = _skip
-
-    class StopOnSignal(TrainerCallback):
-        """Ctrl+C / SIGTERM: finish the current optimiser step, save a checkpoint, stop.
-
-        transformers' own enable_jit_checkpoint handles SIGTERM only and saves before the
-        optimiser step; this keeps both signals and the Trainer's normal checkpoint path.
-        A second signal gets the default behaviour (immediate stop).
-        """
-
-        def __init__(self):
-            self.signal_name = None
-            self._previous = {}
-
-        def _handler(self, signum, frame):
-            self.signal_name = signal.Signals(signum).name
-            for sig, prev in self._previous.items():
-                signal.signal(sig, prev)
-            print(f"\n{self.signal_name}: saving a checkpoint after this step (again to stop at once)", flush=True)
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.signal_name:
-                control.should_save = True
-                control.should_training_stop = True
-
-        def on_train_end(self, args, state, control, **kwargs):
-            for sig, prev in self._previous.items():
-                signal.signal(sig, prev)
-            self._previous = {}
 
     return ThroughputCallback(), StopOnSignal()
 
@@ -437,17 +353,10 @@ def run(job: Seq2SeqJob) -> dict:
     out = Path(job.output_dir)
     ckpt_dir = Path(job.checkpoints_dir) if job.checkpoints_dir else out / "checkpoints"
     continue_flag = '--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'
-    if job.resume_from_checkpoint and job.overwrite_output_dir:
-        raise UserError(f"{continue_flag.split()[0]} continues a run, --overwrite_output_dir True starts over: "
-                        "choose one")
-    from .chat_model import check_replaceable
-    from .checkpoint import start_fresh
+    from .checkpoint import begin_run, checkpoint_name
 
-    check_replaceable(out / "best")  # now, not after training
-    resume = resolve_checkpoint(job.resume_from_checkpoint, ckpt_dir)
-    if resume is None and os.environ.get("RANK", "0") == "0":
-        # A fresh run would mix its checkpoints with these and rotate them away.
-        start_fresh(out, ckpt_dir, job.overwrite_output_dir, continue_flag, OWN_OUTPUTS)
+    resume = begin_run(out, ckpt_dir, job.resume_from_checkpoint, job.overwrite_output_dir, continue_flag, OWN_OUTPUTS)
+    resume = str(resume) if resume else None
 
     import torch
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, set_seed
@@ -474,9 +383,11 @@ def run(job: Seq2SeqJob) -> dict:
     if eval_ds is not None:
         eval_ds = tokenize_pairs(eval_ds, tokenizer, job.max_seq_len, "eval")
 
-    precision = _precision_flags(job.mixed_precision)
-    if job.mixed_precision != "no" and not any(precision.values()):
-        print(f"no CUDA device: training in fp32 instead of {job.mixed_precision}")
+    from .harness import resolve_precision, training_device
+
+    precision = resolve_precision(job.mixed_precision, training_device())
+    if precision.note:
+        print(precision.note)
     has_eval = eval_ds is not None
     # Eval answers: greedy, as the project's default decoding; max_length rather than
     # max_new_tokens, which the Trainer would combine with the default max_length (20).
@@ -500,7 +411,7 @@ def run(job: Seq2SeqJob) -> dict:
         train_sampling_strategy="group_by_length" if job.group_by_length else "random",
         seed=job.seed, report_to="none", dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(), torch_compile=job.torch_compile,
-        torch_compile_backend=job.torch_compile_backend if job.torch_compile else None, **precision)
+        torch_compile_backend=job.torch_compile_backend if job.torch_compile else None, **precision.trainer_flags())
 
     tensorboard = TensorBoardCallback()
     tensorboard.logging_dir = str(out / "runs")
@@ -525,12 +436,11 @@ def run(job: Seq2SeqJob) -> dict:
 
     tokens = torch.tensor(trainer.trained_tokens, device=args.device)
     tokens = int(trainer.accelerator.reduce(tokens, reduction="sum"))
+    if stop_on_signal.requested:
+        stop_on_signal.stop.exit(state.global_step, ckpt_dir / checkpoint_name(state.global_step), continue_flag,
+                                 trainer.is_world_process_zero())
     if not trainer.is_world_process_zero():
         return {}
-    if stop_on_signal.signal_name:
-        print(f"stopped by {stop_on_signal.signal_name} at step {state.global_step}; checkpoint in {ckpt_dir}; "
-              f"continue with {'--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'}")
-        raise SystemExit(130)
 
     trainer.model.generation_config = model_generation
     best_dir = save_model(trainer.model, out / "best", tokenizer)
@@ -552,7 +462,7 @@ def run(job: Seq2SeqJob) -> dict:
         "eval_bleu4": best_entry.get("eval_bleu4"),
         "best_checkpoint": state.best_model_checkpoint,
         "device": str(args.device),
-        "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+        "precision": precision.label,
         "parameters": count_parameters(trainer.model),
         "batch_size": job.batch_size,
         "gradient_accumulation_steps": job.gradient_accumulation_steps,

@@ -41,38 +41,10 @@ from model.chat_model import SEARCH_TYPES, check_vocab, is_model_dir, load_model
 from model.generation import decode_answers, encode_prompts, generate_ids, pad_prompts
 from model.tokenizer import tokenizer_dir_for
 from model.common import UserError, is_given
+from model.harness import resolve_device, resolve_precision
 
 # The original project's answer when the model generates nothing printable.
 FALLBACK_ANSWER = "我是一个参数很少的AI模型🥺，知识库较少，无法直接回答您的问题，换个问题试试吧👋"
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        try:
-            device = torch.device(name)
-        except RuntimeError:
-            raise UserError(f"unknown device {name!r} (expected auto, cpu, cuda, cuda:N or mps)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"device {name!r} requested but CUDA is not available")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise UserError(f"device {name!r} requested but MPS is not available")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def pick_dtype(device: torch.device, mixed_precision: str = "bf16") -> torch.dtype:
-    """Half precision on a GPU, fp32 on the CPU (where bf16 is hundreds of times slower)."""
-    if mixed_precision not in ("bf16", "fp16", "no"):
-        raise UserError(f"mixed_precision must be bf16, fp16 or no, got {mixed_precision!r}")
-    if device.type == "cpu" or mixed_precision == "no":
-        return torch.float32
-    if device.type == "cuda" and mixed_precision == "bf16" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16  # T5 overflows less in bf16 than in fp16
-    return torch.float16
 
 
 @dataclass
@@ -356,8 +328,9 @@ class ChatBot:
             raise UserError(f"max_batch_size must be >= 1, got {self.config.max_batch_size}")
         if not 0 <= self.config.batch_wait_ms <= 10_000:
             raise UserError(f"batch_wait_ms must be 0-10000, got {self.config.batch_wait_ms}")
-        self.device = pick_device(self.config.device)
-        self.dtype = pick_dtype(self.device, self.config.mixed_precision)
+        self.device = resolve_device(self.config.device)
+        # half precision on a GPU, fp32 on the CPU (where bf16 is hundreds of times slower)
+        self.dtype = resolve_precision(self.config.mixed_precision, self.device).dtype
         self.tokenizer = load_tokenizer(tok_dir)
         model = load_model(model_path, dtype=self.dtype)
         check_vocab(self.tokenizer, model.config, where=str(model_path))

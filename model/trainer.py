@@ -10,9 +10,9 @@ Used by train.py (`python train.py train|test`, `accelerate launch ./train.py tr
 - rich progress bars, a log file, a CSV of losses, a PNG loss curve;
 - evaluation each epoch: validation loss and corpus BLEU-4 of greedy generations over the
   whole validation set (gathered from every rank), best model by BLEU at <output_dir>/best;
-- checkpoints every save_steps, at each epoch end and on Ctrl+C/SIGTERM (model/checkpoint.py)
-  and an exact resume (`is_keep_training`): model, optimiser, scheduler, random states and
-  the position in the data, mid-epoch included.
+- checkpoints every save_steps, at each epoch end and on Ctrl+C/SIGTERM (model/checkpoint.py,
+  model/harness.py) and an exact resume (`is_keep_training`): model, optimiser, scheduler,
+  random states and the position in the data, mid-epoch included.
 
 transformers' Trainer is the other path (pre_train.py); this loop exists because the
 original project trained with its own accelerate loop and because a stateless per-epoch
@@ -28,20 +28,20 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from config import MIXED_PRECISION, OPTIMIZERS  # noqa: F401 (the one list of each is in config.py)
+from config import OPTIMIZERS  # noqa: F401 (the one list is in config.py)
 from model.common import UserError, atomic_write_text, is_given, require_file
 
 from . import checkpoint as ckpt_io
 from .chat_model import (build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model,
                          weights_config_file)
 from .dataset import Collator, Prefetcher, TokenizedPairs, open_training_data
+from .harness import StopRequest, exit_after_stop, resolve_precision, training_device
 from .pairs import check_parquet
 from .tokenizer import tokenizer_dir_for
 
@@ -49,6 +49,7 @@ LOSS_CSV = "train_loss.csv"
 EVAL_CSV = "eval.csv"
 LOSS_FIELDS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
 EVAL_FIELDS = ["step", "epoch", "valid_loss", "bleu4", "n_samples"]
+CONTINUE_FLAG = "--is_keep_training True"
 # what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
 OWN_OUTPUTS = (LOSS_CSV, EVAL_CSV, "train.log", "train-rank*.log", "loss_curve.png", "train_summary.json", "best")
 
@@ -93,29 +94,6 @@ def make_scheduler(cfg, optimizer, total_steps: int):
         pct_start=pct_start, div_factor=cfg.div_factor, cycle_momentum=False)
 
 
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks at optimiser-step boundaries."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum:  # second signal: stop now, without a checkpoint
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 class _RowsDigest:
     """Count and running hash of the row numbers this rank trained on (constant memory)."""
 
@@ -158,9 +136,11 @@ class ChatTrainer:
     def _accelerator(self):
         from accelerate import Accelerator
 
-        # bf16/fp16 only where there is a GPU: on CPU bf16 matmuls are hundreds of times slower
-        gpu = torch.cuda.is_available()
-        mp = self.cfg.mixed_precision if gpu else "no"
+        device = training_device()
+        gpu = device.type == "cuda"
+        precision = resolve_precision(self.cfg.mixed_precision, device)
+        if precision.note and os.environ.get("RANK", "0") == "0":
+            print(precision.note, file=sys.stderr)
         if not gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             # with DeepSpeed 0.19.8 installed, Accelerator() on a CPU-only machine hangs in
             # DeepSpeed's CPU-accelerator start-up; cpu=True runs plain MULTI_CPU instead
@@ -169,7 +149,7 @@ class ChatTrainer:
         # gradient accumulation is the loop's own (see _loop); only DeepSpeed's engine, which
         # accumulates by itself, is told the count (its config may say "auto")
         deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
-        acc = Accelerator(cpu=not gpu, mixed_precision=mp,
+        acc = Accelerator(cpu=not gpu, mixed_precision=precision.name,
                           gradient_accumulation_steps=self.cfg.gradient_accumulation_steps if deepspeed else 1)
         return acc
 
@@ -190,31 +170,13 @@ class ChatTrainer:
         check_parquet(cfg.validation_file, "validation data (--validation_file)")
         check_vocab(tokenizer, model_config, "--tokenizer_dir vs the model")
 
-    def _resume_dir(self) -> Path:
-        """The checkpoint to resume: the one named, else the newest readable one under ckpt_root."""
-        if self.explicit_resume is not None:
-            ckpt_io.read_state(self.explicit_resume)  # a clear error if it is not a complete checkpoint
-            return ckpt_io.check_resumable(self.explicit_resume)
-        found = ckpt_io.list_checkpoints(self.ckpt_root)
-        if not found:
-            raise UserError(f"--is_keep_training: no checkpoint under {self.ckpt_root}")
-        return ckpt_io.pick_resumable(found, self.ckpt_root, move_aside=os.environ.get("RANK", "0") == "0")
-
     def _start(self) -> Path | None:
-        """Resume (is_keep_training) or start fresh without mixing with an earlier run's files."""
+        """Resume (is_keep_training: the checkpoint named, else the newest readable one under
+        ckpt_root) or start fresh without mixing with an earlier run's files."""
         cfg = self.cfg
-        if cfg.is_keep_training and cfg.overwrite_output_dir:
-            raise UserError("--is_keep_training True continues a run, --overwrite_output_dir True starts over: "
-                            "choose one")
-        from .chat_model import check_replaceable
-
-        check_replaceable(self.out / "best")  # now, not after the first epoch
-        if cfg.is_keep_training:
-            return self._resume_dir()
-        if os.environ.get("RANK", "0") == "0":  # one rank checks and clears; the others write nothing yet
-            ckpt_io.start_fresh(self.out, self.ckpt_root, cfg.overwrite_output_dir, "--is_keep_training True",
-                                OWN_OUTPUTS)
-        return None
+        spec = (self.explicit_resume or "last") if cfg.is_keep_training else ""
+        return ckpt_io.begin_run(self.out, self.ckpt_root, spec, cfg.overwrite_output_dir, CONTINUE_FLAG,
+                                 OWN_OUTPUTS)
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> dict:
@@ -334,7 +296,7 @@ class ChatTrainer:
         self.log.info("checkpoint saved: %s", path)
         return path
 
-    def _should_stop(self, stop: _StopRequest) -> int:
+    def _should_stop(self, stop: StopRequest) -> int:
         """The signal number if any rank was asked to stop (all ranks must agree), else 0."""
         acc = self.accelerator
         if acc.num_processes == 1:
@@ -342,20 +304,6 @@ class ChatTrainer:
         flag = torch.tensor([stop.signum], device=acc.device)
         anyone = int(acc.reduce(flag, reduction="sum").item())
         return stop.signum or (int(signal.SIGTERM) if anyone else 0)
-
-    def _confirm_save(self) -> bool:
-        """Ask as the original did, but only when someone can answer (stdin is a terminal)."""
-        from accelerate.utils import broadcast_object_list
-
-        answer = [True]
-        if self.accelerator.is_main_process and sys.stdin is not None and sys.stdin.isatty():
-            try:
-                answer[0] = input("\nsave a checkpoint before exiting? [y/n] ").strip().lower() not in ("n", "no")
-            except EOFError:
-                answer[0] = True
-        if self.accelerator.num_processes > 1:
-            broadcast_object_list(answer)
-        return answer[0]
 
     def _train_forward(self):
         """The module the training step calls: the prepared model, or (--torch_compile) a
@@ -397,7 +345,7 @@ class ChatTrainer:
         tokens_since_log, tokens_total, train_time, wait_total, wait_at_log = 0, 0, 0.0, 0.0, 0.0
         seen = _RowsDigest()
         model.train()
-        with _StopRequest() as stop, self._progress() as progress:
+        with StopRequest() as stop, self._progress() as progress:
             ep_task = progress.add_task("epoch", total=n_epochs, completed=state["epoch"], info="")
             step_task = progress.add_task("steps", total=total_steps, completed=state["global_step"], info="")
             t_log = time.perf_counter()
@@ -474,22 +422,15 @@ class ChatTrainer:
         progress.update(task, info=f"loss {mean:.4f} lr {lr:.2e} {tps:,.0f} tok/s wait {100 * wait_share:.1f}%")
 
     def _interrupted(self, signum: int, pending_losses) -> dict:
-        name = signal.Signals(signum).name if signum in (2, 15) else str(signum)
         if pending_losses and self.accelerator.is_main_process:  # keep the CSV complete up to the checkpoint
             gs = self.state["global_step"]
             losses = torch.stack(pending_losses).float().cpu().tolist()
             for k, value in enumerate(losses):
                 self._append_csv(LOSS_CSV, LOSS_FIELDS, {"step": gs - len(losses) + 1 + k, "epoch": self.state["epoch"],
                                                          "loss": repr(value), "lr": "", "tokens_per_s": ""})
-        if self._confirm_save():
-            path = self._checkpoint()
-            msg = f"stopped by {name} at step {self.state['global_step']}; checkpoint saved to {path}"
-        else:
-            msg = f"stopped by {name} at step {self.state['global_step']} without saving"
-        self.log.info(msg)
-        if self.accelerator.is_main_process:
-            print(msg, file=sys.stderr)
-        raise SystemExit(128 + signum)
+        path = self._checkpoint()
+        self.log.info("stopped by signal %d at step %d; checkpoint saved to %s", signum, self.state["global_step"], path)
+        exit_after_stop(signum, self.state["global_step"], path, CONTINUE_FLAG, self.accelerator.is_main_process)
 
     def _finish(self, train_time: float, tokens_local: int, seen: "_RowsDigest", wait_s: float) -> dict:
         import hashlib

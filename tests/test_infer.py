@@ -7,7 +7,7 @@ import torch
 from config import InferConfig
 from model.chat_model import SEARCH_TYPES, load_tokenizer
 from model.dataset import encode_texts
-from model.infer import FALLBACK_ANSWER, ChatBot, pick_dtype
+from model.infer import FALLBACK_ANSWER, ChatBot
 from utils.cli import UserError
 
 MAX_NEW = 12
@@ -22,15 +22,6 @@ def bot(chatty_model_dir):
 def test_loads_on_cpu_in_fp32(bot):
     assert bot.device.type == "cpu" and bot.dtype == torch.float32
     assert next(bot.model.parameters()).dtype == torch.float32
-
-
-def test_half_precision_on_gpus():
-    assert pick_dtype(torch.device("cuda"), "fp16") == torch.float16
-    assert pick_dtype(torch.device("mps"), "bf16") == torch.float16
-    assert pick_dtype(torch.device("cuda"), "no") == torch.float32
-    assert pick_dtype(torch.device("cpu"), "bf16") == torch.float32
-    with pytest.raises(UserError, match="mixed_precision"):
-        pick_dtype(torch.device("cpu"), "fp8")
 
 
 def test_question_gets_eos_appended_like_training(bot):

@@ -55,7 +55,7 @@ def run4(pairs_dir, tokenizer_dir, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("run4") / "out"
     cfg = tiny_cfg(pairs_dir, tokenizer_dir, out, max_steps=4, save_steps=2, keep_latest_n_ckp=3)
     ChatTrainer(cfg).train()
-    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["checkpoint-2", "checkpoint-4"]
     return cfg
 
 
@@ -72,7 +72,7 @@ def test_planted_pickle_in_a_train_checkpoint_is_refused(run4, tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     cfg = _copy_run(run4, tmp_path / "run")
-    ckpt = Path(cfg.output_dir) / "checkpoints" / "step-00000004"
+    ckpt = Path(cfg.output_dir) / "checkpoints" / "checkpoint-4"
     torch.save({"state": Evil()}, ckpt / state_file)
     with pytest.raises(UserError, match=re.escape(f"refusing to load {ckpt / state_file}: it holds pickled objects")):
         ChatTrainer(replace(cfg, is_keep_training=True, train_state_dir=str(ckpt))).train()
@@ -88,7 +88,7 @@ def test_planted_pickle_cli_is_one_line_and_never_runs(run4, tmp_path):
     import pickle
 
     cfg = _copy_run(run4, tmp_path / "run")
-    ckpt = Path(cfg.output_dir) / "checkpoints" / "step-00000004"
+    ckpt = Path(cfg.output_dir) / "checkpoints" / "checkpoint-4"
     with open(ckpt / "optimizer.pt", "wb") as fh:
         pickle.dump(Evil(), fh)
     args = ["--is_keep_training", "True", "--train_state_dir", ckpt, "--output_dir", cfg.output_dir,
@@ -170,13 +170,13 @@ def test_damaged_newest_checkpoint_falls_back_exactly(run4, tmp_path, capsys, da
     root = Path(cfg.output_dir) / "checkpoints"
     if damaged.startswith("missing:"):  # what a kill in the middle of deleting it leaves
         damaged = damaged.split(":")[1]
-        (root / "step-00000004" / damaged).unlink()
+        (root / "checkpoint-4" / damaged).unlink()
     else:
-        _truncate(root / "step-00000004" / damaged)
+        _truncate(root / "checkpoint-4" / damaged)
     ChatTrainer(replace(cfg, is_keep_training=True)).train()
     err = capsys.readouterr().err
-    assert f"warning: checkpoint {root / 'step-00000004'} is damaged" in err and damaged.split("/")[-1] in err
-    assert (root / "damaged-step-00000004").is_dir()  # kept for inspection, out of the way
+    assert f"warning: checkpoint {root / 'checkpoint-4'} is damaged" in err and damaged.split("/")[-1] in err
+    assert (root / "damaged-checkpoint-4").is_dir()  # kept for inspection, out of the way
     a, b = weights(Path(run4.output_dir) / "best"), weights(Path(cfg.output_dir) / "best")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert read_losses(Path(cfg.output_dir)) == pytest.approx(read_losses(Path(run4.output_dir)), abs=1e-6)
@@ -193,7 +193,7 @@ def test_a_kill_while_pruning_never_leaves_a_partial_checkpoint(pairs_dir, token
 
     def killed_rmtree(path, *args, **kwargs):
         weights_file = Path(path) / "model" / "model.safetensors"
-        if "step-00000002" in str(path) and weights_file.exists():
+        if "checkpoint-2" in str(path) and weights_file.exists():
             weights_file.unlink()
             raise SystemExit(137)  # killed after the first file
         return real_rmtree(path, *args, **kwargs)
@@ -204,7 +204,7 @@ def test_a_kill_while_pruning_never_leaves_a_partial_checkpoint(pairs_dir, token
         ChatTrainer(cfg).train()
     monkeypatch.setattr(ckpt_io.shutil, "rmtree", real_rmtree)
     listed = ckpt_io.list_checkpoints(Path(cfg.output_dir) / "checkpoints")
-    assert [p.name for p in listed] == ["step-00000004"]
+    assert [p.name for p in listed] == ["checkpoint-4"]
     assert all(ckpt_io.checkpoint_problem(p) is None for p in listed)
 
 
@@ -213,14 +213,14 @@ def test_no_usable_checkpoint_is_one_error(run4, tmp_path):
 
     cfg = _copy_run(run4, tmp_path / "run")
     root = Path(cfg.output_dir) / "checkpoints"
-    _truncate(root / "step-00000004" / "optimizer.pt")
-    _truncate(root / "step-00000002" / "scheduler.pt")
-    with pytest.raises(UserError, match="no usable checkpoint under .*damaged: step-00000004, step-00000002"):
+    _truncate(root / "checkpoint-4" / "optimizer.pt")
+    _truncate(root / "checkpoint-2" / "scheduler.pt")
+    with pytest.raises(UserError, match="no usable checkpoint under .*damaged: checkpoint-4, checkpoint-2"):
         ChatTrainer(replace(cfg, is_keep_training=True)).train()
     # a checkpoint named by the user: no silent fallback
-    with pytest.raises(UserError, match="cannot resume from .*step-00000002: unreadable"):
+    with pytest.raises(UserError, match="cannot resume from .*checkpoint-2: unreadable"):
         ChatTrainer(replace(cfg, is_keep_training=True,
-                            train_state_dir=str(root / "damaged-step-00000002"))).train()
+                            train_state_dir=str(root / "damaged-checkpoint-2"))).train()
 
 
 def test_damaged_trainer_checkpoint_falls_back(hf_run, tokenizer_dir, pairs_dir, tmp_path, capsys):  # noqa: F811
@@ -322,12 +322,12 @@ def test_fresh_train_run_refuses_existing_checkpoints_unless_told(run4, tmp_path
     (out / "important.csv").write_text("mine")
     with pytest.raises(UserError, match="already holds checkpoints of an earlier run .*--overwrite_output_dir True"):
         ChatTrainer(replace(cfg, max_steps=2)).train()
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     with pytest.raises(UserError, match="choose one"):
         ChatTrainer(replace(cfg, is_keep_training=True, overwrite_output_dir=True)).train()
     ChatTrainer(replace(cfg, max_steps=2, overwrite_output_dir=True)).train()
     # only this run's checkpoint (step 4 of the old run would otherwise survive keep_latest_n_ckp)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert sorted(read_losses(out)) == [1, 2] and (out / "important.csv").read_text() == "mine"
 
 
@@ -392,13 +392,13 @@ def test_train_state_dir_is_written_and_resumed_exactly(pairs_dir, tokenizer_dir
 
     with pytest.raises(SystemExit):
         ChatTrainer(cfg, callbacks=[stop_at_k]).train()
-    assert [p.name for p in state_dir.iterdir()] == [f"step-{k:08d}"]
+    assert [p.name for p in state_dir.iterdir()] == [f"checkpoint-{k}"]
     assert not (tmp_path / "out" / "checkpoints").exists()
     ChatTrainer(replace(cfg, is_keep_training=True)).train()
     assert read_losses(tmp_path / "out") == pytest.approx(read_losses(tmp_path / "straight"), abs=1e-6)
     a, b = weights(tmp_path / "straight" / "best"), weights(tmp_path / "out" / "best")
     assert all(torch.equal(a[key], b[key]) for key in a)
-    assert sorted(p.name for p in state_dir.iterdir()) == [f"step-{k:08d}", f"step-{n_steps:08d}"]
+    assert sorted(p.name for p in state_dir.iterdir()) == [f"checkpoint-{k}", f"checkpoint-{n_steps}"]
 
 
 def test_pre_train_writes_and_resumes_in_train_state_dir(tokenizer_dir, pairs_dir, tmp_path):  # noqa: F811

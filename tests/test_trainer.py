@@ -78,7 +78,7 @@ def test_resume_is_exact_after_sigterm(pairs_dir, tokenizer_dir, tmp_path):
     with pytest.raises(SystemExit) as exc:
         ChatTrainer(replace(cfg, output_dir=str(stopped)), callbacks=[kill_at_k]).train()
     assert exc.value.code == 128 + signal.SIGTERM
-    assert latest_checkpoint(stopped / "checkpoints").name == f"step-{k:08d}"
+    assert latest_checkpoint(stopped / "checkpoints").name == f"checkpoint-{k}"
     assert max(read_losses(stopped)) == k
     ChatTrainer(replace(cfg, output_dir=str(stopped), is_keep_training=True)).train()
 
@@ -224,18 +224,18 @@ def test_two_cpu_ranks_with_torchrun(pairs_dir, tokenizer_dir, tmp_path):
 
 
 def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
-    """A kill during a save leaves `.step-N.tmp` (or a dir without trainer_state.json): the previous one wins."""
+    """A kill during a save leaves `.checkpoint-N.tmp` (or a dir without trainer_state.json): the previous one wins."""
     from model.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
 
     root = tmp_path / "checkpoints"
-    for name in ("step-00000004", "step-00000008"):
+    for name in ("checkpoint-4", "checkpoint-8"):
         (root / name).mkdir(parents=True)
         (root / name / STATE_FILE).write_text("{}")
-    (root / ".step-00000012.tmp").mkdir()
-    (root / ".step-00000012.tmp" / STATE_FILE).write_text("{}")
-    (root / "step-00000016").mkdir()  # renamed but incomplete (cannot happen with os.replace, still ignored)
-    assert latest_checkpoint(root).name == "step-00000008"
-    assert [p.name for p in list_checkpoints(root)] == ["step-00000004", "step-00000008"]
+    (root / ".checkpoint-12.tmp").mkdir()
+    (root / ".checkpoint-12.tmp" / STATE_FILE).write_text("{}")
+    (root / "checkpoint-16").mkdir()  # renamed but incomplete (cannot happen with os.replace, still ignored)
+    assert latest_checkpoint(root).name == "checkpoint-8"
+    assert [p.name for p in list_checkpoints(root)] == ["checkpoint-4", "checkpoint-8"]
 
 
 def test_accumulated_step_is_the_mean_of_its_micro_batches(pairs_dir, tokenizer_dir, tmp_path):

@@ -175,9 +175,9 @@ def generate_rejected(rows: list[dict], cfg, report: Report,
             print(f"resuming generation after {report.resumed_from} of {len(prompts)} prompts ({log.path})")
         import torch
 
-        from model.infer import pick_device
+        from model.harness import resolve_device
 
-        device = pick_device(cfg.device)
+        device = resolve_device(cfg.device)
         tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
         model = load_model(model_dir).to(device).eval()
         check_vocab(tokenizer, model.config, str(model_dir))
