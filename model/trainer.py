@@ -21,7 +21,6 @@ data order (model/dataset.py) is what makes its resume exact.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
@@ -42,14 +41,12 @@ from . import checkpoint as ckpt_io
 from .chat_model import (build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model,
                          weights_config_file)
 from .dataset import Collator, Prefetcher, TokenizedPairs, check_parquet, open_training_data
+from .run_log import EVAL_CSV, PLOT_FILE, TRAIN_CSV, RunLog, last_value, plot_losses, read_rows
+from .run_summary import SUMMARY_FILE, RunSummary
 from .tokenizer import tokenizer_dir_for
 
-LOSS_CSV = "train_loss.csv"
-EVAL_CSV = "eval.csv"
-LOSS_FIELDS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
-EVAL_FIELDS = ["step", "epoch", "valid_loss", "bleu4", "n_samples"]
 # what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
-OWN_OUTPUTS = (LOSS_CSV, EVAL_CSV, "train.log", "train-rank*.log", "loss_curve.png", "train_summary.json", "best")
+OWN_OUTPUTS = (TRAIN_CSV, EVAL_CSV, "train.log", "train-rank*.log", PLOT_FILE, SUMMARY_FILE, "best")
 
 
 def freeze_embedding_and_encoder(model) -> None:
@@ -115,20 +112,8 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-class _RowsDigest:
-    """Count and running hash of the row numbers this rank trained on (constant memory)."""
-
-    def __init__(self):
-        import hashlib
-
-        self.count, self._h = 0, hashlib.sha256()
-
-    def update(self, rows) -> None:
-        self.count += len(rows)
-        self._h.update((",".join(map(str, rows)) + ";").encode())
-
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()[:16]
+def _float(row: dict, key: str) -> float | None:
+    return float(row[key]) if row.get(key) else None
 
 
 def _device_batch(batch: dict, device) -> dict:
@@ -217,6 +202,8 @@ class ChatTrainer:
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> dict:
+        """Train; returns the run summary (model.run_summary.RunSummary) as a dict."""
+        self._wall_start = time.perf_counter()
         cfg = self.cfg
         resume = self._start()
         # a fine-tuned model keeps the tokenizer of the model it started from
@@ -286,11 +273,12 @@ class ChatTrainer:
                             total_steps, saved["total_steps"])
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["global_step"],
                      state["epoch"], state["batch_in_epoch"])
+        self.run_log = RunLog(self.out, eval_extra=("bleu4", "n_samples"))
         if accelerator.is_main_process:
-            self._trim_csv(self.out / LOSS_CSV, LOSS_FIELDS, state["global_step"] if resume else 0)
             # evaluations up to the checkpoint's last one: a run killed after an evaluation but
             # before the checkpoint that follows it must not keep that row, or it is logged twice
-            self._trim_csv(self.out / EVAL_CSV, EVAL_FIELDS, max(state["last_eval_step"], 0) if resume else 0)
+            self.run_log.start(state["global_step"] if resume else 0, max(state["last_eval_step"], 0) if resume else 0)
+        self.resumed_from, self.start_step = resume, state["global_step"]
         if resume is not None:
             ckpt_io.load_rng(accelerator, resume)  # last: nothing may draw random numbers after this
 
@@ -301,22 +289,6 @@ class ChatTrainer:
             h.close()
             log.removeHandler(h)
         return summary
-
-    def _trim_csv(self, path: Path, fields: list[str], upto_step: int) -> None:
-        """Start the CSV fresh, or (resuming) drop rows logged after the checkpoint."""
-        rows = []
-        if upto_step and path.is_file():
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= upto_step]
-        with open(path.with_name(f".{path.name}.tmp"), "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(path.with_name(f".{path.name}.tmp"), path)
-
-    def _append_csv(self, name: str, fields: list[str], row: dict) -> None:
-        with open(self.out / name, "a", newline="", encoding="utf-8") as fh:
-            csv.DictWriter(fh, fieldnames=fields).writerow(row)
 
     def _progress(self):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -394,7 +366,6 @@ class ChatTrainer:
         pin = acc.device.type == "cuda"  # page-locked batches: the copy to the GPU runs asynchronously
         pending_losses: list[torch.Tensor] = []
         tokens_since_log, tokens_total, train_time, wait_total, wait_at_log = 0, 0, 0.0, 0.0, 0.0
-        seen = _RowsDigest()
         model.train()
         with _StopRequest() as stop, self._progress() as progress:
             ep_task = progress.add_task("epoch", total=n_epochs, completed=state["epoch"], info="")
@@ -406,7 +377,6 @@ class ChatTrainer:
                 t0 = time.perf_counter()
                 with Prefetcher(source.batches(epoch, skip), collate, pin=pin) as batches:
                     for bi, batch in enumerate(batches, start=skip):
-                        seen.update(batch["index"])
                         group_start = bi - bi % ga
                         group_len = min(ga, batches_per_epoch - group_start)
                         last = bi - group_start == group_len - 1
@@ -455,7 +425,7 @@ class ChatTrainer:
             if state["last_eval_step"] != state["global_step"]:  # stopped by max_steps mid-epoch
                 self._evaluate_and_keep_best(valid, collate, progress, state["epoch"])
                 self._checkpoint()
-        return self._finish(train_time, tokens_total, seen, wait_total)
+        return self._finish(train_time, tokens_total, wait_total)
 
     def _log_losses(self, pending_losses, epoch: int, tps: float, wait_share: float, progress, task) -> None:
         """One log line and a CSV row per step since the last log (the only device sync per log)."""
@@ -464,9 +434,8 @@ class ChatTrainer:
         lr = self.scheduler.get_last_lr()[0]
         if self.accelerator.is_main_process:
             for k, value in enumerate(losses):
-                self._append_csv(LOSS_CSV, LOSS_FIELDS, {
-                    "step": gs - len(losses) + 1 + k, "epoch": epoch, "loss": repr(value),
-                    "lr": f"{lr:.6g}", "tokens_per_s": f"{tps:.1f}"})
+                self.run_log.train_row(step=gs - len(losses) + 1 + k, epoch=epoch, loss=value, lr=f"{lr:.6g}",
+                                       tokens_per_s=f"{tps:.1f}")
         mean = sum(losses) / len(losses)
         self.log.info("step %d epoch %d loss %.4f lr %.3g tokens/s %.0f data wait %.1f%%", gs, epoch, mean, lr, tps,
                       100 * wait_share)
@@ -478,8 +447,7 @@ class ChatTrainer:
             gs = self.state["global_step"]
             losses = torch.stack(pending_losses).float().cpu().tolist()
             for k, value in enumerate(losses):
-                self._append_csv(LOSS_CSV, LOSS_FIELDS, {"step": gs - len(losses) + 1 + k, "epoch": self.state["epoch"],
-                                                         "loss": repr(value), "lr": "", "tokens_per_s": ""})
+                self.run_log.train_row(step=gs - len(losses) + 1 + k, epoch=self.state["epoch"], loss=value)
         if self._confirm_save():
             path = self._checkpoint()
             msg = f"stopped by {name} at step {self.state['global_step']}; checkpoint saved to {path}"
@@ -490,36 +458,37 @@ class ChatTrainer:
             print(msg, file=sys.stderr)
         raise SystemExit(128 + signum)
 
-    def _finish(self, train_time: float, tokens_local: int, seen: "_RowsDigest", wait_s: float) -> dict:
-        import hashlib
-
+    def _finish(self, train_time: float, tokens_local: int, wait_s: float) -> dict:
         acc = self.accelerator
-        unwrapped = acc.unwrap_model(self.model)
-        # proof for the multi-process test (and a sanity line for users): what this rank
-        # saw and a checksum of its final weights, which DDP keeps identical on all ranks
-        h = hashlib.sha256()
-        for name, p in sorted(unwrapped.state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-        self.log.info("rank %d world_size=%d rows_seen=%d rows_hash=%s weights_sha256=%s", acc.process_index,
-                      acc.num_processes, seen.count, seen.hexdigest(), h.hexdigest())
         tokens = int(acc.reduce(torch.tensor([tokens_local], device=acc.device), reduction="sum").item())
-        summary = {"global_step": self.state["global_step"], "train_runtime_s": round(train_time, 3),
-                   "non_padding_tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
-                   "best_bleu4": self.state["best_bleu"], "best_model_dir": str(self.out / "best"),
-                   "world_size": acc.num_processes,
-                   # share of the training time this rank's loop waited for its next batch
-                   "data_wait_share": round(wait_s / max(train_time, 1e-9), 4)}
+        acc.wait_for_everyone()  # the main process's log rows are all written
+        summary = self._summary(train_time, tokens, wait_s)
         if acc.is_main_process:
-            from model.plot import plot_loss_curve
-
-            atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
-            plot_loss_curve(self.out / LOSS_CSV, self.out / "loss_curve.png", self.out / EVAL_CSV)
-            print(f"trained {summary['global_step']} steps, {summary['tokens_per_s']:.0f} tokens/s "
-                  f"(waiting for data {100 * summary['data_wait_share']:.1f}% of the time); best BLEU-4 "
-                  f"{summary['best_bleu4']:.4f} at {summary['best_model_dir']}")
+            summary.write(self.out)
+            plot_losses(self.out)
+            print(f"trained {summary.steps} steps, {summary.tokens_per_s:.0f} tokens/s (waiting for data "
+                  f"{100 * summary.details['data_wait_share']:.1f}% of the time); best BLEU-4 "
+                  f"{summary.eval_bleu4:.4f} at {summary.model_dir}")
         acc.wait_for_everyone()
-        return summary
+        return summary.to_dict()
+
+    def _summary(self, train_time: float, tokens: int, wait_s: float) -> RunSummary:
+        """The figures of this run; the losses from its log, which spans the resumed runs too."""
+        acc, st = self.accelerator, self.state
+        # best/ is the first evaluation with the highest BLEU-4 (a later one must beat it)
+        best = max(read_rows(self.out / EVAL_CSV), key=lambda r: float(r["bleu4"]), default={})
+        return RunSummary(
+            stage="sft" if self.cfg.is_finetune else "pretrain", trainer="train.py", steps=st["global_step"],
+            steps_this_run=st["global_step"] - self.start_step, train_tokens=tokens,
+            train_seconds=round(train_time, 3), tokens_per_s=round(tokens / max(train_time, 1e-9), 1),
+            final_train_loss=last_value(self.out / TRAIN_CSV, "loss"), eval_loss=_float(best, "valid_loss"),
+            last_eval_loss=last_value(self.out / EVAL_CSV, "valid_loss"),
+            eval_bleu4=st["best_bleu"] if st["best_bleu"] >= 0 else None, model_dir=str(self.out / "best"),
+            resumed_from=str(self.resumed_from) if self.resumed_from else None, world_size=acc.num_processes,
+            device=str(acc.device), precision={"no": "fp32"}.get(acc.mixed_precision, acc.mixed_precision),
+            wall_seconds=round(time.perf_counter() - self._wall_start, 3),
+            # share of the training time this rank's loop waited for its next batch
+            details={"data_wait_share": round(wait_s / max(train_time, 1e-9), 4)})
 
     # ----------------------------------------------------------------------------- eval
     def _evaluate_and_keep_best(self, valid, collate, progress, epoch: int) -> dict:
@@ -532,9 +501,8 @@ class ChatTrainer:
         if improved:
             st["best_bleu"] = result["bleu4"]
         if self.accelerator.is_main_process:
-            self._append_csv(EVAL_CSV, EVAL_FIELDS, {"step": st["global_step"], "epoch": epoch,
-                                                     "valid_loss": repr(result["loss"]), "bleu4": repr(result["bleu4"]),
-                                                     "n_samples": result["n_samples"]})
+            self.run_log.eval_row(step=st["global_step"], epoch=epoch, valid_loss=result["loss"],
+                                  bleu4=result["bleu4"], n_samples=result["n_samples"])
             if improved:
                 save_model(self.accelerator.unwrap_model(self.model), self.out / "best", self.tokenizer)
         self.accelerator.wait_for_everyone()
