@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -110,6 +111,53 @@ class _StopRequest:
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+
+
+@dataclass
+class _Meter:
+    """This rank's tokens and seconds: in total, and per logging window for tokens/s and the
+    share of time spent waiting for data. Evaluation and checkpoints are not training time."""
+    train_seconds: float = 0.0
+    tokens: int = 0
+    wait_seconds: float = 0.0  # waited for batches, epochs finished
+    window_tokens: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    wait_at_window: float = 0.0
+    stretch_start: float = 0.0  # the current stretch of training steps
+    pending: list = field(default_factory=list)  # the losses of the steps not yet logged, on the device
+
+    def start_stretch(self) -> None:
+        self.stretch_start = time.perf_counter()
+
+    def close_window(self, wait_now: float) -> tuple[int, float, float]:
+        """End the logging window: (its tokens, its seconds, its seconds of waiting for data);
+        `wait_now` is the current epoch's wait so far."""
+        now = time.perf_counter()
+        self.train_seconds += now - self.stretch_start
+        self.stretch_start = now
+        waited = self.wait_seconds + wait_now - self.wait_at_window
+        self.wait_at_window = self.wait_seconds + wait_now
+        tokens, seconds = self.window_tokens, max(now - self.window_start, 1e-9)
+        self.tokens += tokens
+        self.window_tokens, self.window_start = 0, now
+        return tokens, seconds, waited
+
+    def end_stretch(self) -> None:
+        self.train_seconds += time.perf_counter() - self.stretch_start
+        self.tokens += self.window_tokens
+        self.window_tokens = 0
+
+
+def _accumulation_groups(batches, first: int, ga: int, n_batches: int):
+    """(index of the last batch, the micro-batches) of each optimiser step of an epoch: `ga`
+    batches, fewer at the epoch's end; `first` (where a resumed epoch starts) begins a group."""
+    group = []
+    for bi, batch in enumerate(batches, start=first):
+        group.append(batch)
+        start = bi - bi % ga
+        if bi - start == min(ga, n_batches - start) - 1:
+            yield bi, group
+            group = []
 
 
 def _float(row: dict, key: str) -> float | None:
@@ -352,80 +400,99 @@ class ChatTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _loop(self, source, valid, collate, n_epochs: int, total_steps: int, batches_per_epoch: int) -> dict:
-        cfg, acc, model, scheduler, state = self.cfg, self.accelerator, self.model, self.scheduler, self.state
-        ga = cfg.gradient_accumulation_steps
-        world = acc.num_processes
-        check_every = 1 if world == 1 else min(cfg.logging_steps, 10)
-        # Gradient accumulation is this loop's alone (the Accelerator is built with 1): each
-        # micro-batch's loss is divided by the size of its group, which is shorter at the end
-        # of an epoch, and DDP syncs on the group's last one. DeepSpeed's engine accumulates
-        # and divides by its own count (its config's gradient_accumulation_steps) instead.
-        deepspeed = acc.distributed_type == "DEEPSPEED"
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        forward = self._train_forward()
-        pin = acc.device.type == "cuda"  # page-locked batches: the copy to the GPU runs asynchronously
-        pending_losses: list[torch.Tensor] = []
-        tokens_since_log, tokens_total, train_time, wait_total, wait_at_log = 0, 0, 0.0, 0.0, 0.0
-        model.train()
+        """Epochs of optimiser steps up to total_steps; an evaluation and a checkpoint at each
+        epoch's end and at the last step."""
+        state, meter = self.state, _Meter()
+        self._forward = self._train_forward()
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.train()
         with _StopRequest() as stop, self._progress() as progress:
-            ep_task = progress.add_task("epoch", total=n_epochs, completed=state["epoch"], info="")
-            step_task = progress.add_task("steps", total=total_steps, completed=state["global_step"], info="")
-            t_log = time.perf_counter()
+            bars = (progress.add_task("epoch", total=n_epochs, completed=state["epoch"], info=""),
+                    progress.add_task("steps", total=total_steps, completed=state["global_step"], info=""))
             while state["epoch"] < n_epochs and state["global_step"] < total_steps:
-                epoch, skip = state["epoch"], state["batch_in_epoch"]
-                step_loss = None
-                t0 = time.perf_counter()
-                with Prefetcher(source.batches(epoch, skip), collate, pin=pin) as batches:
-                    for bi, batch in enumerate(batches, start=skip):
-                        group_start = bi - bi % ga
-                        group_len = min(ga, batches_per_epoch - group_start)
-                        last = bi - group_start == group_len - 1
-                        loss = self._micro_step(forward, batch, 1.0 if deepspeed else 1.0 / group_len, last)
-                        step_loss = loss if step_loss is None else step_loss + loss
-                        tokens_since_log += batch["n_tokens"]
-                        if not last:
-                            continue
-                        self._optimizer_step(trainable)
-                        state["global_step"] += 1
-                        state["batch_in_epoch"] = bi + 1
-                        pending_losses.append(step_loss)
-                        step_loss = None
-                        progress.update(step_task, advance=1)
-                        for fn in self.callbacks:
-                            fn(self, state["global_step"])
-                        gs = state["global_step"]
-                        if gs % cfg.logging_steps == 0 or gs == total_steps:
-                            now = time.perf_counter()
-                            train_time += now - t0
-                            t0 = now
-                            waited, wait_at_log = wait_total + batches.wait_s - wait_at_log, wait_total + batches.wait_s
-                            self._log_losses(pending_losses, epoch, tokens_since_log * world / max(now - t_log, 1e-9),
-                                             waited / max(now - t_log, 1e-9), progress, step_task)
-                            tokens_total += tokens_since_log
-                            pending_losses, tokens_since_log, t_log = [], 0, now
-                        if gs % check_every == 0 or gs == total_steps:
-                            signum = self._should_stop(stop)
-                            if signum:
-                                return self._interrupted(signum, pending_losses)
-                        if gs % cfg.save_steps == 0:
-                            self._checkpoint()
-                        if gs >= total_steps:
-                            break
-                    wait_total += batches.wait_s
-                train_time += time.perf_counter() - t0
-                tokens_total += tokens_since_log
-                tokens_since_log = 0
-                if state["batch_in_epoch"] >= batches_per_epoch:
-                    state["epoch"] += 1
-                    state["batch_in_epoch"] = 0
-                    progress.update(ep_task, advance=1)
-                    self._evaluate_and_keep_best(valid, collate, progress, epoch)
-                    self._checkpoint()
-                    t_log = time.perf_counter()
+                self._train_epoch(source, collate, batches_per_epoch, total_steps, meter, stop, progress, bars[1])
+                self._maybe_end_epoch(valid, collate, batches_per_epoch, meter, progress, bars[0])
             if state["last_eval_step"] != state["global_step"]:  # stopped by max_steps mid-epoch
                 self._evaluate_and_keep_best(valid, collate, progress, state["epoch"])
                 self._checkpoint()
-        return self._finish(train_time, tokens_total, wait_total)
+        return self._finish(meter.train_seconds, meter.tokens, meter.wait_seconds)
+
+    def _train_epoch(self, source, collate, batches_per_epoch: int, total_steps: int, meter: "_Meter", stop,
+                     progress, bar) -> None:
+        """The optimiser steps of the current epoch, from where it stands to its end or total_steps."""
+        state = self.state
+        epoch, skip = state["epoch"], state["batch_in_epoch"]
+        meter.start_stretch()
+        pin = self.accelerator.device.type == "cuda"  # page-locked batches: the copy to the GPU runs asynchronously
+        with Prefetcher(source.batches(epoch, skip), collate, pin=pin) as batches:
+            groups = _accumulation_groups(batches, skip, self.cfg.gradient_accumulation_steps, batches_per_epoch)
+            for last, group in groups:
+                meter.pending.append(self._train_step(group))
+                meter.window_tokens += sum(batch["n_tokens"] for batch in group)
+                state["global_step"] += 1
+                state["batch_in_epoch"] = last + 1
+                progress.update(bar, advance=1)
+                for fn in self.callbacks:
+                    fn(self, state["global_step"])
+                self._maybe_log(meter, batches.wait_s, epoch, total_steps, progress, bar)
+                self._maybe_stop(stop, meter, total_steps)
+                self._maybe_save()
+                if state["global_step"] >= total_steps:
+                    break
+            meter.wait_seconds += batches.wait_s
+        meter.end_stretch()
+
+    def _train_step(self, group: list[dict]) -> torch.Tensor:
+        """One optimiser step over a group of micro-batches; returns its loss (on the device).
+
+        Gradient accumulation is this loop's alone (the Accelerator is built with 1): each
+        micro-batch's loss is divided by the size of its group, which is shorter at the end
+        of an epoch, and DDP syncs on the group's last one. DeepSpeed's engine accumulates
+        and divides by its own count (its config's gradient_accumulation_steps) instead.
+        """
+        scale = 1.0 if self.accelerator.distributed_type == "DEEPSPEED" else 1.0 / len(group)
+        loss = None
+        for i, batch in enumerate(group):
+            part = self._micro_step(self._forward, batch, scale, sync=i == len(group) - 1)
+            loss = part if loss is None else loss + part
+        self._optimizer_step(self._trainable)
+        return loss
+
+    def _maybe_log(self, meter: "_Meter", wait_now: float, epoch: int, total_steps: int, progress, bar) -> None:
+        """Every logging_steps and at the last step: the losses since the last log, tokens/s."""
+        gs = self.state["global_step"]
+        if gs % self.cfg.logging_steps and gs != total_steps:
+            return
+        tokens, seconds, waited = meter.close_window(wait_now)
+        self._log_losses(meter.pending, epoch, tokens * self.accelerator.num_processes / seconds, waited / seconds,
+                         progress, bar)
+        meter.pending = []
+
+    def _maybe_stop(self, stop: _StopRequest, meter: "_Meter", total_steps: int) -> None:
+        """On Ctrl+C / SIGTERM (any rank's): a checkpoint and SystemExit (self._interrupted).
+        With several ranks they agree only every few steps (a collective each time)."""
+        gs = self.state["global_step"]
+        check_every = 1 if self.accelerator.num_processes == 1 else min(self.cfg.logging_steps, 10)
+        if gs % check_every == 0 or gs == total_steps:
+            signum = self._should_stop(stop)
+            if signum:
+                self._interrupted(signum, meter.pending)
+
+    def _maybe_save(self) -> None:
+        if self.state["global_step"] % self.cfg.save_steps == 0:
+            self._checkpoint()
+
+    def _maybe_end_epoch(self, valid, collate, batches_per_epoch: int, meter: "_Meter", progress, bar) -> None:
+        """After an epoch's last batch: the next epoch, an evaluation and a checkpoint."""
+        state = self.state
+        if state["batch_in_epoch"] < batches_per_epoch:  # stopped by max_steps mid-epoch
+            return
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        progress.update(bar, advance=1)
+        self._evaluate_and_keep_best(valid, collate, progress, state["epoch"] - 1)
+        self._checkpoint()
+        meter.window_start = time.perf_counter()  # evaluation is not training time
 
     def _log_losses(self, pending_losses, epoch: int, tps: float, wait_share: float, progress, task) -> None:
         """One log line and a CSV row per step since the last log (the only device sync per log)."""
