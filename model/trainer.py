@@ -256,20 +256,7 @@ class ChatTrainer:
         resume = self._start()
         # a fine-tuned model keeps the tokenizer of the model it started from
         tokenizer = load_tokenizer(tokenizer_dir_for(cfg.finetune_from_ckp_file if cfg.is_finetune else None, cfg))
-        # --model_config_file describes a fresh model, or a .bin state dict when given
-        weights_config = cfg.model_config_file if is_given(cfg, "model_config_file") else None
-        if resume is not None:
-            model_source = resume / "model"
-            model_config = load_model_config(model_source / "config.json")
-        elif cfg.is_finetune:
-            model_source = Path(cfg.finetune_from_ckp_file)
-            if not model_source.exists():
-                raise UserError(f"--finetune_from_ckp_file not found: {model_source}")
-            model_config = load_model_config(model_source / "config.json" if model_source.is_dir()
-                                             else weights_config_file(model_source, weights_config))
-        else:
-            model_source = None
-            model_config = load_model_config(require_file(cfg.model_config_file, "--model_config_file"))
+        model_source, model_config, weights_config = self._model_source(resume)
         self._check_inputs(tokenizer, model_config)
 
         accelerator = self._accelerator()
@@ -284,11 +271,7 @@ class ChatTrainer:
         if cfg.is_finetune:
             freeze_embedding_and_encoder(model)
 
-        source = open_training_data(cfg.train_file, tokenizer, cfg.max_seq_len, cfg.batch_size_per_gpu, cfg.seed,
-                                    cfg.streaming, cfg.dataloader_buffer_size, rank, world, cfg.group_by_length)
-        valid = TokenizedPairs(cfg.validation_file, tokenizer, cfg.max_seq_len, keep_texts=True,
-                               max_rows=cfg.eval_max_samples if cfg.eval_max_samples > 0 else None)
-        collate = Collator(tokenizer.pad_token_id, tokenizer, cfg.max_seq_len)
+        source, valid, collate = self._data(tokenizer, rank, world)
         ga = cfg.gradient_accumulation_steps
         batches_per_epoch = source.num_batches()
         steps_per_epoch = math.ceil(batches_per_epoch / ga)
@@ -337,6 +320,30 @@ class ChatTrainer:
             h.close()
             log.removeHandler(h)
         return summary
+
+    def _model_source(self, resume: Path | None) -> tuple[Path | None, object, str | None]:
+        """(what to load the model from, None for a fresh one; its config; the config file that
+        describes a .bin / .safetensors weights file, when --model_config_file is given)."""
+        cfg = self.cfg
+        weights_config = cfg.model_config_file if is_given(cfg, "model_config_file") else None
+        if resume is not None:
+            return resume / "model", load_model_config(resume / "model" / "config.json"), weights_config
+        if cfg.is_finetune:
+            source = Path(cfg.finetune_from_ckp_file)
+            if not source.exists():
+                raise UserError(f"--finetune_from_ckp_file not found: {source}")
+            return source, load_model_config(source / "config.json" if source.is_dir()
+                                             else weights_config_file(source, weights_config)), weights_config
+        return None, load_model_config(require_file(cfg.model_config_file, "--model_config_file")), weights_config
+
+    def _data(self, tokenizer, rank: int, world: int):
+        """(this rank's training batches, the validation set, the collator)."""
+        cfg = self.cfg
+        source = open_training_data(cfg.train_file, tokenizer, cfg.max_seq_len, cfg.batch_size_per_gpu, cfg.seed,
+                                    cfg.streaming, cfg.dataloader_buffer_size, rank, world, cfg.group_by_length)
+        valid = TokenizedPairs(cfg.validation_file, tokenizer, cfg.max_seq_len, keep_texts=True,
+                               max_rows=cfg.eval_max_samples if cfg.eval_max_samples > 0 else None)
+        return source, valid, Collator(tokenizer.pad_token_id, tokenizer, cfg.max_seq_len)
 
     def _progress(self):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
