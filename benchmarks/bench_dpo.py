@@ -15,7 +15,7 @@ Prints a table and writes <workdir>/bench_dpo.json.
 measures only the step time of full DPO with and without --precompute_ref_log_probs (the
 frozen reference scored once per pair before training instead of at every step), on a
 random model (tiny, or --model_config_file model_config.json) and review pairs (chosen = the review's next 12 characters, rejected =
-them reversed); each run is `dpo_train.py train`, timed by the Trainer's train_runtime.
+them reversed); each run is `dpo_train.py train`, timed by its train_summary.json's train_seconds (the time in training steps).
 """
 from __future__ import annotations
 
@@ -155,12 +155,12 @@ def ref_cache_timing(args) -> None:
              "--max_steps", args.dpo_steps, "--per_device_train_batch_size", 16, "--gradient_accumulation_steps", 1,
              "--warmup_steps", 5, "--optim", "adamw_torch", "--logging_steps", 10, "--save_steps", 10 ** 6,
              "--max_seq_len", 32, "--mixed_precision", "no", "--precompute_ref_log_probs", flag], log)
-        times[flag] = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))["train_runtime"]
+        times[flag] = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))["train_seconds"]
     per_step = {k: v / args.dpo_steps for k, v in times.items()}
     print(f"full DPO, random {Path(args.model_config_file).name} model, {args.dpo_steps} steps of 16 pairs: "
           f"reference every step "
           f"{per_step[False] * 1000:.0f} ms/step; precomputed {per_step[True] * 1000:.0f} ms/step "
-          f"(x{per_step[False] / per_step[True]:.2f}; the precomputation itself is outside train_runtime)")
+          f"(x{per_step[False] / per_step[True]:.2f}; the precomputation itself is outside train_seconds)")
 
 
 if __name__ == "__main__":

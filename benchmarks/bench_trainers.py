@@ -92,10 +92,9 @@ def run(script: str, work: Path, name: str, args, extra: list[str]) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"{script} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     s = json.loads((out / "train_summary.json").read_text())
-    tokens = s.get("non_padding_tokens", s.get("train_tokens"))
-    seconds = s.get("train_runtime_s", s.get("train_seconds"))
+    tokens, seconds = s["train_tokens"], s["train_seconds"]  # one key set (model/run_summary.py)
     return {"name": name, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "wall_s": time.perf_counter() - t0, "data_wait_share": s.get("data_wait_share")}
+            "wall_s": time.perf_counter() - t0, "data_wait_share": s["details"].get("data_wait_share")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:

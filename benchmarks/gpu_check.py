@@ -108,7 +108,7 @@ def run_train_py(base, out: Path, cuda: bool, **changes) -> dict:
     summary = trainer.train()
     tps, losses = last_window(out)
     scaler = getattr(trainer.accelerator, "scaler", None)
-    result = {"tokens_per_s": tps, "losses": losses, "data_wait_share": summary["data_wait_share"],
+    result = {"tokens_per_s": tps, "losses": losses, "data_wait_share": summary["details"]["data_wait_share"],
               "peak_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None,
               "loss_scale": scaler.get_scale() if scaler is not None else None}
     del trainer
@@ -123,7 +123,7 @@ def run_hf_path(base, out: Path, cuda: bool) -> dict:
     reset_between_runs(cuda)
     run(job_from_train_config(replace(base, output_dir=str(out))))
     s = json.loads((out / "train_summary.json").read_text())
-    return {"tokens_per_s": s["tokens_per_sec"]}
+    return {"tokens_per_s": s["tokens_per_s"]}
 
 
 WIDTHS = (22, 20, 7, 12)

@@ -10,8 +10,9 @@ Outputs: full DPO writes a model directory (model.chat_model.save_model) at
 `<output_dir>/best`; LoRA writes the peft adapter (adapter_config.json,
 adapter_model.safetensors, plus the tokenizer) there instead, and `merge` folds it into the
 SFT model and writes a full model directory to `merged_output_dir`. Checkpoints (resumable
-with `--resume_from_checkpoint last`) go under `<output_dir>/checkpoints/`, the metrics log
-to `<output_dir>/dpo_log.csv`. Ctrl+C or SIGTERM stops after the current step with a
+with `--resume_from_checkpoint last`) go under `<output_dir>/checkpoints/`; the loss and
+reward log to `<output_dir>/train_loss.csv` and `eval.csv`, plotted to `loss_curve.png`
+(model/run_log.py); the run summary to `train_summary.json` (model/run_summary.py). Ctrl+C or SIGTERM stops after the current step with a
 checkpoint saved, as in every stage (model/harness.py).
 """
 from __future__ import annotations
@@ -24,14 +25,17 @@ import torch
 from model.common import UserError
 
 from .chat_model import check_replaceable, check_vocab, load_model, load_tokenizer, save_model
-from .dpo_trainer import (CsvLogCallback, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
+from .dpo_trainer import (METRIC_NAMES, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
                           preference_metrics, score_pairs)
 from .harness import StopOnSignal, resolve_precision, training_device
+from .run_log import EVAL_CSV, PLOT_FILE, TRAIN_CSV, last_value, plot_losses
+from .run_summary import SUMMARY_FILE, RunSummary
 from .tokenizer import tokenizer_dir_for
+from .trainer_callbacks import RunLogCallback, ThroughputCallback
 
 ADAPTER_CONFIG = "adapter_config.json"
 # what `train` writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
-OWN_OUTPUTS = ("best", "dpo_log.csv", "train_summary.json")
+OWN_OUTPUTS = ("best", TRAIN_CSV, EVAL_CSV, PLOT_FILE, SUMMARY_FILE)
 CONTINUE_FLAG = "--resume_from_checkpoint last"
 
 
@@ -83,8 +87,11 @@ def load_adapter_model(adapter_dir: str | Path, base_model_dir: str | Path, trai
 
 def train(cfg) -> Path:
     """DPO from the SFT model; returns the written <output_dir>/best."""
+    import time
+
     from transformers import TrainingArguments
 
+    wall_start = time.perf_counter()
     from model.pairs import load_preference_pairs
 
     out = Path(cfg.output_dir)
@@ -150,14 +157,18 @@ def train(cfg) -> Path:
         **precision.trainer_flags(),
     )
     stop_on_signal = StopOnSignal()
+    throughput = ThroughputCallback()
     trainer = Seq2SeqDPOTrainer(
         model=policy, ref_model=ref_model, beta=cfg.beta, args=args,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         train_dataset=_dataset(train_rows, tokenizer, cfg.max_seq_len),
         eval_dataset=_dataset(eval_rows, tokenizer, cfg.max_seq_len) if has_eval else None,
         data_collator=PreferenceCollator(tokenizer.pad_token_id),
-        callbacks=[CsvLogCallback(out / "dpo_log.csv"), stop_on_signal],
+        callbacks=[RunLogCallback(out, train_extra=(*METRIC_NAMES, "grad_norm"), eval_extra=METRIC_NAMES),
+                   throughput, stop_on_signal],
     )
+    start_step = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"] \
+        if resume else 0
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop_on_signal.requested:
         step = trainer.state.global_step
@@ -165,16 +176,25 @@ def train(cfg) -> Path:
                                  trainer.is_world_process_zero())
     best = out / "best"
     model = trainer.accelerator.unwrap_model(trainer.model)
+    tokens = int(trainer.accelerator.reduce(torch.as_tensor(trainer.trained_tokens, device=args.device),
+                                            reduction="sum"))
     if trainer.is_world_process_zero():
         # a peft model's save_pretrained writes just the adapter; save_model makes it atomic
         save_model(model, best, tokenizer)
-        tokens = int(trainer.trained_tokens)
-        runtime = result.metrics.get("train_runtime") or 0.0
-        summary = {"global_step": result.global_step, "train_loss": result.training_loss,
-                   "train_tokens": tokens, "tokens_per_sec": round(tokens / runtime, 1) if runtime else None,
-                   "best_checkpoint": trainer.state.best_model_checkpoint, **result.metrics,
-                   "last_log": next((h for h in reversed(trainer.state.log_history) if "loss" in h), {})}
-        _write_json(summary, out / "train_summary.json")
+        state, seconds = trainer.state, throughput.seconds
+        RunSummary(
+            stage="dpo", trainer="DPO", steps=state.global_step, steps_this_run=state.global_step - start_step,
+            train_tokens=tokens, train_seconds=round(seconds, 3),
+            tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else None,
+            final_train_loss=last_value(out / TRAIN_CSV, "loss"), eval_loss=state.best_metric if has_eval else None,
+            last_eval_loss=last_value(out / EVAL_CSV, "valid_loss"), eval_bleu4=None, model_dir=str(best),
+            resumed_from=resume, world_size=args.world_size, device=str(args.device),
+            precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            wall_seconds=round(time.perf_counter() - wall_start, 3),
+            details={"use_lora": cfg.use_lora, "mean_train_loss_this_run": result.training_loss,
+                     "best_checkpoint": state.best_model_checkpoint, "trainer_metrics": result.metrics},
+        ).write(out)
+        plot_losses(out)
         print(f"saved {'LoRA adapter' if cfg.use_lora else 'DPO model'} to {best}")
     return best
 

@@ -18,18 +18,16 @@ therefore always true, so `from trl import DPOTrainer` fails with "No module nam
 - the reference: a frozen copy of the SFT model, or, for a peft LoRA policy, the same
   model with its adapter disabled (one copy of the weights in memory);
 - the metrics (rewards of chosen and rejected, their margin, preference accuracy), averaged
-  over each logging window, for the console, the CSV log and any `report_to` integration.
+  over each logging window, for the console, the loss log (model/run_log.py) and any
+  `report_to` integration.
 """
 from __future__ import annotations
 
-import csv
-import os
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 IGNORE = -100
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -222,47 +220,6 @@ class Seq2SeqDPOTrainer(Trainer):
                 logs[prefix + key] = torch.stack(values).float().mean().item()
         self._stored[split] = {}
         super().log(logs, start_time)
-
-
-class CsvLogCallback(TrainerCallback):
-    """Appends every training / evaluation log to a CSV file (one row per log call).
-
-    On a resumed run, rows logged after the resumed step (by the interrupted run) are
-    dropped first, so the file reads as one uninterrupted run.
-    """
-
-    COLUMNS = ("step", "epoch", "loss", *METRIC_NAMES, "learning_rate", "grad_norm",
-               "eval_loss", *(f"eval_{m}" for m in METRIC_NAMES))
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero or not self.path.exists():
-            return
-        with open(self.path, newline="", encoding="utf-8") as fh:
-            rows = [r for r in csv.DictReader(fh) if r.get("step", "").isdigit()
-                    and int(r["step"]) <= state.global_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if not any(k in logs for k in ("loss", "eval_loss")):
-            return  # the end-of-training summary (train_runtime...) is not a log row
-        row = {"step": state.global_step, **logs}
-        new = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=self.COLUMNS, extrasaction="ignore")
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
 
 
 @torch.no_grad()

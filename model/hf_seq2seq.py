@@ -18,7 +18,9 @@ Outputs under `<output_dir>` (the hand-off convention of config.py):
 - `best/`: the model for the next stage (best eval loss when there is an eval set, else
   the last), written atomically through `model.chat_model.save_model`, with the tokenizer.
 - `runs/`: tensorboard logs (`tensorboard --logdir <output_dir>/runs`).
-- `train_summary.json`: steps, non-padding tokens, tokens/s, final losses, timings.
+- `train_loss.csv`, `eval.csv`, `loss_curve.png`: the loss log and its plot (model/run_log.py).
+- `train_summary.json`: steps, non-padding tokens, tokens/s, final losses, timings
+  (model/run_summary.py, the same keys as train.py's and DPO's).
 
 Ctrl+C or SIGTERM stops after the current optimiser step with a checkpoint saved
 (model/harness.py: the same in every stage).
@@ -31,16 +33,21 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from model.common import UserError, atomic_write_text, is_given, require_file
+import torch
 
+from model.common import UserError, is_given, require_file
+
+from .chat_model import (build_model, check_vocab, count_parameters, load_model, load_tokenizer,
+                         save_model)
 from .dataset import encode_batch
 from .pairs import REQUIRED_COLUMNS, BadRows, check_no_nulls, check_parquet, iter_pairs, pair_table, require_rows
+from .run_log import EVAL_CSV, PLOT_FILE, TRAIN_CSV, last_value, plot_losses
+from .run_summary import SUMMARY_FILE, RunSummary
 from .tokenizer import tokenizer_dir_for
 from .trainer import adafactor_kwargs
 
-SUMMARY_FILE = "train_summary.json"
 # what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
-OWN_OUTPUTS = ("best", SUMMARY_FILE, "runs/events.out.tfevents.*")
+OWN_OUTPUTS = ("best", SUMMARY_FILE, TRAIN_CSV, EVAL_CSV, PLOT_FILE, "runs/events.out.tfevents.*")
 
 
 @dataclass
@@ -238,91 +245,6 @@ def _adafactor(job: Seq2SeqJob):
     return Adafactor, {"lr": job.learning_rate, **adafactor_kwargs(job.optimizer)}
 
 
-def _make_callbacks():
-    from transformers import TrainerCallback
-
-    from .harness import StopOnSignal
-
-    class ThroughputCallback(TrainerCallback):
-        """Time spent on training steps only (data, forward, backward, optimiser).
-
-        Evaluation (with generation), checkpoint saves and logging happen between one
-        step's end and the next step's start; they are excluded so that tokens/s measures
-        training and can be compared with train.py's.
-        """
-
-        def __init__(self):
-            self.seconds = 0.0
-            self._mark = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self._mark = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            now = time.perf_counter()
-            self.seconds += now - self._mark
-            self._mark = now
-            # a training loss for the last steps, whatever logging_steps is
-            if state.global_step >= state.max_steps:
-                control.should_log = True
-
-        def _skip(self, *args, **kwargs):
-            self._mark = time.perf_counter()
-
-        on_evaluate = on_save = on_log = _skip
-
-    return ThroughputCallback(), StopOnSignal()
-
-
-def _make_trainer_class():
-    from transformers import Seq2SeqTrainer
-
-    class CountingSeq2SeqTrainer(Seq2SeqTrainer):
-        """Seq2SeqTrainer that counts the non-padding tokens it trains on.
-
-        Encoder tokens (attention mask) plus decoder tokens (labels other than -100): the
-        Trainer's own include_num_input_tokens_seen counts the encoder side only.
-        """
-        trained_tokens = 0
-        per_sample_loss = False
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            # T5's forward takes **kwargs, so the Trainer assumes it normalises its loss by
-            # num_items_in_batch and skips the division by gradient_accumulation_steps; it
-            # does not (it returns the batch mean), which would scale the logged loss and
-            # the gradients by the number of accumulation steps.
-            self.model_accepts_loss_kwargs = False
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # With a token mean, a task whose answers are 2 tokens (a sentiment label) gets a
-            # tiny share of the gradient next to one whose answers are 30 tokens long; the
-            # per-pair mean gives every pair the same weight. Evaluation keeps the token mean.
-            if not (self.per_sample_loss and model.training):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            import torch.nn.functional as F
-
-            labels = inputs["labels"]
-            # the collator already built decoder_input_ids from the labels; without labels the
-            # model skips its own (token-mean) loss instead of computing it for nothing
-            model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            if "decoder_input_ids" not in model_inputs:
-                unwrapped = self.accelerator.unwrap_model(model)
-                model_inputs["decoder_input_ids"] = unwrapped.prepare_decoder_input_ids_from_labels(labels=labels)
-            outputs = model(**model_inputs)
-            token_loss = F.cross_entropy(
-                outputs.logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
-            mask = labels != -100
-            loss = ((token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
-            return (loss, outputs) if return_outputs else loss
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            self.trained_tokens += int(inputs["attention_mask"].sum()) + int((inputs["labels"] != -100).sum())
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    return CountingSeq2SeqTrainer
-
-
 def _bleu_metric(tokenizer):
     import numpy as np
 
@@ -340,31 +262,64 @@ def _bleu_metric(tokenizer):
     return compute_metrics
 
 
-def _last(history: list[dict], key: str):
-    return next((h[key] for h in reversed(history) if key in h), None)
-
-
 # --- the run --------------------------------------------------------------------------------
 
 def run(job: Seq2SeqJob) -> dict:
-    """Train, write `<output_dir>/best` and the summary; returns the summary dict."""
+    """Train, write `<output_dir>/best`, the loss log and the summary; returns the summary as
+    a dict on the main process ({} on the others)."""
     wall_start = time.perf_counter()
     check_job(job)
-    out = Path(job.output_dir)
-    ckpt_dir = Path(job.checkpoints_dir) if job.checkpoints_dir else out / "checkpoints"
-    continue_flag = '--is_keep_training True' if job.stage == 'pretrain' else '--resume_from_checkpoint last'
-    from .checkpoint import begin_run, checkpoint_name
+    resume = _start(job)
+    model, tokenizer, train_ds, eval_ds = _load(job)
+    model_generation = model.generation_config  # the eval settings the Trainer installs are not delivered
+    trainer, throughput, stop_on_signal = _make_trainer(job, model, tokenizer, train_ds, eval_ds)
+    print(f"{job.stage}: {count_parameters(model):,} parameters, {len(train_ds):,} training pairs"
+          f"{f', {len(eval_ds):,} eval pairs' if eval_ds is not None else ''}, device {trainer.args.device}"
+          f"{f', resuming from {resume}' if resume else ''}")
+    start_step = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"] \
+        if resume else 0
+    result = trainer.train(resume_from_checkpoint=resume)
+    tokens = trainer.accelerator.reduce(torch.tensor(trainer.trained_tokens, device=trainer.args.device), "sum")
+    if stop_on_signal.requested:
+        from .checkpoint import checkpoint_name
 
-    resume = begin_run(out, ckpt_dir, job.resume_from_checkpoint, job.overwrite_output_dir, continue_flag, OWN_OUTPUTS)
-    resume = str(resume) if resume else None
+        step = trainer.state.global_step
+        stop_on_signal.stop.exit(step, _checkpoints_dir(job) / checkpoint_name(step), _continue_flag(job),
+                                 trainer.is_world_process_zero())
+    if not trainer.is_world_process_zero():
+        return {}
+    trainer.model.generation_config = model_generation
+    best_dir = save_model(trainer.model, Path(job.output_dir) / "best", tokenizer)
+    summary = _summary(job, trainer, result, int(tokens), throughput.seconds, start_step, resume, best_dir)
+    summary.wall_seconds = round(time.perf_counter() - wall_start, 3)
+    summary.write(job.output_dir)
+    plot_losses(job.output_dir)
+    _print_summary(summary, Path(job.output_dir), _checkpoints_dir(job))
+    return summary.to_dict()
 
-    import torch
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments, set_seed
-    from transformers.integrations import TensorBoardCallback
 
-    from .chat_model import build_model, check_vocab, count_parameters, load_model, load_tokenizer, save_model
+def _checkpoints_dir(job: Seq2SeqJob) -> Path:
+    return Path(job.checkpoints_dir) if job.checkpoints_dir else Path(job.output_dir) / "checkpoints"
 
-    # Everything a user can get wrong is checked before the model is built or loaded.
+
+def _continue_flag(job: Seq2SeqJob) -> str:
+    return "--is_keep_training True" if job.stage == "pretrain" else "--resume_from_checkpoint last"
+
+
+def _start(job: Seq2SeqJob) -> str | None:
+    """The checkpoint to resume, or a fresh start that never mixes with an earlier run's files."""
+    from .checkpoint import begin_run
+
+    resume = begin_run(Path(job.output_dir), _checkpoints_dir(job), job.resume_from_checkpoint,
+                       job.overwrite_output_dir, _continue_flag(job), OWN_OUTPUTS)
+    return str(resume) if resume else None
+
+
+def _load(job: Seq2SeqJob):
+    """(model, tokenizer, tokenised train set, tokenised eval set or None); everything a user
+    can get wrong in the data is checked before the model is built or loaded."""
+    from transformers import set_seed
+
     train_ds = load_pair_dataset(job.train_file, "train")
     eval_ds = load_pair_dataset(job.eval_file, "eval") if job.eval_file else None
     if eval_ds is not None and job.eval_max_samples > 0:
@@ -378,26 +333,27 @@ def run(job: Seq2SeqJob) -> dict:
         model = build_model(job.model_config_file)
         check_vocab(tokenizer, model.config, job.model_config_file)
     model.set_attn_implementation(job.attn_implementation)
-
     train_ds = tokenize_pairs(train_ds, tokenizer, job.max_seq_len, "train")
     if eval_ds is not None:
         eval_ds = tokenize_pairs(eval_ds, tokenizer, job.max_seq_len, "eval")
+    return model, tokenizer, train_ds, eval_ds
+
+
+def _training_args(job: Seq2SeqJob, model, has_eval: bool):
+    from transformers import Seq2SeqTrainingArguments
 
     from .harness import resolve_precision, training_device
 
     precision = resolve_precision(job.mixed_precision, training_device())
     if precision.note:
         print(precision.note)
-    has_eval = eval_ds is not None
     # Eval answers: greedy, as the project's default decoding; max_length rather than
     # max_new_tokens, which the Trainer would combine with the default max_length (20).
     eval_generation = model.generation_config_for("greedy", job.max_seq_len)
     eval_generation.max_new_tokens = None
     eval_generation.max_length = job.max_seq_len + 1  # + the decoder start token
-    # Seq2SeqTrainer installs the eval config on the model; the saved model keeps its own.
-    model_generation = model.generation_config
-    args = Seq2SeqTrainingArguments(
-        output_dir=str(ckpt_dir),
+    return Seq2SeqTrainingArguments(
+        output_dir=str(_checkpoints_dir(job)),
         per_device_train_batch_size=job.batch_size, per_device_eval_batch_size=job.batch_size,
         gradient_accumulation_steps=job.gradient_accumulation_steps,
         learning_rate=job.learning_rate, warmup_steps=job.warmup_steps, optim="adamw_torch",  # unless _adafactor replaces it
@@ -413,80 +369,61 @@ def run(job: Seq2SeqJob) -> dict:
         dataloader_pin_memory=torch.cuda.is_available(), torch_compile=job.torch_compile,
         torch_compile_backend=job.torch_compile_backend if job.torch_compile else None, **precision.trainer_flags())
 
+
+def _make_trainer(job: Seq2SeqJob, model, tokenizer, train_ds, eval_ds):
+    """(the Trainer, its ThroughputCallback, its StopOnSignal callback)."""
+    from transformers import DataCollatorForSeq2Seq
+    from transformers.integrations import TensorBoardCallback
+
+    from .harness import StopOnSignal
+    from .seq2seq_trainer import CountingSeq2SeqTrainer
+    from .trainer_callbacks import RunLogCallback, ThroughputCallback
+
+    has_eval = eval_ds is not None
     tensorboard = TensorBoardCallback()
-    tensorboard.logging_dir = str(out / "runs")
-    throughput, stop_on_signal = _make_callbacks()
-    trainer = _make_trainer_class()(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+    tensorboard.logging_dir = str(Path(job.output_dir) / "runs")
+    throughput, stop_on_signal = ThroughputCallback(), StopOnSignal()
+    trainer = CountingSeq2SeqTrainer(
+        model=model, args=_training_args(job, model, has_eval), train_dataset=train_ds, eval_dataset=eval_ds,
+        processing_class=tokenizer,
         data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
         compute_metrics=_bleu_metric(tokenizer) if has_eval else None,
-        callbacks=[tensorboard, throughput, stop_on_signal])
-    # Trainer's own hook for a custom optimiser; Seq2SeqTrainer.__init__ does not pass it through.
-    trainer.optimizer_cls_and_kwargs = _adafactor(job)
-    trainer.per_sample_loss = job.per_sample_loss
+        callbacks=[tensorboard, throughput, stop_on_signal, RunLogCallback(job.output_dir, eval_extra=("bleu4",))],
+        per_sample_loss=job.per_sample_loss, optimizer_cls_and_kwargs=_adafactor(job))
+    return trainer, throughput, stop_on_signal
 
-    print(f"{job.stage}: {count_parameters(model):,} parameters, {len(train_ds):,} training pairs"
-          f"{f', {len(eval_ds):,} eval pairs' if has_eval else ''}, device {args.device}"
-          f"{f', resuming from {resume}' if resume else ''}")
-    start_step = 0
-    if resume:
-        start_step = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
-    result = trainer.train(resume_from_checkpoint=resume)
-    state = trainer.state
 
-    tokens = torch.tensor(trainer.trained_tokens, device=args.device)
-    tokens = int(trainer.accelerator.reduce(tokens, reduction="sum"))
-    if stop_on_signal.requested:
-        stop_on_signal.stop.exit(state.global_step, ckpt_dir / checkpoint_name(state.global_step), continue_flag,
-                                 trainer.is_world_process_zero())
-    if not trainer.is_world_process_zero():
-        return {}
-
-    trainer.model.generation_config = model_generation
-    best_dir = save_model(trainer.model, out / "best", tokenizer)
-    history = state.log_history
-    best_eval = state.best_metric if has_eval else None
-    best_entry = next((h for h in history if "eval_loss" in h and h.get("step") == state.best_global_step), {})
-    summary = {
-        "stage": job.stage,
-        "steps": state.global_step,
-        "steps_this_run": state.global_step - start_step,
-        "resumed_from": resume,
-        "train_tokens": tokens,
-        "train_seconds": round(throughput.seconds, 3),
-        "tokens_per_sec": round(tokens / throughput.seconds, 1) if throughput.seconds > 0 else None,
-        "final_train_loss": _last(history, "loss"),
-        "mean_train_loss_this_run": result.training_loss,
-        "final_eval_loss": best_eval,
-        "last_eval_loss": _last(history, "eval_loss"),
-        "eval_bleu4": best_entry.get("eval_bleu4"),
-        "best_checkpoint": state.best_model_checkpoint,
-        "device": str(args.device),
-        "precision": precision.label,
-        "parameters": count_parameters(trainer.model),
-        "batch_size": job.batch_size,
-        "gradient_accumulation_steps": job.gradient_accumulation_steps,
-        "model_dir": str(best_dir),
-        "wall_seconds": round(time.perf_counter() - wall_start, 3),
-        "job": asdict(job),
-    }
-    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, ensure_ascii=False, indent=2) + "\n")
-    _print_summary(summary, out)
-    return summary
+def _summary(job: Seq2SeqJob, trainer, result, tokens: int, seconds: float, start_step: int, resume: str | None,
+             best_dir: Path) -> RunSummary:
+    state, args, out = trainer.state, trainer.args, Path(job.output_dir)
+    has_eval = trainer.eval_dataset is not None
+    best_entry = next((h for h in state.log_history if "eval_loss" in h and h.get("step") == state.best_global_step),
+                      {})
+    return RunSummary(
+        stage=job.stage, trainer="Seq2SeqTrainer", steps=state.global_step,
+        steps_this_run=state.global_step - start_step, train_tokens=tokens, train_seconds=round(seconds, 3),
+        tokens_per_s=round(tokens / seconds, 1) if seconds > 0 else None,
+        final_train_loss=last_value(out / TRAIN_CSV, "loss"), eval_loss=state.best_metric if has_eval else None,
+        last_eval_loss=last_value(out / EVAL_CSV, "valid_loss"), eval_bleu4=best_entry.get("eval_bleu4"),
+        model_dir=str(best_dir), resumed_from=resume, world_size=args.world_size, device=str(args.device),
+        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", wall_seconds=None,
+        details={"mean_train_loss_this_run": result.training_loss, "best_checkpoint": state.best_model_checkpoint,
+                 "parameters": count_parameters(trainer.model), "batch_size": job.batch_size,
+                 "gradient_accumulation_steps": job.gradient_accumulation_steps, "job": asdict(job)})
 
 
 def _fmt(x, spec=".4f"):
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def _print_summary(s: dict, out: Path) -> None:
-    which = "best eval loss" if s["final_eval_loss"] is not None else "last step"
-    print(f"\n{s['stage']} done: {s['steps']} steps ({s['steps_this_run']} this run), "
-          f"{s['train_tokens']:,} non-padding tokens in {s['train_seconds']:.1f} s of training "
-          f"= {_fmt(s['tokens_per_sec'], ',.0f')} tokens/s ({s['device']}, {s['precision']})")
-    print(f"  final train loss {_fmt(s['final_train_loss'])}, eval loss {_fmt(s['final_eval_loss'])}"
-          f", BLEU-4 {_fmt(s['eval_bleu4'])}")
-    print(f"  model ({which}) -> {s['model_dir']}")
-    print(f"  checkpoints -> {s['job']['checkpoints_dir'] or out / 'checkpoints'}, tensorboard -> {out / 'runs'}, "
+def _print_summary(s: RunSummary, out: Path, checkpoints: Path) -> None:
+    which = "best eval loss" if s.eval_loss is not None else "last step"
+    print(f"\n{s.stage} done: {s.steps} steps ({s.steps_this_run} this run), "
+          f"{s.train_tokens:,} non-padding tokens in {s.train_seconds:.1f} s of training "
+          f"= {_fmt(s.tokens_per_s, ',.0f')} tokens/s ({s.device}, {s.precision})")
+    print(f"  final train loss {_fmt(s.final_train_loss)}, eval loss {_fmt(s.eval_loss)}"
+          f", BLEU-4 {_fmt(s.eval_bleu4)}")
+    print(f"  model ({which}) -> {s.model_dir}")
+    print(f"  checkpoints -> {checkpoints}, tensorboard -> {out / 'runs'}, loss log -> {out / TRAIN_CSV}, "
           f"summary -> {out / SUMMARY_FILE}")
-    print(f"  total wall time {s['wall_seconds']:.1f} s")
+    print(f"  total wall time {s.wall_seconds:.1f} s")

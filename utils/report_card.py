@@ -1,19 +1,22 @@
 """The quickstart's report card: model_save/report/report.md, from the files each stage wrote.
 
 Read-only over the stages' own outputs (stats.json of the corpus, train_summary.json and
-loss logs of each training stage, the evaluation JSONs: eval/eval_tasks.py's `lm` figures
-and continuations of the pretrained model, its `answers` of the final model to the chat
-probes), so the card always shows what the scripts measured; it computes nothing but
+loss_curve.png of each training stage, written by every trainer in one format:
+model/run_summary.py, model/run_log.py; the evaluation JSONs: eval/eval_tasks.py's `lm`
+figures and continuations of the pretrained model, its `answers` of the final model to the
+chat probes), so the card always shows what the scripts measured; it computes nothing but
 presentation.
 """
 from __future__ import annotations
 
-import csv
 import json
 import os
 import platform
 import shutil
 from pathlib import Path
+
+from model.run_log import PLOT_FILE
+from model.run_summary import SUMMARY_FILE, read_summary
 
 
 def _read_json(path: Path) -> dict:
@@ -21,13 +24,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
-
-
-def _first(d: dict, *keys):
-    for k in keys:
-        if d.get(k) is not None:
-            return d[k]
-    return None
 
 
 def _fmt(x, digits: int = 4) -> str:
@@ -38,69 +34,19 @@ def _fmt(x, digits: int = 4) -> str:
     return f"{x:,}" if isinstance(x, int) else str(x)
 
 
-def _log_history(output_dir: Path) -> list[dict]:
-    """The Trainer's log history from the newest checkpoint under <output_dir>/checkpoints."""
-    states = sorted(output_dir.glob("checkpoints/*/trainer_state.json"), key=lambda p: p.stat().st_mtime)
-    return _read_json(states[-1]).get("log_history", []) if states else []
-
-
-def _plot(png: Path, curves: dict[str, tuple[list, list]], ylabel: str = "loss") -> Path | None:
-    curves = {k: v for k, v in curves.items() if v[0]}
-    if not curves:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, (xs, ys) in curves.items():
-        ax.plot(xs, ys, "o-" if len(xs) < 30 else "-", label=label, linewidth=1, markersize=3)
-    ax.set_xlabel("optimiser step")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return png
-
-
-def _train_py_stage(out: Path, report_dir: Path) -> dict:
-    """train.py: train_summary.json + train_loss.csv + eval.csv + loss_curve.png."""
-    s = _read_json(out / "train_summary.json")
-
-    def rows(name):
-        p = out / name
-        if not p.is_file():
-            return []
-        with open(p, newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
-
-    losses, evals = rows("train_loss.csv"), rows("eval.csv")
+def _stage(name: str, out: Path, report_dir: Path) -> dict:
+    """One training stage's row: its train_summary.json (read strictly: a damaged file is a
+    one-line error, a missing one a row of n/a) and its loss_curve.png (model/run_log.py)."""
+    s = read_summary(out / SUMMARY_FILE) if (out / SUMMARY_FILE).exists() else None
     png = None
-    if (out / "loss_curve.png").is_file():
-        png = report_dir / "pretrain_loss.png"
-        shutil.copyfile(out / "loss_curve.png", png)
-    return {"steps": s.get("global_step"), "tokens": s.get("non_padding_tokens"),
-            "tokens_per_s": s.get("tokens_per_s"),
-            "train_loss": float(losses[-1]["loss"]) if losses else None,
-            "valid_loss": float(evals[-1]["valid_loss"]) if evals else None, "png": png}
-
-
-def _trainer_stage(name: str, out: Path, report_dir: Path, eval_key: str = "eval_loss") -> dict:
-    """sft_train.py / dpo_train.py: train_summary.json + the Trainer's log history."""
-    s = _read_json(out / "train_summary.json")
-    hist = _log_history(out)
-    train = ([h["step"] for h in hist if "loss" in h], [h["loss"] for h in hist if "loss" in h])
-    valid = ([h["step"] for h in hist if eval_key in h], [h[eval_key] for h in hist if eval_key in h])
-    png = _plot(report_dir / f"{name}_loss.png", {"train loss": train, "validation loss": valid})
-    last_log = s.get("last_log") or {}
-    return {"steps": _first(s, "steps", "global_step"), "tokens": _first(s, "train_tokens", "non_padding_tokens"),
-            "tokens_per_s": _first(s, "tokens_per_sec", "tokens_per_s"),
-            "train_loss": _first(s, "final_train_loss") or last_log.get("loss") or (train[1][-1] if train[1] else None),
-            "valid_loss": _first(s, "final_eval_loss", "last_eval_loss") or (valid[1][-1] if valid[1] else None),
-            "png": png}
+    if (out / PLOT_FILE).is_file():
+        png = report_dir / f"{name}_loss.png"
+        shutil.copyfile(out / PLOT_FILE, png)
+    if s is None:
+        return {"steps": None, "tokens": None, "tokens_per_s": None, "train_loss": None, "valid_loss": None,
+                "png": png}
+    return {"steps": s.steps, "tokens": s.train_tokens, "tokens_per_s": s.tokens_per_s,
+            "train_loss": s.final_train_loss, "valid_loss": s.eval_loss, "png": png}
 
 
 def _cell(text) -> str:
@@ -178,9 +124,9 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
     ev = report_dir / "eval"
     report_dir.mkdir(parents=True, exist_ok=True)
     stats = _read_json(data / "stats.json")
-    stages = {"pretrain (train.py)": _train_py_stage(saves / "pretrain", report_dir),
-              "SFT (sft_train.py)": _trainer_stage("sft", saves / "sft", report_dir),
-              "DPO, LoRA (dpo_train.py)": _trainer_stage("dpo", saves / "dpo", report_dir)}
+    stages = {"pretrain (train.py)": _stage("pretrain", saves / "pretrain", report_dir),
+              "SFT (sft_train.py)": _stage("sft", saves / "sft", report_dir),
+              "DPO, LoRA (dpo_train.py)": _stage("dpo", saves / "dpo", report_dir)}
     bleu = _read_json(saves / "pretrain" / "test_results.json")
     ev_json = {name: _read_json(ev / f"{name}.json") for name in
                ("sft_sentiment", "sft_entity", "final_sentiment", "final_entity", "dpo_before", "dpo_after",
@@ -195,7 +141,7 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
         if isinstance(info, dict) and "rows" in info:
             lines.append(f"| {name} | {_fmt(info['rows'])} | {_fmt(info.get('chars'))} |")
     lines += ["", "## Training", "",
-              "| stage | steps | tokens | tokens/s | final train loss | final validation loss | wall time |",
+              "| stage | steps | tokens | tokens/s | final train loss | validation loss of the saved model | wall time |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     walls = {"pretrain (train.py)": "pretrain", "SFT (sft_train.py)": "sft", "DPO, LoRA (dpo_train.py)": "dpo"}
     for name, s in stages.items():
