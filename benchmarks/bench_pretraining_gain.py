@@ -114,7 +114,7 @@ def main() -> None:
             print(_line(row), flush=True)
     report = _table(results)
     print(report)
-    from utils.parquet_io import atomic_write_text
+    from model.common import atomic_write_text
 
     atomic_write_text(out / "bench_pretraining_gain.json", json.dumps(
         {"settings": vars(cfg), "sft_command": sft_argv, "results": results}, ensure_ascii=False, indent=2) + "\n")

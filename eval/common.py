@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import torch
-
 
 def load_model_and_tokenizer(model_dir: str | Path):
     """(model in eval mode on the best device, tokenizer): the model's own tokenizer, else model_save/tokenizer."""

@@ -315,7 +315,7 @@ def run(bench: Benchmark, cfg: MultipleChoiceConfig, scorer=None) -> list[Catego
 
     `scorer` defaults to a ModelScorer over cfg.model_dir.
     """
-    from utils.parquet_io import atomic_write_text
+    from model.common import atomic_write_text
 
     from .common import load_model_and_tokenizer
 

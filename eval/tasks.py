@@ -118,7 +118,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, 
 
 def evaluate_file(cfg: EvalTasksConfig) -> dict:
     from model.pairs import read_rows
-    from utils.parquet_io import atomic_write_text
+    from model.common import atomic_write_text
 
     from .common import load_model_and_tokenizer
 

@@ -219,7 +219,7 @@ def split_pairs(rows: list[dict], eval_ratio: float, eval_rows: int, seed: int) 
 
 
 def write_json_atomic(rows: list[dict], path: Path) -> None:
-    from utils.parquet_io import atomic_write_text
+    from model.common import atomic_write_text
 
     atomic_write_text(path, json.dumps(rows, ensure_ascii=False, indent=1))
 
@@ -229,7 +229,7 @@ def write_parquet_atomic(rows: list[dict], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from utils.parquet_io import temp_path
+    from model.common import temp_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.table({k: pa.array([r[k] for r in rows], type=pa.string()) for k in PAIR_FIELDS})

@@ -35,7 +35,8 @@ from typing import Iterator
 from model.text_files import iter_utf8_lines
 from utils.cli import UserError
 from utils.dedup import Deduplicator
-from utils.parquet_io import AtomicTextWriter, atomic_write_text, write_pairs
+from model.common import AtomicTextWriter, atomic_write_text
+from utils.parquet_io import write_pairs
 from utils.text_cleaning import clean_text
 
 SENTIMENT_PROMPT = "判断下面这条评论的情感倾向，回答积极或消极。评论：{}"

@@ -4,7 +4,7 @@ The format is the original project's: exactly two string columns, `prompt` and
 `response`, no [EOS] marker in the text. Writers fill a temporary file next to the
 target in row groups and rename it into place only when everything was written, so a
 killed or failed run leaves no half-written file that a later stage would accept.
-Atomic text files (and the temporary-name scheme) are model/common.py's, re-exported here.
+Atomic text files and the temporary-name scheme are model/common.py's.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from model.common import AtomicTextWriter, atomic_write_text, temp_path, temp_pattern  # noqa: F401
+from model.common import temp_path
 
 SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string())])
 DEFAULT_ROW_GROUP_SIZE = 50_000

@@ -195,7 +195,7 @@ def _load_state(cfg: QuickstartConfig) -> dict:
 
 
 def _save_state(cfg: QuickstartConfig, state: dict) -> None:
-    from utils.parquet_io import atomic_write_text
+    from model.common import atomic_write_text
 
     atomic_write_text(_state_path(cfg), json.dumps(state, indent=2))
 

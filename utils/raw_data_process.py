@@ -102,7 +102,7 @@ def _num_workers(cfg: DataProcessConfig) -> int:
 def _remove_stale_scratch(out: Path, index_dir: Path | None = None) -> None:
     """Remove what runs killed with kill -9 left beside `out` (and in the dedup index
     directory), if their process is gone; one line says what (utils/scratch.py)."""
-    from utils.parquet_io import temp_pattern
+    from model.common import temp_pattern
     from utils.scratch import remove_stale, report
 
     removed = remove_stale(out.absolute().parent, temp_pattern(out))
@@ -237,7 +237,7 @@ def cmd_split(cfg: DataProcessConfig) -> None:
 
 
 def cmd_to_text(cfg: DataProcessConfig) -> None:
-    from utils.parquet_io import AtomicTextWriter
+    from model.common import AtomicTextWriter
 
     t0 = time.time()
     pairs, bad, path = _inputs(cfg, "to_text")
@@ -260,7 +260,7 @@ def cmd_stats(cfg: DataProcessConfig) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from utils.parquet_io import temp_path
+    from model.common import temp_path
 
     pairs, bad, path = _inputs(cfg, "stats")
     out = _output(cfg, "stats")

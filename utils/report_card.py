@@ -176,6 +176,6 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
         total += info["wall_s"]
     lines += [f"| **total** | **{total:.0f}** |", "", "## Software and machine", "",
               f"- {_versions()}", f"- {_machine()}", ""]
-    from utils.parquet_io import atomic_write_text
+    from model.common import atomic_write_text
 
     return atomic_write_text(report_dir / "report.md", "\n".join(lines))

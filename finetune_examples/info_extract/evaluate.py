@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model.pairs import read_rows  # noqa: E402
 from utils.cli import UserError, parse_config, run_cli  # noqa: E402
 from utils.metrics import tuple_prf  # noqa: E402
-from utils.parquet_io import atomic_write_text  # noqa: E402
+from model.common import atomic_write_text  # noqa: E402
 
 
 @dataclass
