@@ -112,13 +112,19 @@ def main() -> None:
                 row[task] = json.loads(out_json.read_text(encoding="utf-8"))
             results.append(row)
             print(_line(row), flush=True)
-    report = _table(results)
-    print(report)
+    print(_table(results))
+    _write_results(out, cfg, sft_argv, results)
+
+
+def _write_results(out: Path, cfg: BenchConfig, sft_argv: list[str], results: list[dict]) -> None:
+    from dataclasses import asdict
+
     from model.common import atomic_write_text
 
+    # asdict: the settings only (the parsed config also carries which flags were given)
     atomic_write_text(out / "bench_pretraining_gain.json", json.dumps(
-        {"settings": vars(cfg), "sft_command": sft_argv, "results": results}, ensure_ascii=False, indent=2) + "\n")
-    atomic_write_text(out / "bench_pretraining_gain.md", report + "\n")
+        {"settings": asdict(cfg), "sft_command": sft_argv, "results": results}, ensure_ascii=False, indent=2) + "\n")
+    atomic_write_text(out / "bench_pretraining_gain.md", _table(results) + "\n")
     print(f"wrote {out / 'bench_pretraining_gain.json'} and bench_pretraining_gain.md")
 
 
@@ -139,6 +145,8 @@ def _table(results: list[dict]) -> str:
     lines += [_line(r) for r in results]
     for start in ("pretrained", "random"):
         mine = [_figures(r) for r in results if r["start"] == start]
+        if not mine:
+            continue
         mean = [sum(col) / len(mine) for col in zip(*mine)]
         lines.append(f"| **{start}, mean of {len(mine)}** | | **{mean[0]:.4f}** | **{mean[1]:.4f}** | {mean[2]:.4f} "
                      f"| {mean[3]:.4f} | | |")
