@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 
@@ -464,7 +464,7 @@ class ChatTrainer:
                       100 * wait_share)
         progress.update(task, info=f"loss {mean:.4f} lr {lr:.2e} {tps:,.0f} tok/s wait {100 * wait_share:.1f}%")
 
-    def _interrupted(self, signum: int, pending_losses) -> dict:
+    def _interrupted(self, signum: int, pending_losses) -> NoReturn:
         if pending_losses and self.accelerator.is_main_process:  # keep the CSV complete up to the checkpoint
             gs = self.state["global_step"]
             losses = torch.stack(pending_losses).float().cpu().tolist()
