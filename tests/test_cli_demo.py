@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -93,6 +94,10 @@ def chat_in_pty(mode: str, model_dir, max_seq_len: int):
 
     def controlling_terminal():  # a new session whose terminal is the pty
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # Ctrl+C's default action, whatever this process inherited: a shell without job
+        # control starts background commands (`pytest ... &`) with SIGINT ignored, and an
+        # ignored SIGINT stays ignored in every child (all three ^C tests failed so).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     proc = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "tests" / "fixtures" / "cli_demo_held.py"), mode,
                              "--model_dir", str(model_dir), "--max_seq_len", str(max_seq_len)],
