@@ -89,10 +89,11 @@ def train(cfg) -> Path:
     """DPO from the SFT model; returns the written <output_dir>/best."""
     import time
 
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments, set_seed
+
+    from model.pairs import load_preference_pairs
 
     wall_start = time.perf_counter()
-    from model.pairs import load_preference_pairs
 
     out = Path(cfg.output_dir)
     train_rows = load_preference_pairs(cfg.dpo_train_file, what="DPO training file")
@@ -108,6 +109,10 @@ def train(cfg) -> Path:
     resume = begin_run(out, checkpoints, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, CONTINUE_FLAG,
                        OWN_OUTPUTS)
     tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))
+    # Seeded before the model is built, as pre_train/sft do: LoRA's A matrices are drawn here,
+    # and the Trainer seeds only when it is made (after), so they came from whatever state the
+    # generator was left in (the same data and --seed gave a different adapter).
+    set_seed(cfg.seed)
     policy = load_model(cfg.sft_model_file)
     check_vocab(tokenizer, policy.config, cfg.sft_model_file)
     policy.set_attn_implementation(cfg.attn_implementation)

@@ -224,3 +224,21 @@ def test_precomputed_reference_log_probs_give_the_same_training(tiny_model_dir, 
         wa, wb = load_model(best_plain).state_dict(), load_model(best_cached).state_dict()
         for k in wa:
             assert torch.allclose(wa[k], wb[k], atol=1e-5), k
+
+
+def test_lora_dpo_is_the_same_run_for_the_same_seed(tiny_model_dir, pair_file, tmp_path):
+    """--seed decides LoRA's initial A matrices, not whatever state the random generator was
+    left in before dpo.train (before the fix, a draw before the second run changed its adapter)."""
+    from safetensors.torch import load_file
+
+    from model import dpo
+
+    adapters = []
+    for i in range(2):
+        torch.rand(1000 * (i + 1))  # leave the generator in a different state each time
+        cfg = _cfg(tiny_model_dir, pair_file, tmp_path / f"run{i}", max_steps=2, use_lora=True, lora_dropout=0.0,
+                   learning_rate=1e-2)
+        adapters.append(load_file(str(dpo.train(cfg) / "adapter_model.safetensors")))
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for key in adapters[0]:
+        assert torch.equal(adapters[0][key], adapters[1][key]), key
