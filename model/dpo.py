@@ -104,7 +104,7 @@ def train(cfg) -> Path:
         print(f"note: no eval file at {cfg.dpo_eval_file}; training without evaluation")
     _require_sft(cfg)
     checkpoints = out / "checkpoints"
-    from .checkpoint import begin_run, checkpoint_name
+    from .checkpoint import begin_run, checkpoint_name, read_state
 
     resume = begin_run(out, checkpoints, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, CONTINUE_FLAG,
                        OWN_OUTPUTS)
@@ -172,8 +172,7 @@ def train(cfg) -> Path:
         callbacks=[RunLogCallback(out, train_extra=(*METRIC_NAMES, "grad_norm"), eval_extra=METRIC_NAMES),
                    throughput, stop_on_signal],
     )
-    start_step = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"] \
-        if resume else 0
+    start_step = read_state(resume)["global_step"] if resume else 0
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stop_on_signal.requested:
         step = trainer.state.global_step
@@ -194,7 +193,7 @@ def train(cfg) -> Path:
             final_train_loss=last_value(out / TRAIN_CSV, "loss"), eval_loss=state.best_metric if has_eval else None,
             last_eval_loss=last_value(out / EVAL_CSV, "valid_loss"), eval_bleu4=None, model_dir=str(best),
             resumed_from=resume, world_size=args.world_size, device=str(args.device),
-            precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            precision=precision.label,
             wall_seconds=round(time.perf_counter() - wall_start, 3),
             details={"use_lora": cfg.use_lora, "mean_train_loss_this_run": result.training_loss,
                      "best_checkpoint": state.best_model_checkpoint, "trainer_metrics": result.metrics},

@@ -27,7 +27,6 @@ Ctrl+C or SIGTERM stops after the current optimiser step with a checkpoint saved
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +38,9 @@ from model.common import UserError, is_given, require_file
 
 from .chat_model import (build_model, check_vocab, count_parameters, load_model, load_tokenizer,
                          save_model)
+from .checkpoint import begin_run, checkpoint_name, is_checkpoint_dir, read_state
 from .dataset import encode_batch
+from .harness import StopOnSignal, resolve_precision, training_device
 from .pairs import REQUIRED_COLUMNS, BadRows, check_no_nulls, check_parquet, iter_pairs, pair_table, require_rows
 from .run_log import EVAL_CSV, PLOT_FILE, TRAIN_CSV, last_value, plot_losses
 from .run_summary import SUMMARY_FILE, RunSummary
@@ -105,8 +106,6 @@ def job_from_train_config(cfg) -> Seq2SeqJob:
     checkpoints are written and is_keep_training reads them back (a checkpoint dir there:
     resume from it); without it, <output_dir>/checkpoints.
     """
-    from .checkpoint import is_checkpoint_dir
-
     refuse_train_py_only(cfg)
     state_dir = cfg.train_state_dir
     named = bool(state_dir) and is_checkpoint_dir(state_dir)
@@ -276,13 +275,10 @@ def run(job: Seq2SeqJob) -> dict:
     print(f"{job.stage}: {count_parameters(model):,} parameters, {len(train_ds):,} training pairs"
           f"{f', {len(eval_ds):,} eval pairs' if eval_ds is not None else ''}, device {trainer.args.device}"
           f"{f', resuming from {resume}' if resume else ''}")
-    start_step = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"] \
-        if resume else 0
+    start_step = read_state(resume)["global_step"] if resume else 0
     result = trainer.train(resume_from_checkpoint=resume)
     tokens = trainer.accelerator.reduce(torch.tensor(trainer.trained_tokens, device=trainer.args.device), "sum")
     if stop_on_signal.requested:
-        from .checkpoint import checkpoint_name
-
         step = trainer.state.global_step
         stop_on_signal.stop.exit(step, _checkpoints_dir(job) / checkpoint_name(step), _continue_flag(job),
                                  trainer.is_world_process_zero())
@@ -308,8 +304,6 @@ def _continue_flag(job: Seq2SeqJob) -> str:
 
 def _start(job: Seq2SeqJob) -> str | None:
     """The checkpoint to resume, or a fresh start that never mixes with an earlier run's files."""
-    from .checkpoint import begin_run
-
     resume = begin_run(Path(job.output_dir), _checkpoints_dir(job), job.resume_from_checkpoint,
                        job.overwrite_output_dir, _continue_flag(job), OWN_OUTPUTS)
     return str(resume) if resume else None
@@ -342,8 +336,6 @@ def _load(job: Seq2SeqJob):
 def _training_args(job: Seq2SeqJob, model, has_eval: bool):
     from transformers import Seq2SeqTrainingArguments
 
-    from .harness import resolve_precision, training_device
-
     precision = resolve_precision(job.mixed_precision, training_device())
     if precision.note:
         print(precision.note)
@@ -375,7 +367,6 @@ def _make_trainer(job: Seq2SeqJob, model, tokenizer, train_ds, eval_ds):
     from transformers import DataCollatorForSeq2Seq
     from transformers.integrations import TensorBoardCallback
 
-    from .harness import StopOnSignal
     from .seq2seq_trainer import CountingSeq2SeqTrainer
     from .trainer_callbacks import RunLogCallback, ThroughputCallback
 
@@ -406,7 +397,7 @@ def _summary(job: Seq2SeqJob, trainer, result, tokens: int, seconds: float, star
         final_train_loss=last_value(out / TRAIN_CSV, "loss"), eval_loss=state.best_metric if has_eval else None,
         last_eval_loss=last_value(out / EVAL_CSV, "valid_loss"), eval_bleu4=best_entry.get("eval_bleu4"),
         model_dir=str(best_dir), resumed_from=resume, world_size=args.world_size, device=str(args.device),
-        precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32", wall_seconds=None,
+        precision=resolve_precision(job.mixed_precision, args.device).label, wall_seconds=None,
         details={"mean_train_loss_this_run": result.training_loss, "best_checkpoint": state.best_model_checkpoint,
                  "parameters": count_parameters(trainer.model), "batch_size": job.batch_size,
                  "gradient_accumulation_steps": job.gradient_accumulation_steps, "job": asdict(job)})

@@ -171,7 +171,7 @@ class ChatTrainer:
 
         device = training_device()
         gpu = device.type == "cuda"
-        precision = resolve_precision(self.cfg.mixed_precision, device)
+        self.precision = precision = resolve_precision(self.cfg.mixed_precision, device)
         if precision.note and os.environ.get("RANK", "0") == "0":
             print(precision.note, file=sys.stderr)
         if not gpu and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
@@ -501,7 +501,7 @@ class ChatTrainer:
             last_eval_loss=last_value(self.out / EVAL_CSV, "valid_loss"),
             eval_bleu4=st["best_bleu"] if st["best_bleu"] >= 0 else None, model_dir=str(self.out / "best"),
             resumed_from=str(self.resumed_from) if self.resumed_from else None, world_size=acc.num_processes,
-            device=str(acc.device), precision={"no": "fp32"}.get(acc.mixed_precision, acc.mixed_precision),
+            device=str(acc.device), precision=self.precision.label,
             wall_seconds=round(time.perf_counter() - self._wall_start, 3),
             # share of the training time this rank's loop waited for its next batch
             details={"data_wait_share": round(wait_s / max(train_time, 1e-9), 4)})
