@@ -47,6 +47,9 @@ STREAMING = ("auto", "yes", "no")
 SEARCH_TYPES = ("greedy", "beam", "sampling", "contrastive")  # model/modeling_chat_model.py ships its own copy
 INPUT_FORMATS = ("auto", "belle", "wiki", "web_text_zh", "baike_qa", "prompt_response")
 RESPONSE_OVERFLOW = ("cut", "drop")
+# the embedded corpus's pretraining pairs (utils/embedded_corpus.py): the original's opening ->
+# continuation; masked text -> the text (denoising, an option); or both in one training file
+PRETRAIN_OBJECTIVES = ("continuation", "denoise", "mixed")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 T5_LINEAR_LAYERS = ("q", "k", "v", "o", "wi", "wo", "wi_0", "wi_1")  # what LoRA can adapt in T5's blocks
 DEVICE = matches(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
@@ -136,6 +139,7 @@ _DATA_PROCESS_RULES = {
     "train_ratio": fraction(), "valid_ratio": fraction(), "test_ratio": fraction(),
     "shuffle_bucket_mb": positive(), "demo_valid_ratio": fraction(high_open=True),
     "demo_test_ratio": fraction(high_open=True), "row_group_size": _COUNT, "bins": _COUNT,
+    "pretrain_objective": one_of(*PRETRAIN_OBJECTIVES),
 }
 _DATA_PROCESS_CHECKS = (
     _adds_up, _min_max("prompt"), _min_max("response"),
@@ -348,5 +352,9 @@ class DataProcessConfig(Settings, rules=_DATA_PROCESS_RULES, checks=_DATA_PROCES
     shuffle_bucket_mb: float = 256  # split: shuffle in buckets of about this many MB of input
     demo_valid_ratio: float = 0.02  # demo: share of source paragraphs/reviews held out for valid
     demo_test_ratio: float = 0.08  # demo: ... and for test
+    # demo: what pretrain_train.parquet holds: continuation (the original's objective: opening ->
+    # continuation) | denoise (text with 15% of its characters masked -> the text) | mixed (both);
+    # pretrain_valid/test.parquet are continuation pairs whichever is chosen
+    pretrain_objective: str = "continuation"
     row_group_size: int = 50000
     bins: int = 50  # stats: histogram bins

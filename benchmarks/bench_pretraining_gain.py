@@ -77,6 +77,12 @@ def main() -> None:
                        **{f"{k} test set": v for k, v in tests.items()}}.items():
         if not path.is_file():
             raise UserError(f"{what} not found: {path}")
+    try:  # which pretraining pairs the quickstart's corpus holds (older corpora: continuation only)
+        settings = json.loads((data / "stats.json").read_text(encoding="utf-8")).get("settings", {})
+    except (OSError, json.JSONDecodeError):
+        settings = {}
+    objective = settings.get("pretrain_objective", "continuation")
+    print(f"pretrained model: {pretrained} (pretraining pairs: --pretrain_objective {objective})", flush=True)
     try:
         seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]
     except ValueError:
@@ -113,17 +119,18 @@ def main() -> None:
             results.append(row)
             print(_line(row), flush=True)
     print(_table(results))
-    _write_results(out, cfg, sft_argv, results)
+    _write_results(out, cfg, sft_argv, results, objective)
 
 
-def _write_results(out: Path, cfg: BenchConfig, sft_argv: list[str], results: list[dict]) -> None:
+def _write_results(out: Path, cfg: BenchConfig, sft_argv: list[str], results: list[dict], objective: str) -> None:
     from dataclasses import asdict
 
     from model.common import atomic_write_text
 
     # asdict: the settings only (the parsed config also carries which flags were given)
     atomic_write_text(out / "bench_pretraining_gain.json", json.dumps(
-        {"settings": asdict(cfg), "sft_command": sft_argv, "results": results}, ensure_ascii=False, indent=2) + "\n")
+        {"settings": asdict(cfg), "pretrain_objective": objective, "sft_command": sft_argv, "results": results},
+        ensure_ascii=False, indent=2) + "\n")
     atomic_write_text(out / "bench_pretraining_gain.md", _table(results) + "\n")
     print(f"wrote {out / 'bench_pretraining_gain.json'} and bench_pretraining_gain.md")
 

@@ -47,6 +47,10 @@ class EvalTasksConfig:
     output_json: str = ""  # default: model_save/eval/<task>_<test file name>.json
     predictions_file: str = ""  # default: the output_json path with _predictions.jsonl
     show_rows: int = 5  # (prompt, answer, reference) of the first rows kept in the JSON as `samples`
+    # > 1: greedy search with the scores of tokens already generated divided by this (Keskar et
+    # al. 2019); the quickstart's `lm` continuations use 1.3: a 2M-parameter model's plain greedy
+    # continuation loops on one word (the report card says which was used)
+    repetition_penalty: float = 1.0
 
 
 def sentiment_scores(predictions: Sequence[str], references: Sequence[str]) -> dict:
@@ -107,12 +111,12 @@ def lm_figures(model, tokenizer, prompts: Sequence[str], references: Sequence[st
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, max_seq_len: int,
-                     max_new_tokens: int | None = None) -> list[str]:
+                     max_new_tokens: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
     """Greedy answers, batched by similar prompt length (less padding), in input order, stripped."""
     from model.generation import generate_batch
 
     answers = generate_batch(model, tokenizer, prompts, max_new_tokens or max_seq_len, max_prompt_len=max_seq_len,
-                             batch_size=batch_size)
+                             batch_size=batch_size, repetition_penalty=repetition_penalty)
     return [text.strip() for text in answers]
 
 
@@ -128,6 +132,8 @@ def evaluate_file(cfg: EvalTasksConfig) -> dict:
         raise UserError("--test_file is required (parquet with prompt and response columns)")
     if cfg.batch_size < 1 or cfg.max_seq_len < 2 or cfg.max_new_tokens < 1 or cfg.show_rows < 0:
         raise UserError("--batch_size and --max_new_tokens must be >= 1, --max_seq_len >= 2, --show_rows >= 0")
+    if not cfg.repetition_penalty >= 1.0:  # also NaN
+        raise UserError(f"--repetition_penalty must be >= 1 (1 = plain greedy), got {cfg.repetition_penalty}")
     rows = read_rows(cfg.test_file, ("prompt", "response"), "test file")
     if cfg.max_rows > 0:
         rows = rows[:cfg.max_rows]
@@ -137,7 +143,8 @@ def evaluate_file(cfg: EvalTasksConfig) -> dict:
     if cfg.task == "lm":  # figures over every row; continuations of the shown rows only
         figures = lm_figures(model, tokenizer, prompts, references, cfg.batch_size, cfg.max_seq_len)
         prompts, references = prompts[:cfg.show_rows], references[:cfg.show_rows]
-    predictions = generate_answers(model, tokenizer, prompts, cfg.batch_size, cfg.max_seq_len, cfg.max_new_tokens)
+    predictions = generate_answers(model, tokenizer, prompts, cfg.batch_size, cfg.max_seq_len, cfg.max_new_tokens,
+                                   cfg.repetition_penalty)
     if cfg.task == "answers":
         figures = {"rows": len(rows)}
     elif cfg.task != "lm":
@@ -145,7 +152,7 @@ def evaluate_file(cfg: EvalTasksConfig) -> dict:
     samples = [{"prompt": p, "response": g, "reference": r}
                for p, g, r in list(zip(prompts, predictions, references))[:cfg.show_rows]]
     metrics = {"task": cfg.task, "test_file": str(cfg.test_file), "model_dir": str(cfg.model_dir),
-               **figures, "samples": samples}
+               **figures, "repetition_penalty": cfg.repetition_penalty, "samples": samples}
     out_json = Path(cfg.output_json or PROJECT_ROOT / "model_save" / "eval" /
                     f"{cfg.task}_{Path(cfg.test_file).stem}.json")
     pred_file = Path(cfg.predictions_file or out_json.with_name(out_json.stem + "_predictions.jsonl"))

@@ -54,15 +54,16 @@ def _as_ids(tokenizer, prompts: Prompts, max_prompt_len: int | None) -> list[lis
 
 
 def generate_ids(model, tokenizer, prompts: Prompts, max_new_tokens: int, max_prompt_len: int | None = None,
-                 search_type: str = "greedy", streamer=None) -> torch.LongTensor:
+                 search_type: str = "greedy", streamer=None, repetition_penalty: float = 1.0) -> torch.LongTensor:
     """The decoder ids `my_generate` returns for `prompts`, generated as one batch."""
     inputs = pad_prompts(tokenizer, _as_ids(tokenizer, prompts, max_prompt_len), model.device)
     return model.my_generate(inputs["input_ids"], inputs["attention_mask"], max_seq_len=max_new_tokens,
-                             search_type=search_type, streamer=streamer)
+                             search_type=search_type, streamer=streamer, repetition_penalty=repetition_penalty)
 
 
 def generate_batch(model, tokenizer, prompts: Prompts, max_new_tokens: int, max_prompt_len: int | None = None,
-                   search_type: str = "greedy", batch_size: int | None = None) -> list[str]:
+                   search_type: str = "greedy", batch_size: int | None = None,
+                   repetition_penalty: float = 1.0) -> list[str]:
     """The answers to `prompts` (texts, or ids already encoded), in their order.
 
     With `batch_size`, the prompts are generated in batches of that many, grouped by length
@@ -73,12 +74,14 @@ def generate_batch(model, tokenizer, prompts: Prompts, max_new_tokens: int, max_
     if not ids:
         return []
     if not batch_size:
-        return decode_answers(tokenizer, generate_ids(model, tokenizer, ids, max_new_tokens, search_type=search_type))
+        return decode_answers(tokenizer, generate_ids(model, tokenizer, ids, max_new_tokens, search_type=search_type,
+                                                      repetition_penalty=repetition_penalty))
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     answers = [""] * len(ids)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        out = generate_ids(model, tokenizer, [ids[i] for i in chunk], max_new_tokens, search_type=search_type)
+        out = generate_ids(model, tokenizer, [ids[i] for i in chunk], max_new_tokens, search_type=search_type,
+                           repetition_penalty=repetition_penalty)
         for i, text in zip(chunk, decode_answers(tokenizer, out)):
             answers[i] = text
     return answers

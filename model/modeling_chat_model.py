@@ -61,15 +61,19 @@ class TextToTextModel(T5ForConditionalGeneration):
 
     @torch.no_grad()
     def my_generate(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor,
-                    max_seq_len: int = 256, search_type: str = "greedy", streamer=None) -> torch.LongTensor:
+                    max_seq_len: int = 256, search_type: str = "greedy", streamer=None,
+                    repetition_penalty: float = 1.0) -> torch.LongTensor:
         """Generate answers of at most `max_seq_len` new tokens; returns decoder token ids (starting
         with the start token). Greedy unless `search_type` says otherwise (the original defaulted to
-        beam, which no caller used)."""
+        beam, which no caller used). `repetition_penalty` > 1 divides the scores of tokens already
+        generated (Keskar et al. 2019, transformers' RepetitionPenaltyLogitsProcessor); 1 = none."""
         if search_type == "contrastive":
             return contrastive_search(self, input_ids, attention_mask, max_new_tokens=max_seq_len,
                                       penalty_alpha=CONTRASTIVE_PENALTY_ALPHA,
                                       top_k=CONTRASTIVE_TOP_K, streamer=streamer)
         gc = self.generation_config_for(search_type, max_seq_len)
+        if repetition_penalty != 1.0:
+            gc.repetition_penalty = repetition_penalty
         return self.generate(inputs=input_ids, attention_mask=attention_mask,
                              generation_config=gc, streamer=streamer)
 

@@ -170,7 +170,7 @@ def test_every_numeric_or_choice_setting_has_a_rule():
             if f.type in (int, float):
                 assert f.name in cls.rules, f"{cls.__name__}.{f.name} has no valid range in config.py"
     for cls, choices in ((config.TrainConfig, ("mixed_precision", "optimizer", "streaming")),
-                         (config.DataProcessConfig, ("input_format", "response_overflow")),
+                         (config.DataProcessConfig, ("input_format", "response_overflow", "pretrain_objective")),
                          (config.InferConfig, ("device", "search_type", "mixed_precision", "log_level")),
                          (config.DpoDataConfig, ("device", "search_type"))):
         assert set(choices) <= cls.rules.keys()

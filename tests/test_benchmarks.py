@@ -64,7 +64,8 @@ def test_bench_pretraining_gain_writes_its_results_for_a_parsed_config(tmp_path)
     _, cfg = parse_config(bench.BenchConfig, ["--seeds", "1", "--output_dir", str(tmp_path)])
     row = {"seed": 1, "start": "random", "sft_wall_s": 1.0, "sentiment": {"accuracy": 0.5, "rows": 2},
            "entity": {"f1": 0.25, "precision": 0.5, "recall": 0.125, "rows": 2}}
-    bench._write_results(tmp_path, cfg, ["sft_train.py"], [row])
+    bench._write_results(tmp_path, cfg, ["sft_train.py"], [row], "mixed")
     saved = json.loads((tmp_path / "bench_pretraining_gain.json").read_text(encoding="utf-8"))
     assert saved["settings"]["seeds"] == "1" and saved["results"] == [row]
+    assert saved["pretrain_objective"] == "mixed"
     assert "| random | 1 | 0.5000 | 0.2500 |" in (tmp_path / "bench_pretraining_gain.md").read_text(encoding="utf-8")

@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.pairs import check_parquet
-from utils.embedded_corpus import (ENTITY_PROMPT, SENTIMENT_PROMPT, entity_rows, parse_entity_response,
-                                   parse_tagged_line, pretrain_rows)
+from utils.embedded_corpus import (ENTITY_PROMPT, MASK, SENTIMENT_PROMPT, denoise_rows, entity_rows, mask_spans,
+                                   parse_entity_response, parse_tagged_line, pretrain_rows)
 from utils.metrics import parse_tuples
 from utils.raw_data_process import main
 
@@ -122,6 +122,63 @@ def test_demo_held_out_sets_disjoint_from_training(demo_dir):
 def test_demo_is_reproducible(demo_dir, tmp_path):
     main(["demo", "--output_dir", str(tmp_path), "--max_rows", "150", "--seed", "5"])
     assert _rows(tmp_path / "sft_train.parquet") == _rows(demo_dir / "sft_train.parquet")
+
+
+def _unmasked_pieces_in_order(masked: str, original: str) -> bool:
+    pos = 0
+    for piece in masked.split(MASK):
+        found = original.find(piece, pos)
+        if found < 0:
+            return False
+        pos = found + len(piece)
+    return True
+
+
+def test_mask_spans_masks_about_15_percent_in_spans_and_keeps_the_rest_in_order():
+    import random
+
+    rng = random.Random(0)
+    text = "布朗特说，福塞特极有可能无法完成他此次不间断环球飞行使命。他说，4日指挥部与福塞特商谈过着陆事宜。"
+    fractions = []
+    for _ in range(200):
+        masked = mask_spans(text, rng)
+        kept = masked.replace(MASK, "")
+        assert MASK in masked and not masked.startswith(MASK) and MASK + MASK not in masked
+        assert _unmasked_pieces_in_order(masked, text)
+        fractions.append(1 - len(kept) / len(text))
+        assert round(len(text) * 0.15) == len(text) - len(kept)  # exactly the rate, rounded
+    assert sum(masked.count(MASK) for masked in (mask_spans(text, rng) for _ in range(50))) / 50 == 2  # 8 / 3
+    assert mask_spans(text, random.Random(1)) == mask_spans(text, random.Random(1))
+    short = "十六个字的一句话在这里写完了。"
+    assert len(short) - len(mask_spans(short, rng).replace(MASK, "")) == 2  # at least one span, never all
+    rows = list(denoise_rows("。".join(["很长的一段文字内容"] * 60) + "。", rng))
+    assert len(rows) > 1 and all(len(r) <= 120 and MASK in p and MASK not in r for p, r in rows)
+
+
+def test_pretrain_objectives_change_only_the_pretraining_training_file(demo_dir, tmp_path):
+    """--pretrain_objective mixed adds (masked chunk -> chunk) pairs of training units to
+    pretrain_train.parquet; denoise keeps only those; every other file is the default build's."""
+    builds = {}
+    for objective in ("mixed", "denoise"):
+        out = tmp_path / objective
+        main(["demo", "--output_dir", str(out), "--max_rows", "150", "--seed", "5", "--pretrain_objective", objective])
+        builds[objective] = out
+        for name in [n for n in PARQUETS if n != "pretrain_train"] + ["corpus.txt"]:
+            path = f"{name}.parquet" if name in PARQUETS else name
+            assert (out / path).read_bytes() == (demo_dir / path).read_bytes(), (objective, name)
+    continuation = _rows(demo_dir / "pretrain_train.parquet")
+    assert not any(MASK in p for p, _ in continuation)
+    mixed, denoise = (_rows(builds[o] / "pretrain_train.parquet") for o in ("mixed", "denoise"))
+    assert all(MASK in p and _unmasked_pieces_in_order(p, r) for p, r in denoise)
+    assert sorted(mixed) == sorted(continuation + denoise)
+    # the chunks come from training text only: none is held-out text
+    held_out = "".join(p + r for name in ("pretrain_valid", "pretrain_test", "entity_test", "sentiment_test")
+                       for p, r in _rows(demo_dir / f"{name}.parquet"))
+    assert not [r for _, r in denoise if len(r) >= 20 and r in held_out]
+    train_text = "".join(p + r for p, r in continuation)
+    assert sum(r in train_text for _, r in denoise) > 0.9 * len(denoise)
+    stats = json.loads((builds["mixed"] / "stats.json").read_text(encoding="utf-8"))
+    assert stats["settings"]["pretrain_objective"] == "mixed"
 
 
 def test_demo_too_few_rows_is_an_error(tmp_path):

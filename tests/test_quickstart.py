@@ -40,6 +40,8 @@ def test_every_stage_produced_its_outputs(pipeline):
 
 
 def test_report_card_has_every_section(pipeline):
+    from model.pairs import read_rows
+
     workdir, _ = pipeline
     report = (workdir / "model_save" / "report" / "report.md").read_text(encoding="utf-8")
     for needle in ("## Corpus", "sft_train.parquet", "pretrain (train.py)", "SFT (sft_train.py)", "DPO, LoRA",
@@ -52,6 +54,11 @@ def test_report_card_has_every_section(pipeline):
     lm = json.loads((workdir / "model_save" / "report" / "eval" / "pretrain_lm.json").read_text(encoding="utf-8"))
     assert lm["unigram_entropy"] > 0 and lm["valid_loss"] > 0 and len(lm["samples"]) == 5
     assert f"| validation loss (nats/token) | {lm['valid_loss']:.4f} |" in report
+    # the pretraining pairs the card names are the corpus's: continuation and denoising pairs (mixed)
+    assert "Pretraining pairs (`--pretrain_objective mixed`)" in report
+    assert lm["repetition_penalty"] == 1.3 and "repetition penalty 1.3" in report
+    pairs = read_rows(workdir / "data" / "demo" / "pretrain_train.parquet", ("prompt", "response"), "pairs")
+    assert 0 < sum("[MASK]" in r["prompt"] for r in pairs) < len(pairs)
     pretraining = report.split("## What pretraining learnt")[1].split("## Evaluation")[0]
     assert sum(line.startswith("| ") for line in pretraining.splitlines()) == 2 + 6 + 2 + 5
     chat = report.split("## The final model's answers")[1].split("## Stage wall times")[0]

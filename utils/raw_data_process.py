@@ -1,6 +1,7 @@
 """The data pipeline's command line: build, clean, de-duplicate, split and inspect datasets.
 
     python -m utils.raw_data_process demo    [--output_dir data/demo] [--max_rows N] [--seed S]
+                                             [--pretrain_objective continuation|denoise|mixed]
     python -m utils.raw_data_process clean   --input raw.jsonl --output clean.parquet [--input_format belle]
     python -m utils.raw_data_process dedup   --input clean.parquet --output dedup.parquet
     python -m utils.raw_data_process split   --input dedup.parquet [--output_dir data/]
@@ -302,7 +303,7 @@ def cmd_demo(cfg: DataProcessConfig) -> None:
     result = build_demo_corpus(DemoSettings(
         output_dir=out, max_rows=cfg.max_rows, seed=cfg.seed, valid_ratio=cfg.demo_valid_ratio,
         test_ratio=cfg.demo_test_ratio, threshold=cfg.dedup_threshold, num_perm=cfg.num_perm,
-        ngram=cfg.ngram, row_group_size=cfg.row_group_size))
+        ngram=cfg.ngram, row_group_size=cfg.row_group_size, pretrain_objective=cfg.pretrain_objective))
     for name, s in result["files"].items():
         print(f"  {name:24s} {s['rows']:>8,} rows {s['chars']:>12,} characters")
     print(f"wrote the embedded corpus to {out} in {result['seconds']}s (stats.json lists the counts)")

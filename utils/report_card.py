@@ -55,8 +55,17 @@ def _cell(text) -> str:
     return text if len(text) <= 120 else text[:119] + "…"
 
 
-def _pretraining_section(lm: dict, bleu: dict) -> list[str]:
+_OBJECTIVES = {  # config.PRETRAIN_OBJECTIVES, as the card names them
+    "continuation": "opening -> continuation pairs (the original's objective)",
+    "denoise": "denoising pairs only: a chunk with 15% of its characters masked -> the chunk",
+    "mixed": "opening -> continuation pairs (the original's objective) and, in the same file, denoising "
+             "pairs: a chunk with 15% of its characters masked -> the chunk",
+}
+
+
+def _pretraining_section(lm: dict, bleu: dict, objective: str) -> list[str]:
     lines = ["## What pretraining learnt", "",
+             f"Pretraining pairs (`--pretrain_objective {objective}`): {_OBJECTIVES.get(objective, objective)}.", "",
              "Validation split of the pretraining pairs (held out from training), every row: the "
              "pretrained model's per-token loss on the continuations, teacher-forced as in training, "
              "against the unigram entropy of the same tokens (what a model that knows only how often "
@@ -70,7 +79,11 @@ def _pretraining_section(lm: dict, bleu: dict) -> list[str]:
              f"| BLEU-4 of greedy continuations, test split | {_fmt(bleu.get('bleu4'))} "
              f"({_fmt(bleu.get('n_samples'))} rows) |", ""]
     if lm.get("samples"):
-        lines += ["Greedy continuations of the first held-out openings of that split:", "",
+        penalty = lm.get("repetition_penalty", 1.0)
+        how = (f"Greedy continuations (repetition penalty {penalty:g}: the scores of tokens already generated "
+               f"are divided by {penalty:g}; plain greedy search makes a model this small loop on one word)"
+               if penalty != 1.0 else "Greedy continuations")
+        lines += [f"{how} of the first held-out openings of that split:", "",
                   "| opening | pretrained model's continuation | reference |", "| --- | --- | --- |"]
         lines += [f"| {_cell(x['prompt'])} | {_cell(x['response'])} | {_cell(x['reference'])} |"
                   for x in lm["samples"]]
@@ -152,7 +165,8 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
     for name, s in stages.items():
         if s["png"]:
             lines.append(f"![{name} loss]({Path(s['png']).name})")
-    lines += [""] + _pretraining_section(ev_json["pretrain_lm"], bleu)
+    objective = stats.get("settings", {}).get("pretrain_objective", "continuation")  # older corpora: continuation
+    lines += [""] + _pretraining_section(ev_json["pretrain_lm"], bleu, objective)
     lines += ["## Evaluation", "", "| what | model | result |", "| --- | --- | --- |"]
     for tag, label in (("sft", "SFT"), ("final", "DPO (merged)")):
         s = ev_json[f"{tag}_sentiment"]
