@@ -354,7 +354,8 @@ class DataProcessConfig(Settings, rules=_DATA_PROCESS_RULES, checks=_DATA_PROCES
     demo_test_ratio: float = 0.08  # demo: ... and for test
     # demo: what pretrain_train.parquet holds: continuation (the original's objective: opening ->
     # continuation) | denoise (text with 15% of its characters masked -> the text) | mixed (both);
-    # pretrain_valid/test.parquet are continuation pairs whichever is chosen
+    # pretrain_valid/test.parquet are continuation pairs whichever is chosen. denoise command:
+    # mixed keeps each input pair beside its denoising pairs
     pretrain_objective: str = "continuation"
     row_group_size: int = 50000
     bins: int = 50  # stats: histogram bins

@@ -181,6 +181,33 @@ def test_pretrain_objectives_change_only_the_pretraining_training_file(demo_dir,
     assert stats["settings"]["pretrain_objective"] == "mixed"
 
 
+def test_denoise_command_turns_any_pretraining_file_into_denoising_pairs(tmp_path, capsys):
+    from utils.cli import UserError
+    from utils.parquet_io import write_pairs
+
+    text = "这是第一句话，讲的是一件事情。这是第二句话，继续讲这件事情。第三句话把事情讲完了。"
+    rows = [(text[:10], text[10:]), ("太短", "的一行"), ("。".join(["很长的一段文字内容"] * 40), "。")]
+    src = tmp_path / "pretrain.parquet"
+    write_pairs(src, rows)
+    out = tmp_path / "denoise.parquet"
+    main(["denoise", "--input", str(src), "--output", str(out), "--max_response_len", "50"])
+    pairs = _rows(out)
+    assert len(text) <= 50 and pairs[0][1] == text  # prompt + response, one chunk
+    assert all(MASK in p and MASK not in r and len(r) <= 50 and _unmasked_pieces_in_order(p, r) for p, r in pairs)
+    assert len(pairs) > 5 and not [r for _, r in pairs if "太短" in r]  # 5 characters: nothing to mask
+    assert "rows in 3" in capsys.readouterr().out
+    mixed = tmp_path / "mixed.parquet"
+    main(["denoise", "--input", str(src), "--output", str(mixed), "--max_response_len", "50",
+          "--pretrain_objective", "mixed"])
+    got = _rows(mixed)
+    assert [r for r in got if MASK not in r[0]] == rows and [r for r in got if MASK in r[0]] == pairs
+    assert got[0] == rows[0] and got[1] == pairs[0]  # each input pair just before its own denoising pairs
+    write_pairs(tmp_path / "short.parquet", [("太短", "的一行")])
+    with pytest.raises(UserError, match="no row of .* has a text of 16 characters or more to mask"):
+        main(["denoise", "--input", str(tmp_path / "short.parquet"), "--output", str(tmp_path / "none.parquet")])
+    assert not (tmp_path / "none.parquet").exists()
+
+
 def test_demo_too_few_rows_is_an_error(tmp_path):
     from utils.cli import UserError
 

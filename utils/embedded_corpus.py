@@ -245,9 +245,9 @@ def mask_spans(text: str, rng: random.Random, rate: float = MASK_RATE, mean_span
     return "".join(out)
 
 
-def denoise_rows(text: str, rng: random.Random) -> Iterator[tuple[str, str]]:
-    """(masked chunk, chunk) for each chunk of at most MAX_DENOISE characters of a cleaned text."""
-    for chunk in _chunks(text, MAX_DENOISE):
+def denoise_rows(text: str, rng: random.Random, max_chars: int = MAX_DENOISE) -> Iterator[tuple[str, str]]:
+    """(masked chunk, chunk) for each chunk of at most `max_chars` characters of a cleaned text."""
+    for chunk in _chunks(text, max_chars):
         yield mask_spans(chunk, rng), chunk
 
 

