@@ -122,3 +122,31 @@ def test_answers_task_keeps_every_answer_unscored(chatty_model_dir, tmp_path):
                                       max_seq_len=16, max_new_tokens=4, output_json=str(tmp_path / "a.json")))
     assert m["rows"] == 2 and "accuracy" not in m
     assert [s["reference"] for s in m["samples"]] == ["积极", "(not taught)"] and all(s["response"] for s in m["samples"])
+
+
+def test_repetition_penalty_breaks_the_loops_of_greedy_search(chatty_model_dir, tmp_path):
+    """--repetition_penalty divides the scores of tokens already generated: the chatty model's
+    greedy answers repeat their tokens (its previous token always scores high); with the penalty
+    they repeat far less; 1 is plain greedy; the value is recorded in the JSON; < 1 is refused."""
+    from eval.common import load_model_and_tokenizer
+    from model.generation import generate_ids
+    from utils.cli import UserError
+
+    model, tokenizer = load_model_and_tokenizer(chatty_model_dir)
+    prompts = ["今天天气很好，", "人民日报记者报道，", "这本书写得", "北京", SENT + "好", ENT + "江泽民在北京"]
+
+    def repeated(penalty):
+        rows = generate_ids(model, tokenizer, prompts, 24, 16, repetition_penalty=penalty).tolist()
+        return rows, sum(len(ids) - len(set(ids)) for ids in rows)
+
+    plain, plain_repeats = repeated(1.0)
+    assert plain == generate_ids(model, tokenizer, prompts, 24, 16).tolist()
+    penalised, penalised_repeats = repeated(5.0)
+    assert plain_repeats > 0 and penalised_repeats < plain_repeats / 2, (plain_repeats, penalised_repeats)
+    f = tmp_path / "lm.parquet"
+    pd.DataFrame({"prompt": prompts[:2], "response": ["我们去公园散步吧。", "新年前夕各地举行活动。"]}).to_parquet(f)
+    cfg = EvalTasksConfig(model_dir=str(chatty_model_dir), test_file=str(f), task="lm", max_seq_len=16,
+                          max_new_tokens=8, repetition_penalty=1.3, output_json=str(tmp_path / "lm.json"))
+    assert evaluate_file(cfg)["repetition_penalty"] == 1.3
+    with pytest.raises(UserError, match=r"--repetition_penalty must be >= 1 \(1 = plain greedy\), got 0.5"):
+        evaluate_file(EvalTasksConfig(**{**cfg.__dict__, "repetition_penalty": 0.5}))
