@@ -13,7 +13,8 @@ and the output directory changed; the random start is built by sft_train.py from
 pretrained model's config.json (`--finetune_from_ckp_file ""`), so both starts have the same
 architecture and vocabulary. Each SFT model is then scored with eval/eval_tasks.py on all of
 sentiment_test.parquet and entity_test.parquet. Prints a table (per seed and the mean) and
-writes <output_dir>/bench_pretraining_gain.json; every command's output goes to
+writes <output_dir>/bench_pretraining_gain.json, which also records the pretraining pairs the
+quickstart's corpus holds (`pretrain_objective` of data/demo/stats.json); every command's output goes to
 <output_dir>/bench.log. --short runs a few SFT steps on a few rows (not a measurement).
 """
 from __future__ import annotations
