@@ -66,6 +66,7 @@ def _run(argv: list[str], log: Path) -> float:
 def main() -> None:
     import shutil
 
+    from utils.embedded_corpus import pretrain_objective_of
     from utils.pipeline import QuickstartConfig, build_stages
 
     _, cfg = parse_config(BenchConfig, description=__doc__)
@@ -78,11 +79,7 @@ def main() -> None:
                        **{f"{k} test set": v for k, v in tests.items()}}.items():
         if not path.is_file():
             raise UserError(f"{what} not found: {path}")
-    try:  # which pretraining pairs the quickstart's corpus holds (older corpora: continuation only)
-        settings = json.loads((data / "stats.json").read_text(encoding="utf-8")).get("settings", {})
-    except (OSError, json.JSONDecodeError):
-        settings = {}
-    objective = settings.get("pretrain_objective", "continuation")
+    objective = pretrain_objective_of(data)
     print(f"pretrained model: {pretrained} (pretraining pairs: --pretrain_objective {objective})", flush=True)
     try:
         seeds = [int(s) for s in cfg.seeds.split(",") if s.strip()]

@@ -179,6 +179,14 @@ def test_pretrain_objectives_change_only_the_pretraining_training_file(demo_dir,
     assert sum(r in train_text for _, r in denoise) > 0.9 * len(denoise)
     stats = json.loads((builds["mixed"] / "stats.json").read_text(encoding="utf-8"))
     assert stats["settings"]["pretrain_objective"] == "mixed"
+    from utils.embedded_corpus import pretrain_objective_of
+
+    assert [pretrain_objective_of(d) for d in (demo_dir, builds["mixed"], builds["denoise"])] == \
+        ["continuation", "mixed", "denoise"]
+    del stats["settings"]["pretrain_objective"]  # a corpus built before the option
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "stats.json").write_text(json.dumps(stats), encoding="utf-8")
+    assert pretrain_objective_of(tmp_path / "old") == "continuation"
 
 
 def test_denoise_command_turns_any_pretraining_file_into_denoising_pairs(tmp_path, capsys):

@@ -254,6 +254,16 @@ def denoise_rows(text: str, rng: random.Random, max_chars: int = MAX_DENOISE) ->
 
 # ---------------------------------------------------------------- the build
 
+def pretrain_objective_of(data_dir: str | Path) -> str:
+    """The --pretrain_objective recorded in a built corpus's stats.json (the report card and the
+    pretraining-gain benchmark name it); a corpus built before the option holds continuation pairs."""
+    try:
+        stats = json.loads((Path(data_dir) / "stats.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return "continuation"
+    return stats.get("settings", {}).get("pretrain_objective", "continuation")
+
+
 @dataclass
 class DemoSettings:
     output_dir: Path

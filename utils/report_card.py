@@ -165,8 +165,9 @@ def write_report(workdir: Path, state: dict, small: bool) -> Path:
     for name, s in stages.items():
         if s["png"]:
             lines.append(f"![{name} loss]({Path(s['png']).name})")
-    objective = stats.get("settings", {}).get("pretrain_objective", "continuation")  # older corpora: continuation
-    lines += [""] + _pretraining_section(ev_json["pretrain_lm"], bleu, objective)
+    from utils.embedded_corpus import pretrain_objective_of
+
+    lines += [""] + _pretraining_section(ev_json["pretrain_lm"], bleu, pretrain_objective_of(data))
     lines += ["## Evaluation", "", "| what | model | result |", "| --- | --- | --- |"]
     for tag, label in (("sft", "SFT"), ("final", "DPO (merged)")):
         s = ev_json[f"{tag}_sentiment"]
