@@ -98,7 +98,6 @@ def test_json_array_not_utf8_is_one_line_error(tmp_path, capsys):
 def test_dpo_and_eval_readers_reject_invalid_utf8(tmp_path):
     from model.pairs import read_rows
     from utils.dpo_data_process import Report, read_preference_file
-    from utils.parquet_io import iter_json_lines
 
     pref = {"prompt": "你好", "chosen": "你好，有什么可以帮你？", "rejected": "不知道"}
     src = _bytes_file(tmp_path / "pref.jsonl", _line(pref), GBK_ROW.replace(b'"response"', b'"chosen": "x", "rejected"'))
@@ -106,8 +105,6 @@ def test_dpo_and_eval_readers_reject_invalid_utf8(tmp_path):
     assert read_preference_file(src, report) == [pref]
     assert [(m.position, m.reason.split(":")[0]) for m in report.malformed.examples] == [("line 2", "not UTF-8")]
     pred = _bytes_file(tmp_path / "pred.jsonl", _line(GOOD), GBK_ROW)
-    with pytest.raises(UserError, match=r"pred\.jsonl line 2: not UTF-8: byte 0xc4 at byte offset"):
-        list(iter_json_lines(pred, "predictions"))
     with pytest.raises(UserError, match=r"^predictions .*pred\.jsonl line 2: not UTF-8: byte 0xc4 at byte offset .*; "
                                         r"save it as UTF-8"):
         read_rows(pred, ("response",), "predictions")

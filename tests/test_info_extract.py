@@ -81,10 +81,13 @@ def test_data_process_reads_both_duie_versions(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('{"text": "a", "spo_list": []}\n{"text": "b", "spo_list": [{"subject": "x"}]}\n',
                    encoding="utf-8")
-    with pytest.raises(UserError, match="line 2"):
+    with pytest.raises(UserError, match=r"bad\.json line 2: spo_list\[0\]: expected subject, predicate and object$"):
         dp.convert_file(bad)
     bad.write_text('{"text": "a"\n', encoding="utf-8")
-    with pytest.raises(UserError, match="line 1: not valid JSON"):
+    with pytest.raises(UserError, match=r"^DuIE input file .*bad\.json line 1: bad JSON"):
+        dp.convert_file(bad)
+    bad.write_bytes('{"text": "a", "spo_list": []}\n'.encode() + '{"text": "中文"}\n'.encode("gbk"))
+    with pytest.raises(UserError, match=r"bad\.json line 2: not UTF-8: .*; save it as UTF-8"):
         dp.convert_file(bad)
 
 

@@ -113,23 +113,3 @@ def iter_parquet_rows(path: str | Path, columns=("prompt", "response"),
 
 def parquet_columns(path: str | Path) -> list[str]:
     return list(pq.ParquetFile(path).schema_arrow.names)
-
-
-def iter_json_lines(path: str | Path, what: str = ""):
-    """(line number, object) for each non-blank line of a JSON-lines file; a line that is
-    not UTF-8 or not JSON is a UserError naming the file and line (for inputs that must be clean)."""
-    import json
-
-    from utils.cli import UserError
-    from model.text_files import HINT, iter_utf8_lines
-
-    prefix = f"{what} " if what else ""
-    for line_no, line, problem in iter_utf8_lines(path):
-        if problem:
-            raise UserError(f"{prefix}{path} line {line_no}: {problem}; {HINT}")
-        if not line.strip():
-            continue
-        try:
-            yield line_no, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{prefix}{path} line {line_no}: not valid JSON ({exc.msg})") from None

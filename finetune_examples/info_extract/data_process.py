@@ -13,7 +13,8 @@ Each line becomes one row in the original project's form:
 
 Triples repeated within a sentence are written once. Lines without `spo_list` (the DuIE
 test set) get an empty response `[]`. A malformed line stops the conversion with its line
-number; nothing is written then. The output is written atomically.
+number; nothing is written then. The output is written atomically. (A JSON array of the same
+objects, or a parquet file with `text` and `spo_list` columns, is read too.)
 """
 import sys
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 # Run as a file from any directory: make the project's packages (config, model, utils) importable.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from model.pairs import BadRow, BadRows, read_records  # noqa: E402
 from utils.cli import UserError, parse_config, require_file, run_cli  # noqa: E402
 from utils.metrics import format_tuples, parse_tuples  # noqa: E402
 from utils.parquet_io import write_pairs  # noqa: E402
@@ -40,36 +42,31 @@ def _text(value, where: str) -> str:
     if isinstance(value, dict):  # DuIE 2.0: {"@value": main value, other slots...}
         value = value.get("@value")
     if not isinstance(value, str) or not value.strip():
-        raise UserError(f"{where}: expected non-empty text, got {value!r}")
+        raise BadRow(f"{where}: expected non-empty text, got {value!r}")
     return value.strip()
 
 
-def convert_record(record, where: str) -> dict:
-    """One DuIE object -> {"prompt", "response"}."""
+def convert_record(record) -> dict:
+    """One DuIE object -> {"prompt", "response"}; a malformed one raises BadRow saying why."""
     if not isinstance(record, dict) or "text" not in record:
-        raise UserError(f"{where}: expected an object with a 'text' field")
-    text = _text(record["text"], f"{where} text")
+        raise BadRow("expected an object with a 'text' field")
+    text = _text(record["text"], "text")
     spo_list = record.get("spo_list") or []
     if not isinstance(spo_list, list):
-        raise UserError(f"{where}: spo_list must be a list")
+        raise BadRow("spo_list must be a list")
     triples = []
     for i, spo in enumerate(spo_list):
         if not isinstance(spo, dict) or any(k not in spo for k in ("subject", "predicate", "object")):
-            raise UserError(f"{where} spo_list[{i}]: expected subject, predicate and object")
-        triples.append(tuple(_text(spo[k], f"{where} spo_list[{i}].{k}")
-                             for k in ("subject", "predicate", "object")))
+            raise BadRow(f"spo_list[{i}]: expected subject, predicate and object")
+        triples.append(tuple(_text(spo[k], f"spo_list[{i}].{k}") for k in ("subject", "predicate", "object")))
     return {"prompt": PROMPT + text, "response": format_tuples(list(dict.fromkeys(triples)))}
 
 
 def convert_file(input_file, max_rows: int = -1) -> list[dict]:
     path = require_file(input_file, "DuIE input file")
-    from utils.parquet_io import iter_json_lines
-
-    rows = []
-    for line_no, record in iter_json_lines(path):
-        rows.append(convert_record(record, f"{path} line {line_no}"))
-        if 0 < max_rows <= len(rows):
-            break
+    # strict: the first malformed line is a one-line error naming it (nothing is written)
+    rows = list(read_records(path, convert_record, BadRows(strict="DuIE input file"), max_rows,
+                             columns=("text", "spo_list")))
     if not rows:
         raise UserError(f"no sentences in {path}")
     return rows
