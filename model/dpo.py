@@ -85,30 +85,24 @@ def load_adapter_model(adapter_dir: str | Path, base_model_dir: str | Path, trai
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 
-def train(cfg) -> Path:
-    """DPO from the SFT model; returns the written <output_dir>/best."""
-    import time
-
-    from transformers import TrainingArguments, set_seed
-
+def _read_pairs(cfg) -> tuple[list[dict], list[dict] | None]:
+    """(training pairs, evaluation pairs or None when there is no eval file)."""
     from model.pairs import load_preference_pairs
 
-    wall_start = time.perf_counter()
-
-    out = Path(cfg.output_dir)
     train_rows = load_preference_pairs(cfg.dpo_train_file, what="DPO training file")
-    eval_rows = None
     if cfg.dpo_eval_file and Path(cfg.dpo_eval_file).is_file():
-        eval_rows = load_preference_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
-    elif cfg.dpo_eval_file:
+        return train_rows, load_preference_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
+    if cfg.dpo_eval_file:
         print(f"note: no eval file at {cfg.dpo_eval_file}; training without evaluation")
-    _require_sft(cfg)
-    checkpoints = out / "checkpoints"
-    from .checkpoint import begin_run, checkpoint_name, read_state
+    return train_rows, None
 
-    resume = begin_run(out, checkpoints, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, CONTINUE_FLAG,
-                       OWN_OUTPUTS)
-    tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))
+
+def _policy_and_reference(cfg, tokenizer):
+    """(the policy: the SFT model, with a fresh LoRA adapter under --use_lora; the frozen
+    reference: a second copy of the SFT model, or None under LoRA, where the Trainer takes the
+    policy with its adapter disabled as the reference)."""
+    from transformers import set_seed
+
     # Seeded before the model is built, as pre_train/sft do: LoRA's A matrices are drawn here,
     # and the Trainer seeds only when it is made (after), so they came from whatever state the
     # generator was left in (the same data and --seed gave a different adapter).
@@ -118,21 +112,21 @@ def train(cfg) -> Path:
     policy.set_attn_implementation(cfg.attn_implementation)
     if cfg.disable_dropout:
         disable_dropout(policy)
-    ref_model = None
     if cfg.use_lora:
         from peft import get_peft_model
 
         policy = get_peft_model(policy, lora_config(cfg))
         policy.print_trainable_parameters()
-    else:
-        ref_model = load_model(cfg.sft_model_file)
-        ref_model.set_attn_implementation(cfg.attn_implementation)
+        return policy, None
+    ref_model = load_model(cfg.sft_model_file)
+    ref_model.set_attn_implementation(cfg.attn_implementation)
+    return policy, ref_model
 
-    has_eval = bool(eval_rows)
-    precision = resolve_precision(cfg.mixed_precision, training_device())
-    if precision.note:
-        print(precision.note)
-    args = TrainingArguments(
+
+def _training_args(cfg, checkpoints: Path, has_eval: bool, precision):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(checkpoints),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
@@ -161,6 +155,28 @@ def train(cfg) -> Path:
         torch_compile_backend=cfg.torch_compile_backend if cfg.torch_compile else None,
         **precision.trainer_flags(),
     )
+
+
+def train(cfg) -> Path:
+    """DPO from the SFT model; returns the written <output_dir>/best."""
+    import time
+
+    from .checkpoint import begin_run, checkpoint_name, read_state
+
+    wall_start = time.perf_counter()
+    out = Path(cfg.output_dir)
+    train_rows, eval_rows = _read_pairs(cfg)
+    _require_sft(cfg)
+    checkpoints = out / "checkpoints"
+    resume = begin_run(out, checkpoints, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, CONTINUE_FLAG,
+                       OWN_OUTPUTS)
+    tokenizer = load_tokenizer(tokenizer_dir_for(cfg.sft_model_file, cfg))
+    policy, ref_model = _policy_and_reference(cfg, tokenizer)
+    has_eval = bool(eval_rows)
+    precision = resolve_precision(cfg.mixed_precision, training_device())
+    if precision.note:
+        print(precision.note)
+    args = _training_args(cfg, checkpoints, has_eval, precision)
     stop_on_signal = StopOnSignal()
     throughput = ThroughputCallback()
     trainer = Seq2SeqDPOTrainer(
