@@ -73,6 +73,10 @@ def test_data_process_reads_both_duie_versions(tmp_path):
         "[]",  # no spo_list (test set)
     ]
     assert rows[0]["prompt"] == "请抽取出给定句子中的所有三元组。给定句子：《邪少兵王》是冰火未央写的网络小说连载于旗峰天下"
+    as_array = tmp_path / "duie_array.json"  # the same objects as one JSON array
+    as_array.write_text(json.dumps([json.loads(line) for line in (EXAMPLE / "sample_duie.json").read_text(
+        encoding="utf-8").splitlines() if line.strip()], ensure_ascii=False), encoding="utf-8")
+    assert dp.convert_file(as_array) == rows
     out = tmp_path / "out" / "duie.parquet"
     dp.write_pairs(out, ((r["prompt"], r["response"]) for r in rows))
     table = pq.read_table(out)

@@ -14,7 +14,7 @@ Each line becomes one row in the original project's form:
 Triples repeated within a sentence are written once. Lines without `spo_list` (the DuIE
 test set) get an empty response `[]`. A malformed line stops the conversion with its line
 number; nothing is written then. The output is written atomically. (A JSON array of the same
-objects, or a parquet file with `text` and `spo_list` columns, is read too.)
+objects is read too.)
 """
 import sys
 from dataclasses import dataclass
