@@ -269,6 +269,90 @@ async def _answer_while_connected(request: Request, bot, *args):
             control.stop()
 
 
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's answer to a body its JSON parser gave up on (e.g. nested too deeply):
+        # still a malformed body, so the same 422 as any other.
+        return error_response(request.url.path, 422, "invalid request body: it could not be parsed as JSON")
+    return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    # OpenAI answers a bad body with 400 invalid_request_error; /api/chat keeps FastAPI's 422.
+    status = 400 if request.url.path.startswith("/v1/") else 422
+    return error_response(request.url.path, status, _validation_message(exc))
+
+
+async def _internal_error(request: Request, exc: Exception):
+    log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
+    return error_response(request.url.path, 500, INTERNAL_ERROR)
+
+
+def _completion_settings(req: ChatCompletionRequest, config: InferConfig) -> tuple[str, int, float, float]:
+    """(question, max_new_tokens, temperature, top_p) of an OpenAI request, or a 400 naming what is wrong."""
+    if req.n != 1:
+        raise HTTPException(400, "only n=1 is supported")
+    users = [m for m in req.messages if m.role == "user"]
+    if not users:
+        raise HTTPException(400, "messages must contain a user message")
+    question = users[-1].text()  # the model answers single questions, not conversations
+    if not question.strip():
+        raise HTTPException(400, "the last user message is empty")
+    _check_input(question, "the last user message", config)
+    max_new = req.max_completion_tokens or req.max_tokens or config.max_seq_len
+    if max_new > config.max_new_tokens_cap:
+        raise HTTPException(400, f"max_tokens is {max_new}; the limit is {config.max_new_tokens_cap} "
+                                 "(max_new_tokens_cap)")
+    return question, max_new, req.temperature or 0.0, req.top_p if req.top_p is not None else 1.0
+
+
+def _check_input(text: str, field: str, config: InferConfig) -> None:
+    if len(text) > config.max_input_chars:
+        raise HTTPException(400, f"{field} is {len(text)} characters; the limit is {config.max_input_chars} "
+                                 "(max_input_chars)")
+
+
+def _usage(ans) -> dict:
+    return {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
+            "total_tokens": ans.prompt_tokens + ans.completion_tokens}
+
+
+class _Reply:
+    """One OpenAI answer's bodies: a chat.completion, or the chat.completion.chunk events of a stream."""
+
+    def __init__(self, cid: str, created: int, model: str) -> None:
+        self.cid, self.created, self.model = cid, created, model
+
+    def head(self, obj: str) -> dict:
+        return {"id": self.cid, "object": obj, "created": self.created, "model": self.model}
+
+    def completion(self, ans) -> dict:
+        return {**self.head("chat.completion"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
+                             "logprobs": None, "finish_reason": ans.finish_reason}],
+                "usage": _usage(ans)}
+
+    def chunk(self, delta: dict, finish_reason=None) -> str:
+        return _sse({**self.head("chat.completion.chunk"),
+                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
+
+    async def events(self, stream, include_usage: bool):
+        yield self.chunk({"role": "assistant", "content": ""})
+        try:
+            async for piece in stream:
+                yield self.chunk({"content": piece})
+        except Exception:  # reported in-band (the 200 status line is already sent), details only in the log
+            log.exception("generation failed")
+            yield _sse({"error": {"message": INTERNAL_ERROR, "type": "server_error", "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
+            return
+        ans = stream.answer
+        yield self.chunk({}, ans.finish_reason)
+        if include_usage:
+            yield _sse({**self.head("chat.completion.chunk"), "choices": [], "usage": _usage(ans)})
+        yield "data: [DONE]\n\n"
+
+
 def create_app(config: InferConfig, bot=None) -> FastAPI:
     """The FastAPI app around `bot` (a model.infer.ChatBot; loaded from `config` when None)."""
     if bot is None:
@@ -286,29 +370,9 @@ def create_app(config: InferConfig, bot=None) -> FastAPI:
     def end() -> None:
         app.state.active -= 1
 
-    @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException and routing's 404/405
-    async def http_error(request: Request, exc: StarletteHTTPException):
-        if exc.status_code == 400 and exc.__cause__ is not None:
-            # FastAPI's answer to a body its JSON parser gave up on (e.g. nested too deeply):
-            # still a malformed body, so the same 422 as any other.
-            return error_response(request.url.path, 422, "invalid request body: it could not be parsed as JSON")
-        return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError):
-        # OpenAI answers a bad body with 400 invalid_request_error; /api/chat keeps FastAPI's 422.
-        status = 400 if request.url.path.startswith("/v1/") else 422
-        return error_response(request.url.path, status, _validation_message(exc))
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, exc: Exception):
-        log.error("request %s %s failed", request.method, request.url.path, exc_info=exc)
-        return error_response(request.url.path, 500, INTERNAL_ERROR)
-
-    def check_input(text: str, field: str) -> None:
-        if len(text) > config.max_input_chars:
-            raise HTTPException(400, f"{field} is {len(text)} characters; the limit is {config.max_input_chars} "
-                                     "(max_input_chars)")
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # FastAPI's HTTPException, routing's 404/405
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def page():
@@ -332,7 +396,7 @@ def create_app(config: InferConfig, bot=None) -> FastAPI:
         """The original endpoint: {"input_txt": "..."} -> {"response": "..."}."""
         if not body.input_txt.strip():
             raise HTTPException(406, "input_txt must not be empty")
-        check_input(body.input_txt, "input_txt")
+        _check_input(body.input_txt, "input_txt", config)
         begin()
         try:
             ans = await _answer_while_connected(request, bot, body.input_txt, None, 0.0, 1.0, config.search_type)
@@ -347,65 +411,20 @@ def create_app(config: InferConfig, bot=None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, request: Request):
-        if req.n != 1:
-            raise HTTPException(400, "only n=1 is supported")
-        users = [m for m in req.messages if m.role == "user"]
-        if not users:
-            raise HTTPException(400, "messages must contain a user message")
-        question = users[-1].text()  # the model answers single questions, not conversations
-        if not question.strip():
-            raise HTTPException(400, "the last user message is empty")
-        check_input(question, "the last user message")
-        max_new = req.max_completion_tokens or req.max_tokens or config.max_seq_len
-        if max_new > config.max_new_tokens_cap:
-            raise HTTPException(400, f"max_tokens is {max_new}; the limit is {config.max_new_tokens_cap} "
-                                     "(max_new_tokens_cap)")
-        temperature = req.temperature or 0.0
-        top_p = req.top_p if req.top_p is not None else 1.0
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
-        now = int(time.time())
-
+        question, max_new, temperature, top_p = _completion_settings(req, config)
+        reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), config.model_name)
         if not req.stream:
             begin()
             try:
                 ans = await _answer_while_connected(request, bot, question, max_new, temperature, top_p)
             finally:
                 end()
-            return {"id": cid, "object": "chat.completion", "created": now, "model": config.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
-                                 "logprobs": None, "finish_reason": ans.finish_reason}],
-                    "usage": {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
-                              "total_tokens": ans.prompt_tokens + ans.completion_tokens}}
-
+            return reply.completion(ans)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         begin()
         stream = bot.stream_chat(question, max_new, temperature, top_p, asynchronous=True)
-
-        def chunk(delta: dict, finish_reason=None) -> str:
-            return _sse({"id": cid, "object": "chat.completion.chunk", "created": now, "model": config.model_name,
-                         "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                      "finish_reason": finish_reason}]})
-
-        async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            try:
-                async for piece in stream:
-                    yield chunk({"content": piece})
-            except Exception:  # reported in-band (the 200 status line is already sent), details only in the log
-                log.exception("generation failed")
-                yield _sse({"error": {"message": INTERNAL_ERROR, "type": "server_error", "param": None, "code": None}})
-                yield "data: [DONE]\n\n"
-                return
-            ans = stream.answer
-            yield chunk({}, ans.finish_reason)
-            if include_usage:
-                yield _sse({"id": cid, "object": "chat.completion.chunk", "created": now,
-                            "model": config.model_name, "choices": [],
-                            "usage": {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
-                                      "total_tokens": ans.prompt_tokens + ans.completion_tokens}})
-            yield "data: [DONE]\n\n"
-
-        return _GenerationResponse(stream, events(), on_close=end, media_type="text/event-stream",
+        return _GenerationResponse(stream, reply.events(stream, include_usage), on_close=end,
+                                   media_type="text/event-stream",
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     app.add_middleware(Guard, api_key=config.api_key, max_body_bytes=config.max_body_bytes,
