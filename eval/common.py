@@ -9,13 +9,11 @@ from typing import Iterator, Sequence
 
 def load_model_and_tokenizer(model_dir: str | Path):
     """(model in eval mode on the best device, tokenizer): the model's own tokenizer, else model_save/tokenizer."""
-    from model.chat_model import check_vocab, load_model, load_tokenizer
+    from model.chat_model import load_model_and_tokenizer
     from model.harness import training_device
     from model.tokenizer import tokenizer_dir_for
 
-    tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
-    model = load_model(model_dir)
-    check_vocab(tokenizer, model.config, str(model_dir))
+    model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir_for(model_dir))
     # fp32 everywhere: bf16 on CPU is hundreds of times slower, and the scores compared
     # here (A/B/C/D logits) are close enough that half precision could flip ties.
     return model.to(training_device()).eval(), tokenizer

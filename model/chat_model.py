@@ -326,6 +326,16 @@ def load_tokenizer(tokenizer_dir: str | Path):
     return tokenizer
 
 
+def load_model_and_tokenizer(model_path: str | Path, tokenizer_dir: str | Path, dtype: torch.dtype | None = None):
+    """(model, tokenizer) checked against each other. The model loads first: when both are
+    missing, the model path the user gave is the mistake to name, not a tokenizer looked for
+    beside it or in model_save/tokenizer."""
+    model = load_model(model_path, dtype=dtype)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_vocab(tokenizer, model.config, str(model_path))
+    return model, tokenizer
+
+
 def check_vocab(tokenizer, model_config, where: str = "") -> None:
     if len(tokenizer) > model_config.vocab_size:
         raise UserError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "

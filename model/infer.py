@@ -37,7 +37,7 @@ from transformers import (AsyncTextIteratorStreamer, LogitsProcessor, LogitsProc
                           StoppingCriteriaList, TextIteratorStreamer, TopPLogitsWarper)
 
 from config import MODEL_SAVE_DIR, InferConfig
-from model.chat_model import SEARCH_TYPES, check_vocab, is_model_dir, load_model, load_tokenizer
+from model.chat_model import SEARCH_TYPES, is_model_dir, load_model_and_tokenizer
 from model.generation import decode_answers, encode_prompts, generate_ids, pad_prompts
 from model.tokenizer import tokenizer_dir_for
 from model.common import UserError, is_given
@@ -331,9 +331,7 @@ class ChatBot:
         self.device = resolve_device(self.config.device)
         # half precision on a GPU, fp32 on the CPU (where bf16 is hundreds of times slower)
         self.dtype = resolve_precision(self.config.mixed_precision, self.device).dtype
-        self.tokenizer = load_tokenizer(tok_dir)
-        model = load_model(model_path, dtype=self.dtype)
-        check_vocab(self.tokenizer, model.config, where=str(model_path))
+        model, self.tokenizer = load_model_and_tokenizer(model_path, tok_dir, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         self.lock = threading.Lock()  # one generation at a time on the model: the batcher's, or chat()'s
         self.batcher = Batcher(self, self.config.max_batch_size, self.config.batch_wait_ms)

@@ -38,8 +38,8 @@ from config import OPTIMIZERS  # noqa: F401 (the one list is in config.py)
 from model.common import UserError, atomic_write_text, is_given, require_file
 
 from . import checkpoint as ckpt_io
-from .chat_model import (build_model, check_vocab, load_model, load_model_config, load_tokenizer, save_model,
-                         weights_config_file)
+from .chat_model import (build_model, check_vocab, load_model, load_model_and_tokenizer, load_model_config,
+                         load_tokenizer, save_model, weights_config_file)
 from .dataset import Collator, Prefetcher, TokenizedPairs, open_training_data
 from .harness import StopRequest, exit_after_stop, resolve_precision, training_device
 from .pairs import check_parquet
@@ -536,9 +536,7 @@ class ChatTrainer:
         if not model_dir.exists():
             raise UserError(f"model to test not found: {model_dir} (set --test_model_dir)")
         check_parquet(cfg.test_file, "test data (--test_file)")
-        tokenizer = load_tokenizer(tokenizer_dir_for(model_dir, cfg))
-        model = load_model(model_dir)
-        check_vocab(tokenizer, model.config, str(model_dir))
+        model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir_for(model_dir, cfg))
         self.accelerator = acc = self._accelerator()
         data = TokenizedPairs(cfg.test_file, tokenizer, cfg.max_seq_len, keep_texts=True,
                               max_rows=cfg.eval_max_samples if cfg.eval_max_samples > 0 else None)

@@ -133,6 +133,18 @@ def test_separate_tokenizer_dir(chatty_model_dir, tokenizer_dir, tmp_path):
     assert len(ok.tokenizer) == len(load_tokenizer(tokenizer_dir))
 
 
+def test_a_directory_that_is_no_model_is_named_before_the_tokenizer(tmp_path):
+    """--model_dir pointing at a folder without config.json is the mistake to report, not the
+    tokenizer that would be looked for next to it or in model_save/tokenizer."""
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(UserError, match="not a model directory \\(no config.json\\): .*notes"):
+        ChatBot(InferConfig(model_dir=str(tmp_path / "notes"), tokenizer_dir=str(tmp_path / "no_tokenizer")))
+    from eval.common import load_model_and_tokenizer  # the evaluation scripts' and DPO data's loader
+
+    with pytest.raises(UserError, match="not a model directory \\(no config.json\\): .*notes"):
+        load_model_and_tokenizer(tmp_path / "notes")
+
+
 def test_bad_settings_are_one_line_errors(chatty_model_dir, tmp_path):
     with pytest.raises(UserError, match="model not found"):
         ChatBot(InferConfig(model_dir=str(tmp_path / "nope")))

@@ -154,7 +154,7 @@ def generate_rejected(rows: list[dict], cfg, report: Report,
     """Attach the SFT model's answer as `rejected` to each {'prompt', 'chosen'} row."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-    from model.chat_model import check_vocab, load_model, load_tokenizer
+    from model.chat_model import load_model_and_tokenizer
     from model.tokenizer import tokenizer_dir_for
 
     model_dir = Path(cfg.sft_model_dir)
@@ -178,9 +178,8 @@ def generate_rejected(rows: list[dict], cfg, report: Report,
         from model.harness import resolve_device
 
         device = resolve_device(cfg.device)
-        tokenizer = load_tokenizer(tokenizer_dir_for(model_dir))
-        model = load_model(model_dir).to(device).eval()
-        check_vocab(tokenizer, model.config, str(model_dir))
+        model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir_for(model_dir))
+        model = model.to(device).eval()
         columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn())
         with Progress(*columns) as bar, torch.inference_mode():
