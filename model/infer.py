@@ -25,7 +25,9 @@ or `chat`'s for the CLI and evaluation).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
+import weakref
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -197,9 +199,26 @@ class Batcher:
         self.queue: deque[_Job] = deque()
         self.cond = threading.Condition()
         self.thread: threading.Thread | None = None
+        self.running: list[_Job] = []  # the batch being generated
+        self.closed = False
+        _BATCHERS.add(self)
+
+    def close(self, stop_jobs: bool = False) -> None:
+        """End the thread once it has finished its jobs (stop_jobs: stopped within a decoding
+        step); later submits raise. Called for every batcher at interpreter exit."""
+        with self.cond:
+            self.closed = True
+            if stop_jobs:
+                for job in [*self.queue, *self.running]:
+                    job.control.stop()
+            self.cond.notify_all()
+        if self.thread is not None and self.thread is not threading.current_thread():
+            self.thread.join()
 
     def submit(self, job: _Job) -> _Job:
         with self.cond:
+            if self.closed:
+                raise RuntimeError("this chat bot's batcher is closed")
             self.queue.append(job)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._loop, name="chatbot-batcher", daemon=True)
@@ -223,12 +242,14 @@ class Batcher:
                 # trip), and without the wait the first one would start a batch of its own.
                 while True:
                     while not self.queue:
+                        if self.closed:
+                            return
                         self.cond.wait()
                     left = self.queue[0].submitted + self.batch_wait - time.monotonic()
                     if len(self.queue) >= self.max_batch_size or left <= 0:
                         break
                     self.cond.wait(left)
-                batch = self._take()
+                batch = self.running = self._take()
             try:
                 self.bot._generate_batch(batch)
             except BaseException as exc:  # handed to each waiting reader; the thread carries on
@@ -236,6 +257,22 @@ class Batcher:
                     if not job.done.is_set():
                         job.error = exc
                         self.bot._finish(job, "error")
+            with self.cond:
+                self.running = []
+
+
+_BATCHERS: "weakref.WeakSet[Batcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_batchers() -> None:
+    """A job is answered as soon as its row ends, while `generate` may still be running. A daemon
+    thread still in torch code when the interpreter finalizes is ended by pthread_exit, which
+    unwinds through C++ and aborts the process ("terminate called without an active exception",
+    exit status 134: about 1 in 20 piped `cli_demo.py` runs). atexit runs before that: wait here,
+    stopping what is left (nobody is waiting for those answers any more)."""
+    for batcher in list(_BATCHERS):
+        batcher.close(stop_jobs=True)
 
 
 class AnswerStream:

@@ -241,3 +241,73 @@ def test_each_row_stops_at_its_own_eos(tiny_model_dir, tmp_path):
     assert results == [[FALLBACK_ANSWER]] * 3
     assert all(s.answer.finish_reason == "stop" and s.answer.completion_tokens == 1 for s in streams)
     assert eos_bot.tokens_generated == 3
+
+
+# ---- the batcher's thread at exit (model/infer.py Batcher.close, _close_batchers) -------------
+EXIT_RACE = '''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+from model.infer import Batcher, GenerationControl, _Job
+
+class Bot:
+    def _generate_batch(self, jobs):
+        for job in jobs:
+            job.done.set()  # answered as soon as its row ends, as _BatchRows does
+        a = torch.ones(1500, 1500)
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:  # generate's remaining steps: the thread is in torch code
+            a = (a @ a).clamp_(max=1.0)
+
+torch.set_num_threads(1)
+batcher = Batcher(Bot(), max_batch_size=1, batch_wait_ms=0)
+batcher.submit(_Job([1], 1, 0.0, 1.0, "greedy", GenerationControl(), None)).done.wait()
+print("answered")
+'''
+
+
+def test_the_process_exits_cleanly_while_the_batcher_is_still_in_torch(tmp_path):
+    """A daemon thread still inside torch when Python finalizes is ended by pthread_exit, which
+    aborts the process (status 134, "terminate called without an active exception"): cli_demo.py
+    ended that way about once in 20 piped runs. The batchers are closed at exit first."""
+    import subprocess
+    import sys
+
+    from config import PROJECT_ROOT
+
+    script = tmp_path / "exit_race.py"
+    script.write_text(EXIT_RACE, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), str(PROJECT_ROOT)], capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stdout.strip()) == (0, "answered"), done.stderr[-2000:]
+    assert "terminate called" not in done.stderr
+
+
+def test_close_stops_the_running_job_and_refuses_new_ones():
+    import threading
+    import time
+
+    from model.infer import Batcher, GenerationControl, _Job
+
+    started = threading.Event()
+
+    class Bot:
+        def _generate_batch(self, jobs):
+            started.set()
+            deadline = time.monotonic() + 30
+            while not jobs[0].control.stopped and time.monotonic() < deadline:  # a long answer
+                time.sleep(0.01)
+            jobs[0].done.set()
+
+    def job():
+        return _Job([1], 1, 0.0, 1.0, "greedy", GenerationControl(), None)
+
+    batcher = Batcher(Bot(), max_batch_size=1, batch_wait_ms=0)
+    running = batcher.submit(job())
+    assert started.wait(10)
+    t0 = time.monotonic()
+    batcher.close(stop_jobs=True)
+    assert time.monotonic() - t0 < 5 and running.control.stopped and running.done.is_set()
+    assert not batcher.thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        batcher.submit(job())
