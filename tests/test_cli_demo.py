@@ -61,6 +61,20 @@ def test_commands_and_non_streaming_answers(bot, monkeypatch):
     assert text.rstrip().endswith("再见！")
 
 
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])  # a UTF-8 locale's stdin, and C/POSIX's
+def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(bot, monkeypatch, errors):
+    """Bytes that are not UTF-8 got a traceback (the tokenizer takes no surrogates; strict
+    decoding raised); now that line is refused in one line and the next one is answered."""
+    piped = io.TextIOWrapper(io.BytesIO(b"\xff\xfe ok\n" + "你好\n".encode()), encoding="utf-8", errors=errors)
+    monkeypatch.setattr(sys, "stdin", piped)
+    out = io.StringIO()
+    history = run_chat(bot, stream=True, console=Console(file=out, width=200, force_terminal=False))
+    assert history == [("你好", bot.chat("你好"))]
+    text = out.getvalue()
+    assert "输入不是有效的 UTF-8 文本（contains an unpaired surrogate (U+DCFF) at character 0" in text
+    assert text.rstrip().endswith("再见！")
+
+
 def _read_until(fd: int, buf: list, done, timeout: float) -> str:
     """Read the terminal into `buf` until done(text) holds (text: the output without ANSI codes)."""
     if isinstance(done, str):

@@ -61,6 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import InferConfig
 from utils.cli import UserError, parse_config
+from utils.text_cleaning import unpaired_surrogate
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 PROTECTED_PREFIXES = ("/api/", "/v1/")
@@ -72,12 +73,9 @@ log = logging.getLogger("chatlm.api")
 
 # ---- request bodies --------------------------------------------------------------------------
 def _valid_unicode(text: str) -> str:
-    """JSON may carry lone surrogates ("\\ud800") that no tokenizer or UTF-8 encoder accepts."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"contains an unpaired surrogate (U+{ord(text[exc.start]):04X}) at character "
-                         f"{exc.start}: send valid Unicode text") from None
+    problem = unpaired_surrogate(text)  # JSON may carry "\\ud800"
+    if problem:
+        raise ValueError(f"{problem}: send valid Unicode text")
     return text
 
 

@@ -20,6 +20,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from utils.text_cleaning import unpaired_surrogate
+
 WELCOME = "欢迎使用ChatBot，输入`exit`退出，输入`cls`清屏。"
 USER_LABEL = "[bold yellow]用户：[/]"
 BOT_LABEL = "[bold green]ChatBot：[/]"
@@ -92,7 +94,7 @@ class TerminalReader:
             return None
         if not os.isatty(fd):
             return None  # a pipe or file: TextIOWrapper's read-ahead would hide lines from select()
-        return cls(fd, sys.stdin.encoding or "utf-8", sys.stdin.errors or "strict")
+        return cls(fd, sys.stdin.encoding or "utf-8", "surrogateescape")  # see read_question
 
     def readline(self) -> str:
         """The next line without its newline; EOFError at end of input (Ctrl+D)."""
@@ -123,10 +125,17 @@ class TerminalReader:
 
 
 def read_question(console: Console, reader: TerminalReader | None) -> str:
+    """The next line; ValueError saying why when it is not text the tokenizer can take: bytes
+    that are not UTF-8 arrive as surrogates (both readers decode with surrogateescape)."""
     if reader is None:
-        return console.input(USER_LABEL)
-    console.print(USER_LABEL, end="")  # what console.input prints before calling input()
-    return reader.readline()
+        text = console.input(USER_LABEL)
+    else:
+        console.print(USER_LABEL, end="")  # what console.input prints before calling input()
+        text = reader.readline()
+    problem = unpaired_surrogate(text)
+    if problem:
+        raise ValueError(f"{problem}, from bytes that are not UTF-8")
+    return text
 
 
 def stream_answer(bot, question: str, console: Console) -> str:
@@ -165,6 +174,10 @@ def run_chat(bot, stream: bool = True, console: Console | None = None) -> list[t
     console = console or Console(highlight=False)
     history: list[tuple[str, str]] = []
     reader = TerminalReader.for_stdin()
+    if reader is None and hasattr(sys.stdin, "reconfigure"):
+        # strict decoding would drop the whole buffered chunk with a bad byte, later lines too;
+        # this way only the line holding it is refused (read_question)
+        sys.stdin.reconfigure(errors="surrogateescape")
     answering = False
     try:
         console.print(WELCOME, markup=False)
@@ -174,6 +187,9 @@ def run_chat(bot, stream: bool = True, console: Console | None = None) -> list[t
             except EOFError:
                 console.print()
                 break
+            except ValueError as exc:
+                console.print(f"输入不是有效的 UTF-8 文本（{exc}），请重新输入", markup=False)
+                continue
             if not question:
                 console.print("请输入问题")
                 continue

@@ -21,6 +21,17 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
+def unpaired_surrogate(text: str) -> str | None:
+    """What makes `text` impossible to encode as UTF-8, or None. A lone surrogate is what JSON's
+    "\\ud800" escapes and, read with Python's surrogateescape, bytes that are not UTF-8 become;
+    no tokenizer and no UTF-8 encoder takes it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains an unpaired surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}"
+    return None
+
+
 # CJK ideographs (basic + extension A + compatibility) and Chinese punctuation.
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _CJK_RE = re.compile(f"[{_CJK}]")
