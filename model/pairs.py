@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,6 +306,31 @@ def preference_record(rec: object) -> dict:
     return {k: text_field(rec, k) for k in PAIR_FIELDS}
 
 
+def same_text(a: str, b: str) -> bool:
+    """Equal up to surrounding space and NFKC, the tokenizer's normalisation (the model
+    cannot write a full-width comma that its tokenizer turned into ',')."""
+    return unicodedata.normalize("NFKC", a).strip() == unicodedata.normalize("NFKC", b).strip()
+
+
+def preference_problem(row: dict) -> str | None:
+    """Why a prompt/chosen/rejected pair teaches no preference, or None. An empty rejected
+    answer is a real one (a model that says nothing); an empty chosen one or a rejected one
+    equal to it is not."""
+    if not (row["prompt"].strip() and row["chosen"].strip()):
+        return "empty prompt or chosen answer"
+    if same_text(row["rejected"], row["chosen"]):
+        return "rejected equals chosen"
+    return None
+
+
+def _usable_preference(rec: object) -> dict:
+    row = preference_record(rec)
+    problem = preference_problem(row)
+    if problem:
+        raise BadRow(problem)
+    return row
+
+
 def read_preference_file(path: str | Path, report: Report, max_rows: int = -1,
                          unescape: bool = False) -> list[dict]:
     """prompt/chosen/rejected rows of a preference file, malformed ones counted in `report`."""
@@ -316,12 +342,13 @@ def read_preference_file(path: str | Path, report: Report, max_rows: int = -1,
 
 
 def load_preference_pairs(path: str | Path, max_rows: int = -1, what: str = "preference file") -> list[dict]:
-    """The pairs of a preference file for DPO training or evaluation; malformed rows are reported."""
+    """The pairs of a preference file for DPO training or evaluation; malformed rows and pairs
+    that teach no preference (preference_problem) are reported and skipped."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{what} not found: {p}")
     bad = BadRows()
-    rows = list(read_records(require_pair_file(p, what), preference_record, bad, max_rows, PAIR_FIELDS))
+    rows = list(read_records(require_pair_file(p, what), _usable_preference, bad, max_rows, PAIR_FIELDS))
     require_rows(len(rows), bad, p, what, "prompt/chosen/rejected")
     return rows
 

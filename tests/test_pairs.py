@@ -47,6 +47,22 @@ def test_preference_parquet_reads_its_columns_and_the_reject_alias(tmp_path):
         load_preference_pairs(tmp_path / "b.parquet")
 
 
+def test_preference_pairs_that_teach_no_preference_are_skipped_and_reported(tmp_path, capsys):
+    """dpo_train.py trained on pairs whose rejected answer is the chosen one (zero gradient, and
+    a tie in preference accuracy) and on empty chosen answers; they are skipped as the DPO data
+    builder drops them (model.pairs.preference_problem), an empty rejected answer is kept."""
+    src = _jsonl(tmp_path / "dpo.jsonl", [{"prompt": "问", "chosen": "答，好", "rejected": "不知道"},
+                                          {"prompt": "问", "chosen": "答，好", "rejected": " 答,好"},  # NFKC-equal
+                                          {"prompt": "问", "chosen": "  ", "rejected": "x"},
+                                          {"prompt": "", "chosen": "答", "rejected": "x"},
+                                          {"prompt": "问", "chosen": "答", "rejected": ""}])
+    assert load_preference_pairs(src) == [{"prompt": "问", "chosen": "答，好", "rejected": "不知道"},
+                                          {"prompt": "问", "chosen": "答", "rejected": ""}]
+    err = capsys.readouterr().err
+    assert "rejected equals chosen 1" in err and "empty prompt or chosen answer 2" in err, err
+    assert f"{src}:line 2: rejected equals chosen" in err
+
+
 def test_evaluation_rows_are_whole_or_one_line_error(tmp_path):
     """The references and predictions of an evaluation pair up row by row: nothing is skipped."""
     good = _jsonl(tmp_path / "pred.jsonl", [{"response": "a", "id": 1}, {"response": None}])

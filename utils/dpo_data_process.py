@@ -36,32 +36,24 @@ import hashlib
 import json
 import os
 import random
-import unicodedata
 from pathlib import Path
 from typing import Callable, Iterable
 
-from model.pairs import PAIR_FIELDS, Report, read_instruction_file, read_preference_file
+from model.pairs import PAIR_FIELDS, Report, preference_problem, read_instruction_file, read_preference_file
 from utils.cli import UserError, parse_config, require_writable, run_cli
 
 
 # --------------------------------------------------------------------------- filtering
 
-def same_text(a: str, b: str) -> bool:
-    """Equal up to surrounding space and NFKC, the tokenizer's normalisation (the model
-    cannot write a full-width comma that its tokenizer turned into ',')."""
-    return unicodedata.normalize("NFKC", a).strip() == unicodedata.normalize("NFKC", b).strip()
-
-
 def filter_pairs(rows: Iterable[dict], max_len: int, report: Report) -> list[dict]:
     """Drop empty, over-long, rejected == chosen and exactly repeated pairs (counted by reason)."""
     out, seen = [], set()
     for row in rows:
-        if not (row["prompt"].strip() and row["chosen"].strip()):
-            report.drop("empty prompt or chosen answer")
+        problem = preference_problem(row)
+        if problem:
+            report.drop(problem)
         elif max(len(row[k]) for k in PAIR_FIELDS) > max_len:
             report.drop(f"longer than {max_len} characters")
-        elif same_text(row["rejected"], row["chosen"]):
-            report.drop("rejected equals chosen")
         else:
             key = (row["prompt"], row["chosen"], row["rejected"])
             if key in seen:
