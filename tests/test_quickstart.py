@@ -100,3 +100,12 @@ def test_unknown_stage_is_rejected(tmp_path):
     res = run_quickstart(tmp_path, "--from", "pretraining", timeout=120)
     assert res.returncode == 2
     assert "--from 'pretraining' is not a stage" in res.stderr
+
+
+def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
+    """--workdir under a file (or /proc, or no permission) was a traceback of nested mkdir errors."""
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    res = run_quickstart(tmp_path / "afile" / "qs", timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"error: --workdir {tmp_path / 'afile' / 'qs'} cannot be written: " \
+                                 f"{tmp_path / 'afile'} is a file, not a directory"

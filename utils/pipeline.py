@@ -219,6 +219,9 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
 
     from utils.report_card import write_report
 
+    from model.common import require_writable
+
+    require_writable(cfg.workdir, "--workdir", is_dir=True)  # before any stage: one line, not a traceback
     console = Console()
     stages = build_stages(cfg)
     names = [st.name for st in stages]
