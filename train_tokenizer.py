@@ -31,10 +31,12 @@ def main() -> None:
     # quickstart pipeline sets "false" for all stages, meant for the training stages' forks).
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     from model.chat_model import check_replaceable
+    from model.common import require_writable
     from model.tokenizer import save_tokenizer, train_tokenizer
 
     _, cfg = parse_config(TokenizerTrainConfig, description=__doc__)
     check_replaceable(cfg.output_dir)  # before training: a user's directory is never replaced
+    require_writable(cfg.output_dir, "--output_dir", is_dir=True)
     tokenizer = train_tokenizer(cfg.corpus_file, cfg.vocab_size, cfg.token_type, cfg.library,
                                 max_memory_mb=cfg.max_memory_mb)
     out = save_tokenizer(tokenizer, cfg.output_dir)

@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     _, cfg = parse_config(BaselineConfig, argv, description=__doc__)
     if importlib.util.find_spec("sklearn") is None:
         raise UserError("this benchmark needs scikit-learn: .venv/bin/pip install -r requirements.txt")
-    from model.common import atomic_write_text
+    from model.common import atomic_write_text, require_writable
 
+    require_writable(cfg.output_dir, "--output_dir", is_dir=True)
     data = Path(cfg.workdir).resolve() / "data" / "demo"
     start = time.time()
     train_x, train_y = sentiment_rows(data / "sft_train.parquet", "SFT training set")

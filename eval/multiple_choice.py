@@ -315,7 +315,7 @@ def run(bench: Benchmark, cfg: MultipleChoiceConfig, scorer=None) -> list[Catego
 
     `scorer` defaults to a ModelScorer over cfg.model_dir.
     """
-    from model.common import atomic_write_text
+    from model.common import atomic_write_text, require_writable
 
     from .common import load_model_and_tokenizer
 
@@ -324,6 +324,7 @@ def run(bench: Benchmark, cfg: MultipleChoiceConfig, scorer=None) -> list[Catego
         raise UserError(f"--n_shot must be >= 0, got {cfg.n_shot}")
     if cfg.batch_size < 1 or cfg.max_seq_len < 2:
         raise UserError("--batch_size must be >= 1 and --max_seq_len >= 2")
+    require_writable(cfg.output_dir, "--output_dir", is_dir=True)
     data_dir = resolve_data_dir(bench, cfg.data_dir)
     subjects = [s.strip() for s in cfg.subjects.split(",") if s.strip()]
     by_subject = load_questions(bench, data_dir, split, subjects)

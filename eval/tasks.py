@@ -122,7 +122,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, 
 
 def evaluate_file(cfg: EvalTasksConfig) -> dict:
     from model.pairs import read_rows
-    from model.common import atomic_write_text
+    from model.common import atomic_write_text, require_writable
 
     from .common import load_model_and_tokenizer
 
@@ -134,6 +134,11 @@ def evaluate_file(cfg: EvalTasksConfig) -> dict:
         raise UserError("--batch_size and --max_new_tokens must be >= 1, --max_seq_len >= 2, --show_rows >= 0")
     if not cfg.repetition_penalty >= 1.0:  # also NaN
         raise UserError(f"--repetition_penalty must be >= 1 (1 = plain greedy), got {cfg.repetition_penalty}")
+    out_json = Path(cfg.output_json or PROJECT_ROOT / "model_save" / "eval" /
+                    f"{cfg.task}_{Path(cfg.test_file).stem}.json")
+    pred_file = Path(cfg.predictions_file or out_json.with_name(out_json.stem + "_predictions.jsonl"))
+    require_writable(out_json, "--output_json")  # before the generation, not after it
+    require_writable(pred_file, "--predictions_file")
     rows = read_rows(cfg.test_file, ("prompt", "response"), "test file")
     if cfg.max_rows > 0:
         rows = rows[:cfg.max_rows]
@@ -153,9 +158,6 @@ def evaluate_file(cfg: EvalTasksConfig) -> dict:
                for p, g, r in list(zip(prompts, predictions, references))[:cfg.show_rows]]
     metrics = {"task": cfg.task, "test_file": str(cfg.test_file), "model_dir": str(cfg.model_dir),
                **figures, "repetition_penalty": cfg.repetition_penalty, "samples": samples}
-    out_json = Path(cfg.output_json or PROJECT_ROOT / "model_save" / "eval" /
-                    f"{cfg.task}_{Path(cfg.test_file).stem}.json")
-    pred_file = Path(cfg.predictions_file or out_json.with_name(out_json.stem + "_predictions.jsonl"))
     atomic_write_text(pred_file, "".join(
         json.dumps({"prompt": p, "response": g, "reference": r}, ensure_ascii=False) + "\n"
         for p, g, r in zip(prompts, predictions, references)))

@@ -277,6 +277,11 @@ UNWRITABLE = [
     ("dpo_train", ["merge", "--merged_output_dir", "{out}/merged"], "--merged_output_dir"),
     ("dpo_train", ["eval", "--eval_output_file", "{out}/e.json"], "--eval_output_file"),
     ("utils.dpo_data_process", ["--train_file", "{out}/d.json"], "--train_file"),
+    ("train_tokenizer", ["--output_dir", "{out}/tok"], "--output_dir"),
+    ("eval.eval_tasks", ["--task", "bleu", "--test_file", "t.parquet", "--output_json", "{out}/m.json"], "--output_json"),
+    ("eval.eval_tasks", ["--task", "bleu", "--test_file", "t.parquet", "--predictions_file", "{out}/p.jsonl"],
+     "--predictions_file"),
+    ("eval.c_eval", ["--output_dir", "{out}/ceval"], "--output_dir"),
 ]
 
 
