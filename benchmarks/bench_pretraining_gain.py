@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import PROJECT_ROOT  # noqa: E402
-from utils.cli import UserError, parse_config, run_cli  # noqa: E402
+from utils.cli import UserError, parse_config, require_writable, run_cli  # noqa: E402
 
 
 @dataclass
@@ -90,6 +90,7 @@ def main() -> None:
     steps = 20 if cfg.short else cfg.sft_steps
     rows = 32 if cfg.short else cfg.max_rows
     out = Path(cfg.output_dir).resolve()
+    require_writable(out, "--output_dir", is_dir=True)
     if out.exists():  # only ever this benchmark's own directory: a new run never mixes with an old one
         if not (out / "bench.log").is_file():
             raise UserError(f"--output_dir {out} exists and is not this benchmark's; choose another")

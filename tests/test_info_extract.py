@@ -95,6 +95,16 @@ def test_data_process_reads_both_duie_versions(tmp_path):
         dp.convert_file(bad)
 
 
+def test_data_process_checks_its_output_before_reading(tmp_path, monkeypatch):
+    """An --output_file under a file was a traceback after the whole input had been converted."""
+    dp = _load("data_process")
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["data_process.py", "--input_file", str(tmp_path / "not_read.json"),
+                                      "--output_file", str(tmp_path / "afile" / "duie.parquet")])
+    with pytest.raises(UserError, match=r"^--output_file .*duie\.parquet cannot be written: .*afile is a file"):
+        dp.main()
+
+
 def test_evaluate_script_on_jsonl_and_parquet(tmp_path, monkeypatch, capsys):
     dp = _load("data_process")
     gold = tmp_path / "gold.parquet"

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.pairs import BadRow, BadRows, read_records  # noqa: E402
-from utils.cli import UserError, parse_config, require_file, run_cli  # noqa: E402
+from utils.cli import UserError, parse_config, require_file, require_writable, run_cli  # noqa: E402
 from utils.metrics import format_tuples, parse_tuples  # noqa: E402
 from utils.parquet_io import write_pairs  # noqa: E402
 
@@ -76,6 +76,7 @@ def main() -> None:
     _, cfg = parse_config(DuIEProcessConfig, description=__doc__)
     if not cfg.output_file:
         raise UserError("--output_file is required (a .parquet path)")
+    require_writable(cfg.output_file, "--output_file")
     rows = convert_file(cfg.input_file, cfg.max_rows)
     write_pairs(cfg.output_file, ((r["prompt"], r["response"]) for r in rows))
     n_triples = sum(len(parse_tuples(r["response"], 3)) for r in rows)
