@@ -313,3 +313,54 @@ def test_settings_from_environment(tmp_path):
     key_file.write_text("  \n")
     with pytest.raises(UserError, match="is empty"):
         resolve_api_key(InferConfig(api_key_file=str(key_file)), {})
+
+
+# ---- stop sequences and the options this model cannot honour -----------------------------------
+def test_stop_at_cuts_before_the_first_sequence_also_across_pieces():
+    from utils.api_app import StopAt
+
+    stop = StopAt(["好吗？", "再见"])
+    sent = [stop.feed(p) for p in ["你", "好", "吗", "？再见", "不送"]]
+    assert "".join(sent) == "你" and stop.hit and stop.flush() == ""
+    assert sent == ["", "", "你", "", ""]  # the last longest-1 = 2 characters wait for the next piece
+    none = StopAt("X")  # a single sequence as a plain string
+    assert none.feed("ab") == "ab" and not none.hit and none.flush() == ""
+    held = StopAt("abc")
+    assert held.feed("xxab") == "xx" and held.flush() == "ab" and not held.hit
+    earliest = StopAt(["cd", "b"])
+    assert earliest.feed("abcd") == "a"
+    assert StopAt(None).feed("abc") == "abc"
+
+
+def test_stop_cuts_the_answer_streamed_or_not(client, bot):
+    whole = bot.chat("你好", max_new_tokens=6)
+    seq = whole[3:5]
+    expected = whole[:whole.find(seq)]
+    r = completion(client, "你好", max_tokens=6, stop=[seq])
+    choice = r.json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (expected, "stop")
+    assert completion(client, "你好", max_tokens=6, stop="不会出现的句子").json()["choices"][0]["message"]["content"] == whole
+    with client.stream("POST", "/v1/chat/completions", headers=AUTH, json={
+            "messages": [{"role": "user", "content": "你好"}], "max_tokens": 6, "stream": True, "stop": seq}) as r:
+        chunks = sse_events(r.read().decode())[:-1]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("extra, expected", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools are not supported"),
+    ({"response_format": {"type": "json_object"}}, "response_format 'json_object' is not supported"),
+    ({"logprobs": True}, "logprobs are not supported"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop has 5 sequences; at most 4"),
+    ({"stop": [""]}, "stop"),
+])
+def test_options_that_would_change_the_answer_unhonoured_are_refused(client, extra, expected):
+    """Ignored, they would silently give another answer than the one asked for."""
+    r = completion(client, **extra)
+    assert r.status_code == 400 and expected in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("extra", [{"tools": None}, {"tools": []}, {"response_format": {"type": "text"}},
+                                   {"logprobs": False}, {"stop": None}, {"user": "u1", "seed": 3}])
+def test_their_defaults_are_accepted(client, extra):
+    assert completion(client, max_tokens=2, **extra).status_code == 200

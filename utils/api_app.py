@@ -47,7 +47,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -112,7 +112,8 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    # Clients send many optional fields (user, seed, stop, ...): accepted and ignored.
+    # Fields that do not change the answer (user, seed, ...) are accepted and ignored; those that
+    # would (tools, a JSON response_format, logprobs) are refused in _completion_settings.
     model_config = STRICT
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -121,8 +122,13 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     n: int = Field(default=1, ge=1)
+    stop: Annotated[Text, Field(min_length=1)] | list[Annotated[Text, Field(min_length=1)]] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    tools: list | None = None
+    functions: list | None = None
+    response_format: dict | None = None
+    logprobs: bool | None = None
 
 
 # ---- errors ----------------------------------------------------------------------------------
@@ -286,10 +292,22 @@ async def _internal_error(request: Request, exc: Exception):
     return error_response(request.url.path, 500, INTERNAL_ERROR)
 
 
+MAX_STOPS = 4  # OpenAI's limit on `stop` sequences
+
+
 def _completion_settings(req: ChatCompletionRequest, config: InferConfig) -> tuple[str, int, float, float]:
     """(question, max_new_tokens, temperature, top_p) of an OpenAI request, or a 400 naming what is wrong."""
     if req.n != 1:
         raise HTTPException(400, "only n=1 is supported")
+    if req.tools or req.functions:
+        raise HTTPException(400, "tools are not supported: this model answers in plain text")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise HTTPException(400, f"response_format {req.response_format.get('type')!r} is not supported: "
+                                 "only 'text' (this model cannot be held to a JSON format)")
+    if req.logprobs:
+        raise HTTPException(400, "logprobs are not supported")
+    if isinstance(req.stop, list) and len(req.stop) > MAX_STOPS:
+        raise HTTPException(400, f"stop has {len(req.stop)} sequences; at most {MAX_STOPS}")
     users = [m for m in req.messages if m.role == "user"]
     if not users:
         raise HTTPException(400, "messages must contain a user message")
@@ -315,6 +333,40 @@ def _usage(ans) -> dict:
             "total_tokens": ans.prompt_tokens + ans.completion_tokens}
 
 
+class StopAt:
+    """Cuts an answer before the first of the client's stop sequences (OpenAI `stop`), also
+    across streamed pieces. What could still be the start of a sequence (the last longest-1
+    characters) is held back until the next piece or the end: a sequence that begins in what was
+    sent would already lie wholly in the text seen."""
+
+    def __init__(self, stops: str | list[str] | None) -> None:
+        self.stops = [stops] if isinstance(stops, str) else list(stops or [])
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending, self.hit = "", False
+
+    def feed(self, piece: str) -> str:
+        """The part of the answer so far that can be sent now."""
+        if self.hit:
+            return ""
+        text = self.pending + piece
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.hit, self.pending = True, ""
+            return text[:cut]
+        keep = min(self.hold, len(text))
+        self.pending = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        rest, self.pending = ("" if self.hit else self.pending), ""
+        return rest
+
+    def cut(self, ans):
+        """A whole answer cut at the first stop sequence (finish_reason "stop" when one was met)."""
+        text = self.feed(ans.text) + self.flush()
+        return replace(ans, text=text, finish_reason="stop") if self.hit else ans
+
+
 class _Reply:
     """One OpenAI answer's bodies: a chat.completion, or the chat.completion.chunk events of a stream."""
 
@@ -334,18 +386,27 @@ class _Reply:
         return _sse({**self.head("chat.completion.chunk"),
                      "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]})
 
-    async def events(self, stream, include_usage: bool):
+    async def events(self, stream, include_usage: bool, stop: StopAt):
         yield self.chunk({"role": "assistant", "content": ""})
         try:
             async for piece in stream:
-                yield self.chunk({"content": piece})
+                text = stop.feed(piece)
+                if text:
+                    yield self.chunk({"content": text})
+                if stop.hit:
+                    stream.stop()  # the rest would be cut: stop generating it (ends within a step)
+                    await run_in_threadpool(stream.join)
+                    break
+            rest = stop.flush()
+            if rest:
+                yield self.chunk({"content": rest})
         except Exception:  # reported in-band (the 200 status line is already sent), details only in the log
             log.exception("generation failed")
             yield _sse({"error": {"message": INTERNAL_ERROR, "type": "server_error", "param": None, "code": None}})
             yield "data: [DONE]\n\n"
             return
         ans = stream.answer
-        yield self.chunk({}, ans.finish_reason)
+        yield self.chunk({}, "stop" if stop.hit else ans.finish_reason)
         if include_usage:
             yield _sse({**self.head("chat.completion.chunk"), "choices": [], "usage": _usage(ans)})
         yield "data: [DONE]\n\n"
@@ -411,17 +472,18 @@ def create_app(config: InferConfig, bot=None) -> FastAPI:
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         question, max_new, temperature, top_p = _completion_settings(req, config)
         reply = _Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), config.model_name)
+        stop = StopAt(req.stop)
         if not req.stream:
             begin()
             try:
                 ans = await _answer_while_connected(request, bot, question, max_new, temperature, top_p)
             finally:
                 end()
-            return reply.completion(ans)
+            return reply.completion(stop.cut(ans))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         begin()
         stream = bot.stream_chat(question, max_new, temperature, top_p, asynchronous=True)
-        return _GenerationResponse(stream, reply.events(stream, include_usage), on_close=end,
+        return _GenerationResponse(stream, reply.events(stream, include_usage, stop), on_close=end,
                                    media_type="text/event-stream",
                                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
