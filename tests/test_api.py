@@ -364,3 +364,22 @@ def test_options_that_would_change_the_answer_unhonoured_are_refused(client, ext
                                    {"logprobs": False}, {"stop": None}, {"user": "u1", "seed": 3}])
 def test_their_defaults_are_accepted(client, extra):
     assert completion(client, max_tokens=2, **extra).status_code == 200
+
+
+def test_serve_names_a_taken_port_or_a_bad_host_before_loading_the_model(tmp_path):
+    """uvicorn found these only after the model had loaded, and exited 3 after "serving ... at";
+    the model directory here does not exist: the address is checked first."""
+    import socket
+
+    from utils.api_app import serve
+    from utils.cli import UserError
+
+    no_model = str(tmp_path / "no_model")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(UserError, match=f"^cannot listen on 127.0.0.1:{port}: .*; choose another --port"):
+            serve(InferConfig(model_dir=no_model, port=port))
+    with pytest.raises(UserError, match=r"^--host '999\.1\.1\.1' does not resolve"):
+        serve(InferConfig(model_dir=no_model, host="999.1.1.1"))

@@ -561,6 +561,28 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def check_bindable(host: str, port: int) -> None:
+    """A --host that does not resolve or is not this machine's, or a --port already taken: one
+    line before the model loads (uvicorn finds out only after it, and exits 3)."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UserError(f"--host {host!r} does not resolve ({exc.strerror}): give an address of this machine, "
+                        "e.g. 127.0.0.1 or 0.0.0.0") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            hint = ("choose another --port or stop the program using it" if exc.errno == errno.EADDRINUSE
+                    else "--host must be an address of this machine")
+            raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}; {hint}") from None
+
+
 def serve(config: InferConfig) -> None:
     """Load the model (a bad path is a one-line error before any port is bound) and run uvicorn."""
     import uvicorn
@@ -569,6 +591,7 @@ def serve(config: InferConfig) -> None:
     if not config.api_key and not _is_loopback(config.host):
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use "
               f"the model (set {API_KEY_ENV} or --api_key_file)", file=sys.stderr, flush=True)
+    check_bindable(config.host, config.port)
     from model.infer import find_model
 
     config.model_dir = str(find_model(config))  # printed below: the model being served
