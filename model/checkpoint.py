@@ -325,16 +325,61 @@ def resolve_resume(spec: str | Path, root: str | Path, continue_flag: str) -> Pa
     return check_resumable(path)
 
 
+_held_locks: dict[Path, int] = {}  # output directory -> open descriptor holding its lock (this process)
+
+
+def run_lock_file(out_dir: str | Path) -> Path:
+    """The lock file of an output directory: in the temporary directory, named by the directory's
+    resolved path, so that a run that fails early leaves nothing in --output_dir."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(str(Path(out_dir).resolve()).encode()).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / f"chatlm-run-{digest}.lock"
+
+
+def lock_output_dir(out_dir: str | Path) -> None:
+    """Hold the output directory's run lock for the rest of this process, or a one-line error
+    naming the run that holds it. Two runs started on one --output_dir (the same command in two
+    terminals) would otherwise rotate away each other's checkpoints, interleave their logs, and
+    with --overwrite_output_dir delete a running run's files. The kernel drops the lock when the
+    process ends, also on kill -9; the small file stays (removing it would race a starting run)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    out = Path(out_dir).resolve()
+    if out in _held_locks:  # this process's earlier run on the same directory (tests, notebooks)
+        return
+    try:
+        fd = os.open(run_lock_file(out), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:  # e.g. another user's lock file: run unlocked rather than not at all
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise UserError(f"another run (process {holder}) is writing to {out}: wait for it to end, stop it, "
+                        "or choose another --output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    _held_locks[out] = fd
+
+
 def begin_run(out_dir: str | Path, ckpt_root: str | Path, resume_spec: str | Path, overwrite: bool,
               continue_flag: str, own_outputs: tuple[str, ...] = ()) -> Path | None:
     """Before any stage trains: the checkpoint to continue from (resolve_resume), or, for a fresh
-    run, the check that it does not mix with an earlier run's files (start_fresh, on one rank)."""
+    run, the check that it does not mix with an earlier run's files (start_fresh, on one rank).
+    Rank 0 holds the output directory's run lock (lock_output_dir) from here on."""
     from .chat_model import check_replaceable
 
     if resume_spec and overwrite:
         raise UserError(f"{continue_flag.split()[0]} continues a run, --overwrite_output_dir True starts over: "
                         "choose one")
     check_replaceable(Path(out_dir) / "best")  # now, not after training
+    if os.environ.get("RANK", "0") == "0":
+        lock_output_dir(out_dir)
     resume = resolve_resume(resume_spec, ckpt_root, continue_flag)
     if resume is None and os.environ.get("RANK", "0") == "0":  # the other ranks write nothing yet
         start_fresh(out_dir, ckpt_root, overwrite, continue_flag, own_outputs)

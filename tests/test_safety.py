@@ -331,6 +331,32 @@ def test_fresh_train_run_refuses_existing_checkpoints_unless_told(run4, tmp_path
     assert sorted(read_losses(out)) == [1, 2] and (out / "important.csv").read_text() == "mine"
 
 
+def test_a_second_run_on_a_busy_output_dir_is_refused(run4, tmp_path):
+    """Two runs on one --output_dir (the same command started twice) rotated away each other's
+    checkpoints; with --overwrite_output_dir the second deleted the running one's. A run holds
+    the directory's lock from begin_run on; the kernel frees it when the process ends."""
+    from model.checkpoint import run_lock_file
+    from model.trainer import ChatTrainer
+
+    cfg = _copy_run(run4, tmp_path / "run")
+    out = Path(cfg.output_dir)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+         "from model.checkpoint import lock_output_dir; lock_output_dir(sys.argv[2]); print('held', flush=True); "
+         "time.sleep(120)", str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"another run \\(process {holder.pid}\\) is writing to {re.escape(str(out))}"):
+            ChatTrainer(replace(cfg, max_steps=2, overwrite_output_dir=True)).train()
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    finally:
+        holder.kill()
+        holder.wait()
+    ChatTrainer(replace(cfg, max_steps=2, overwrite_output_dir=True)).train()  # free once the holder is gone
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
+    assert not any(p.name.endswith(".lock") for p in out.rglob("*")) and run_lock_file(out).parent != out
+
+
 def test_fresh_dpo_run_refuses_existing_checkpoints(tiny_model_dir, tmp_path):
     from config import DpoConfig
     from model import dpo
