@@ -338,7 +338,7 @@ def run_lock_file(out_dir: str | Path) -> Path:
     return Path(tempfile.gettempdir()) / f"chatlm-run-{digest}.lock"
 
 
-def lock_output_dir(out_dir: str | Path) -> None:
+def lock_output_dir(out_dir: str | Path, flag: str = "--output_dir") -> None:
     """Hold the output directory's run lock for the rest of this process, or a one-line error
     naming the run that holds it. Two runs started on one --output_dir (the same command in two
     terminals) would otherwise rotate away each other's checkpoints, interleave their logs, and
@@ -361,7 +361,7 @@ def lock_output_dir(out_dir: str | Path) -> None:
         holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
         os.close(fd)
         raise UserError(f"another run (process {holder}) is writing to {out}: wait for it to end, stop it, "
-                        "or choose another --output_dir") from None
+                        f"or choose another {flag}") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held_locks[out] = fd

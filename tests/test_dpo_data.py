@@ -259,3 +259,29 @@ def test_empty_rejected_answer_is_kept_empty_prompt_is_not():
             {"prompt": " ", "chosen": "答", "rejected": "错"},
             {"prompt": "问", "chosen": "", "rejected": "错"}]
     assert filter_pairs(rows, 100, report) == [{"prompt": "问", "chosen": "答", "rejected": ""}]
+
+
+def test_a_second_build_of_the_same_output_is_refused(tmp_path):
+    """Two runs writing one --train_file would append to one partial file."""
+    import subprocess
+    import sys
+
+    from config import DpoDataConfig, PROJECT_ROOT
+    from utils.cli import UserError
+    from utils.dpo_data_process import build
+
+    train = tmp_path / "dpo_train.json"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+         "from model.checkpoint import lock_output_dir; lock_output_dir(sys.argv[2]); print('held', flush=True); "
+         "time.sleep(120)", str(PROJECT_ROOT), str(train)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        cfg = DpoDataConfig(instruction_file=str(tmp_path / "none.parquet"), train_file=str(train),
+                            eval_file=str(tmp_path / "dpo_eval.json"))
+        with pytest.raises(UserError, match=f"another run \\(process {holder.pid}\\) .* choose another --train_file"):
+            build(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

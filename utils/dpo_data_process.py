@@ -244,6 +244,9 @@ def build(cfg, generate: Callable[..., list[str]] = generate_answers) -> Report:
         raise UserError("--train_file and --eval_file must differ")
     for flag, path in (("--train_file", train_path), ("--eval_file", eval_path)):
         require_writable(path, flag)
+    from model.checkpoint import lock_output_dir
+
+    lock_output_dir(train_path, "--train_file")  # two runs on one output would append to one partial file
     extra = [p.strip() for p in cfg.preference_files.split(",") if p.strip()]
     if not cfg.instruction_file and not extra:
         raise UserError("nothing to read: give --instruction_file and/or --preference_files")
