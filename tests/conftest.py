@@ -3,6 +3,7 @@
 Session-scoped so the whole suite trains one tokenizer and builds one tiny model. Tests
 that need other sizes build their own.
 """
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_CONFIG = ROOT / "model_config_tiny.json"
+
+
+@contextlib.contextmanager
+def another_process_holding_the_lock(path):
+    """A second process holding model.checkpoint's run lock on `path`; yields its pid, kills it after."""
+    import subprocess
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
+         "from model.checkpoint import lock_output_dir; lock_output_dir(sys.argv[2]); print('held', flush=True); "
+         "time.sleep(120)", str(ROOT), str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def stop_process(proc, timeout: float = 20) -> None:

@@ -263,25 +263,16 @@ def test_empty_rejected_answer_is_kept_empty_prompt_is_not():
 
 def test_a_second_build_of_the_same_output_is_refused(tmp_path):
     """Two runs writing one --train_file would append to one partial file."""
-    import subprocess
-    import sys
+    from conftest import another_process_holding_the_lock
 
-    from config import DpoDataConfig, PROJECT_ROOT
+    from config import DpoDataConfig
     from utils.cli import UserError
     from utils.dpo_data_process import build
 
     train = tmp_path / "dpo_train.json"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-         "from model.checkpoint import lock_output_dir; lock_output_dir(sys.argv[2]); print('held', flush=True); "
-         "time.sleep(120)", str(PROJECT_ROOT), str(train)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        cfg = DpoDataConfig(instruction_file=str(tmp_path / "none.parquet"), train_file=str(train),
-                            eval_file=str(tmp_path / "dpo_eval.json"))
-        with pytest.raises(UserError, match=f"another run \\(process {holder.pid}\\) .* choose another --train_file"):
+    cfg = DpoDataConfig(instruction_file=str(tmp_path / "none.parquet"), train_file=str(train),
+                        eval_file=str(tmp_path / "dpo_eval.json"))
+    with another_process_holding_the_lock(train) as pid:
+        with pytest.raises(UserError, match=f"another run \\(process {pid}\\) .* choose another --train_file"):
             build(cfg)
-    finally:
-        holder.kill()
-        holder.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == []

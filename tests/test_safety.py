@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, TINY_CONFIG
+from conftest import ROOT, TINY_CONFIG, another_process_holding_the_lock
 from test_trainer import pairs_dir, read_losses, tiny_cfg, weights  # noqa: F401 (pairs_dir: a fixture)
 from utils.cli import UserError
 
@@ -340,18 +340,10 @@ def test_a_second_run_on_a_busy_output_dir_is_refused(run4, tmp_path):
 
     cfg = _copy_run(run4, tmp_path / "run")
     out = Path(cfg.output_dir)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]); "
-         "from model.checkpoint import lock_output_dir; lock_output_dir(sys.argv[2]); print('held', flush=True); "
-         "time.sleep(120)", str(ROOT), str(out)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(UserError, match=f"another run \\(process {holder.pid}\\) is writing to {re.escape(str(out))}"):
+    with another_process_holding_the_lock(out) as pid:
+        with pytest.raises(UserError, match=f"another run \\(process {pid}\\) is writing to {re.escape(str(out))}"):
             ChatTrainer(replace(cfg, max_steps=2, overwrite_output_dir=True)).train()
         assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    finally:
-        holder.kill()
-        holder.wait()
     ChatTrainer(replace(cfg, max_steps=2, overwrite_output_dir=True)).train()  # free once the holder is gone
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2"]
     assert not any(p.name.endswith(".lock") for p in out.rglob("*")) and run_lock_file(out).parent != out
