@@ -386,6 +386,12 @@ class ChatBot:
     def count_tokens(self, text: str) -> int:
         return len(self._encode([text])[0])
 
+    def tokens_cut(self, text: str) -> int:
+        """How many of the question's tokens ([EOS] included) fall beyond max_prompt_tokens and
+        are cut from its end before the model reads it."""
+        whole = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        return max(0, whole - self.config.max_prompt_tokens)
+
     # ---- generation ----------------------------------------------------------------------
     def _submit(self, prompt: str, max_new_tokens: int, temperature: float, top_p: float, search_type: str,
                 control: GenerationControl, streamer=None) -> _Job:

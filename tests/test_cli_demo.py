@@ -75,6 +75,19 @@ def test_a_line_that_is_not_utf8_is_refused_and_the_chat_goes_on(bot, monkeypatc
     assert text.rstrip().endswith("再见！")
 
 
+def test_a_question_longer_than_max_prompt_tokens_is_answered_with_a_note(chatty_model_dir, monkeypatch):
+    short = ChatBot(InferConfig(model_dir=str(chatty_model_dir), max_seq_len=4, max_prompt_tokens=4))
+    question = "感冒了要怎么办"
+    cut = len(short.tokenizer(question, add_special_tokens=False)["input_ids"]) + 1 - 4
+    assert cut > 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{question}\n你好\n"))
+    out = io.StringIO()
+    run_chat(short, stream=True, console=Console(file=out, width=200, force_terminal=False))
+    text = out.getvalue()
+    assert text.count("问题过长") == 1  # "你好" + [EOS] fits
+    assert f"模型只读了前 4 个词元，末尾 {cut} 个被截去" in text
+
+
 def _read_until(fd: int, buf: list, done, timeout: float) -> str:
     """Read the terminal into `buf` until done(text) holds (text: the output without ANSI codes)."""
     if isinstance(done, str):

@@ -200,6 +200,10 @@ def run_chat(bot, stream: bool = True, console: Console | None = None) -> list[t
                 console.clear()
                 console.print(WELCOME, markup=False)
                 continue
+            cut = bot.tokens_cut(question)
+            if cut:  # said, not done silently: the answer is to the question's start only
+                console.print(f"（问题过长：模型只读了前 {bot.config.max_prompt_tokens} 个词元，末尾 {cut} 个被截去；"
+                              "可用 --max_prompt_tokens 调整）", markup=False)
             console.print(BOT_LABEL)
             answering = True
             answer = (stream_answer if stream else wait_answer)(bot, question, console)
