@@ -269,7 +269,7 @@ def _close_batchers() -> None:
     """A job is answered as soon as its row ends, while `generate` may still be running. A daemon
     thread still in torch code when the interpreter finalizes is ended by pthread_exit, which
     unwinds through C++ and aborts the process ("terminate called without an active exception",
-    exit status 134: about 1 in 20 piped `cli_demo.py` runs). atexit runs before that: wait here,
+    exit status 134: 4 of 77 piped `cli_demo.py` runs). atexit runs before that: wait here,
     stopping what is left (nobody is waiting for those answers any more)."""
     for batcher in list(_BATCHERS):
         batcher.close(stop_jobs=True)
