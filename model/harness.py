@@ -84,7 +84,7 @@ class Precision:
         if self.name == self.requested:
             return None
         if self.name == "no":
-            return f"no CUDA device: training in fp32 instead of {self.requested}"
+            return f"no CUDA device: running in fp32 instead of {self.requested}"
         return f"bf16 is not supported on this GPU: training in {self.name} instead"
 
 

@@ -46,7 +46,7 @@ def test_one_precision_table_for_every_stage(monkeypatch):
         p = resolve_precision(asked, cpu)
         assert (p.name, p.dtype, p.label) == ("no", torch.float32, "fp32")
         assert p.trainer_flags() == {"bf16": False, "fp16": False}
-        assert p.note == f"no CUDA device: training in fp32 instead of {asked}"
+        assert p.note == f"no CUDA device: running in fp32 instead of {asked}"
     assert resolve_precision("no", cpu).note is None
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     p = resolve_precision("bf16", cuda)  # a GPU without bf16: fp16, in every stage (train.py used to fail)
