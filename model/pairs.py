@@ -355,16 +355,17 @@ def load_preference_pairs(path: str | Path, max_rows: int = -1, what: str = "pre
 
 # --------------------------------------------------------------------------- evaluation files
 
-def read_rows(path: str | Path, columns: Sequence[str], what: str = "file") -> list[dict]:
-    """Rows of a parquet, JSON-lines or JSON-array file, each with `columns` as strings (a null
-    is ""); any malformed row is a one-line error, since rows pair up with another file's.
+def read_rows(path: str | Path, columns: Sequence[str], what: str = "file", null_is_empty: bool = False) -> list[dict]:
+    """Rows of a parquet, JSON-lines or JSON-array file, each with `columns` as strings; any
+    malformed row is a one-line error, since rows pair up with another file's. A null is one
+    too, except with `null_is_empty` (predictions: a model that answered nothing) where it is "".
 
     Parquet is the project's dataset format; JSON lines is what the evaluation scripts write
     for predictions, so either side of a comparison can be either format.
     """
     def row_fn(rec):
-        for c in columns:  # present: a string or null; absent: an error
-            text_field(rec, c, required=not isinstance(rec, dict) or c not in rec)
+        for c in columns:  # absent: an error; null: an error, or "" with null_is_empty
+            text_field(rec, c, required=not null_is_empty or not isinstance(rec, dict) or c not in rec)
         return {**rec, **{c: rec[c] or "" for c in columns}}
 
     p = require_file(path, what)

@@ -66,12 +66,17 @@ def test_preference_pairs_that_teach_no_preference_are_skipped_and_reported(tmp_
 def test_evaluation_rows_are_whole_or_one_line_error(tmp_path):
     """The references and predictions of an evaluation pair up row by row: nothing is skipped."""
     good = _jsonl(tmp_path / "pred.jsonl", [{"response": "a", "id": 1}, {"response": None}])
-    assert read_rows(good, ("response",), "predictions") == [{"response": "a", "id": 1}, {"response": ""}]
+    assert read_rows(good, ("response",), "predictions", null_is_empty=True) == [{"response": "a", "id": 1},
+                                                                                 {"response": ""}]
     array = tmp_path / "pred.json"
     array.write_text(json.dumps([{"response": "a"}]), encoding="utf-8")
     assert read_rows(array, ("response",), "predictions") == [{"response": "a"}]
     pq.write_table(pa.table({"prompt": ["p"], "response": ["r"], "n": [1]}), tmp_path / "ref.parquet")
     assert read_rows(tmp_path / "ref.parquet", ("prompt", "response"), "test file") == [{"prompt": "p", "response": "r"}]
+    # a test file's null prompt or reference was scored as "" (an empty question, an empty answer)
+    pq.write_table(pa.table({"prompt": ["p", None], "response": ["r", "x"]}), tmp_path / "null.parquet")
+    with pytest.raises(UserError, match=r"^test file .*null\.parquet row 2: null value: 'prompt'$"):
+        read_rows(tmp_path / "null.parquet", ("prompt", "response"), "test file")
     for lines, why in [([{"response": "a"}, {"answer": "b"}], "line 2: missing key: 'response'"),
                        ([{"response": 3}], "line 1: not a string: 'response' is int"),
                        ([{"response": "a"}, "[1]"], "line 2: not a JSON object: list"),

@@ -33,7 +33,7 @@ class ExtractEvalConfig:
 
 
 def evaluate(pred_file, gold_file, arity: int = 3) -> dict:
-    preds = [r["response"] for r in read_rows(pred_file, ("response",), "prediction file")]
+    preds = [r["response"] for r in read_rows(pred_file, ("response",), "prediction file", null_is_empty=True)]
     golds = [r["response"] for r in read_rows(gold_file, ("response",), "reference file")]
     if len(preds) != len(golds):
         raise UserError(f"{len(preds)} predictions in {pred_file} but {len(golds)} references in {gold_file}")
