@@ -357,7 +357,21 @@ def train_hf(sample: CorpusSample, vocab_size: int, token_type: str, phases: Pha
     # as they are fed (consume=True), so its memory turns into the trainer's
     tok.train_from_iterator(_feed(sample, phases, True, "hf"), trainer=trainer)
     del trainer  # it still holds every word it counted
+    if token_type == "char":
+        _note_dropped_characters(tok, sample.alphabet, vocab_size)
     return _wrap(tok)
+
+
+def _note_dropped_characters(tok, alphabet: str, vocab_size: int) -> int:
+    """Say so when limit_alphabet left characters of the corpus out of the vocabulary (they
+    become [UNK]), as the sentencepiece path does; returns how many."""
+    vocab = tok.get_vocab()
+    dropped = sum(1 for c in alphabet if not c.isspace()
+                  and any(n not in vocab for n in tok.normalizer.normalize_str(c)))
+    if dropped:
+        print(f"note: more distinct characters than --vocab_size {vocab_size}: the {dropped} rarest of the "
+              f"corpus's {len(alphabet)} become [UNK]")
+    return dropped
 
 
 def train_sentencepiece(sample: CorpusSample, vocab_size: int, token_type: str, phases: Phases):

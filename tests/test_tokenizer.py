@@ -231,3 +231,14 @@ def test_original_style_tokenizer_decodes_with_the_originals_cleanup(tmp_path, s
     ours = load_tokenizer(save_tokenizer(train_tokenizer(corpus, 2000, "char", "hf", progress=False),
                                          tmp_path / "ours"))
     assert ours.decode(ours.encode("你好 , 世界 。")) == "你好 , 世界 。"
+
+
+def test_a_vocabulary_smaller_than_the_alphabet_is_said(small_corpus, capsys):
+    """The hf path dropped the corpus's rarest characters to [UNK] without a word, where the
+    sentencepiece path says so; now both do."""
+    path, lines = small_corpus
+    tok = train_tokenizer(path, vocab_size=60, library="hf")
+    out = capsys.readouterr().out
+    assert "note: more distinct characters than --vocab_size 60: the " in out, out
+    rare = [c for c in set("".join(lines)) if not c.isspace()]
+    assert any(tok.unk_token_id in tok(c, add_special_tokens=False)["input_ids"] for c in rare)
