@@ -109,3 +109,13 @@ def test_a_workdir_that_cannot_be_written_is_one_line(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == f"error: --workdir {tmp_path / 'afile' / 'qs'} cannot be written: " \
                                  f"{tmp_path / 'afile'} is a file, not a directory"
+
+
+def test_a_second_quickstart_in_the_same_workdir_is_refused(tmp_path):
+    from conftest import another_process_holding_the_lock
+
+    with another_process_holding_the_lock(tmp_path) as pid:
+        res = run_quickstart(tmp_path, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"another run (process {pid}) is writing to {tmp_path.resolve()}" in res.stderr
+    assert "choose another --workdir" in res.stderr and not (tmp_path / "data").exists()

@@ -219,9 +219,11 @@ def run_pipeline(cfg: QuickstartConfig) -> Path:
 
     from utils.report_card import write_report
 
+    from model.checkpoint import lock_output_dir
     from model.common import require_writable
 
     require_writable(cfg.workdir, "--workdir", is_dir=True)  # before any stage: one line, not a traceback
+    lock_output_dir(Path(cfg.workdir), "--workdir")  # a second quickstart here would rebuild the corpus under the first
     console = Console()
     stages = build_stages(cfg)
     names = [st.name for st in stages]
