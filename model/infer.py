@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import atexit
 import threading
-import weakref
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
