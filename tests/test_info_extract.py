@@ -135,3 +135,15 @@ def test_evaluate_script_on_jsonl_and_parquet(tmp_path, monkeypatch, capsys):
         run_cli(evaluate.main)
     assert exc.value.code == 2
     assert "1 predictions in short.jsonl but 5 references" in capsys.readouterr().err
+
+
+def test_evaluate_checks_its_output_first(tmp_path, monkeypatch):
+    """An --output_json under a file was a traceback after scoring."""
+    ev = _load("evaluate")
+    pred = tmp_path / "pred.jsonl"
+    pred.write_text('{"response": "[(a,b,c)]"}\n', encoding="utf-8")
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--pred_file", str(pred), "--gold_file", str(pred),
+                                      "--output_json", str(tmp_path / "afile" / "m.json")])
+    with pytest.raises(UserError, match=r"^--output_json .*m\.json cannot be written: .*afile is a file"):
+        ev.main()

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from model.pairs import read_rows  # noqa: E402
-from utils.cli import UserError, parse_config, run_cli  # noqa: E402
+from utils.cli import UserError, parse_config, require_writable, run_cli  # noqa: E402
 from utils.metrics import tuple_prf  # noqa: E402
 from model.common import atomic_write_text  # noqa: E402
 
@@ -46,8 +46,9 @@ def main() -> None:
     _, cfg = parse_config(ExtractEvalConfig, description=__doc__)
     if not cfg.pred_file or not cfg.gold_file:
         raise UserError("--pred_file and --gold_file are required")
-    metrics = evaluate(cfg.pred_file, cfg.gold_file, cfg.arity)
     out = Path(cfg.output_json) if cfg.output_json else Path(cfg.pred_file).with_suffix(".metrics.json")
+    require_writable(out, "--output_json")
+    metrics = evaluate(cfg.pred_file, cfg.gold_file, cfg.arity)
     atomic_write_text(out, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     print(f"F1 {metrics['f1']:.4f}  precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  "
           f"({metrics['true_positives']} correct of {metrics['predicted']} predicted, "
