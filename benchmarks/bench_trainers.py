@@ -23,16 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from bench_common import run_dir  # noqa: E402
 
 
 def matmul_flops(threads: int, n: int = 1024, seconds: float = 2.0) -> float:
@@ -118,8 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="bench_trainers_"))
-    try:
+    with run_dir(None, "bench_trainers_") as work:
         make_data(work, args.rows, args.max_seq_len)
         peak = matmul_flops(args.threads)
         enc_f, dec_f = flops_per_token(args.model_config_file, 8000)
@@ -143,8 +141,6 @@ def main() -> None:
             print(f"ratio train.py (grouped) / pre_train.py: {runs[0]['tokens_per_s'] / runs[2]['tokens_per_s']:.2f}x; "
                   f"train.py (plain) / pre_train.py: {runs[1]['tokens_per_s'] / runs[2]['tokens_per_s']:.2f}x "
                   "(target >= 1.5x, MFU >= 60%)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_common import run_dir  # noqa: E402
 
 ROW_NAMES = ("matmul", "train.py eager", "train.py sdpa", "train.py sdpa+compile", "HF Trainer path",
              "memory batch 1 x 320", "memory batch 16", "inference greedy", "fp16 overflow check")
@@ -171,10 +170,9 @@ def main(argv=None) -> list[tuple]:
     steps = args.steps or (4 if args.dry_run else 60)
     log_every = max(1, steps // 3)
     precision = "bf16" if cuda else "no"
-    work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
     rows: list[tuple] = []
     t_start = time.perf_counter()
-    try:
+    with run_dir(None, "gpu_check_") as work:
         make_data(work, rows=400 if args.dry_run else 4000, max_chars=128)
         long_file = make_long_data(work, rows=8, tokens=320)
         base = TrainConfig(train_file=str(work / "train.parquet"), validation_file=str(work / "valid.parquet"),
@@ -247,8 +245,6 @@ def main(argv=None) -> list[tuple]:
             return ("fp16 overflow check", "ok" if ok else "OVERFLOW", "", fmt_mib(r["peak_mib"]), note)
 
         guarded(rows, "fp16 overflow check", fp16_row)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
     device = torch.cuda.get_device_name(0) if cuda else f"CPU dry run, {torch.get_num_threads()} thread(s)"
     print(f"\ngpu_check: {device}; model {config.name}; {steps} steps per training row; "

@@ -152,3 +152,39 @@ def test_bench_sentiment_baseline_names_a_missing_split(tmp_path):
 
     with pytest.raises(UserError, match="sft_train.parquet"):
         bench.main(["--workdir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+
+
+def test_run_dir_removes_only_its_own_new_directory(tmp_path):
+    from bench_common import run_dir
+
+    parent = tmp_path / "mine"
+    parent.mkdir()
+    (parent / "notes.txt").write_text("the user's own file")
+    with run_dir(str(parent), "bench_x_") as first, run_dir(str(parent), "bench_x_") as second:
+        assert first.parent == second.parent == parent and first != second  # a rerun never mixes
+        (first / "corpus.txt").write_text("scratch")
+    assert not first.exists() and not second.exists()
+    assert (parent / "notes.txt").read_text() == "the user's own file"
+    with run_dir(str(parent), "bench_x_", keep=True) as kept:
+        (kept / "result.json").write_text("{}")
+    assert (kept / "result.json").is_file()
+
+
+def test_run_dir_names_a_parent_that_is_a_file(tmp_path):
+    from bench_common import run_dir
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit, match=r"--workdir \S*/f/sub cannot be written: \S*/f is a file"):
+        with run_dir(str(tmp_path / "f" / "sub"), "bench_x_", what="--workdir"):
+            pass
+
+
+def test_bench_reliability_keeps_what_was_in_its_work_dir(tmp_path, monkeypatch):
+    """Before bench_common, the run ended with shutil.rmtree(--work_dir): a user's directory went."""
+    import bench_reliability
+
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    monkeypatch.setattr(sys, "argv", ["bench_reliability.py", "--skip", "train,dedup,server",
+                                      "--work_dir", str(tmp_path)])
+    bench_reliability.main()
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
