@@ -276,3 +276,18 @@ def test_a_second_build_of_the_same_output_is_refused(tmp_path):
         with pytest.raises(UserError, match=f"another run \\(process {pid}\\) .* choose another --train_file"):
             build(cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_instruction_rows_and_pairs_are_dropped_under_one_name_per_reason(tmp_path, chatty_model_dir):
+    """An empty chosen answer is one reason whether it comes from the instruction file (dropped
+    before generation) or from a preference file; it was 'empty text' for the former."""
+    chosen = [f"参考答案{i}" for i in range(len(PROMPTS))]
+    chosen[0], chosen[1] = "  ", "长" * 40
+    prefs = tmp_path / "prefs.json"
+    prefs.write_text(json.dumps([{"prompt": "p", "chosen": "", "rejected": "r"},
+                                 {"prompt": "p", "chosen": "c", "rejected": "长" * 40}]), encoding="utf-8")
+    cfg = _cfg(tmp_path, _instruction_parquet(tmp_path / "instr.parquet", chosen), chatty_model_dir,
+               preference_files=str(prefs), max_len=30)
+    report = build(cfg, generate=lambda model, tok, prompts, *a, **k: ["答" for _ in prompts])
+    assert report.generated == len(PROMPTS) - 2
+    assert report.dropped == {"empty prompt or chosen answer": 2, "longer than 30 characters": 2}

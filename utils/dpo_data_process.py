@@ -45,15 +45,24 @@ from utils.cli import UserError, parse_config, require_writable, run_cli
 
 # --------------------------------------------------------------------------- filtering
 
+def drop_reason(row: dict, max_len: int) -> str | None:
+    """Why a pair is dropped, or None. Also asked of an instruction row (prompt and chosen
+    answer) before its rejected answer is generated, with the reasons that apply already."""
+    problem = preference_problem({"rejected": "", **row})
+    if problem:
+        return problem
+    if max(len(row[k]) for k in PAIR_FIELDS if k in row) > max_len:
+        return f"longer than {max_len} characters"
+    return None
+
+
 def filter_pairs(rows: Iterable[dict], max_len: int, report: Report) -> list[dict]:
     """Drop empty, over-long, rejected == chosen and exactly repeated pairs (counted by reason)."""
     out, seen = [], set()
     for row in rows:
-        problem = preference_problem(row)
-        if problem:
-            report.drop(problem)
-        elif max(len(row[k]) for k in PAIR_FIELDS) > max_len:
-            report.drop(f"longer than {max_len} characters")
+        reason = drop_reason(row, max_len)
+        if reason:
+            report.drop(reason)
         else:
             key = (row["prompt"], row["chosen"], row["rejected"])
             if key in seen:
@@ -260,10 +269,9 @@ def build(cfg, generate: Callable[..., list[str]] = generate_answers) -> Report:
         # prompts or chosen answers that would be dropped anyway are not worth generating for
         keep = []
         for row in instruction_rows:
-            if not row["prompt"].strip() or not row["chosen"].strip():
-                report.drop("empty text")
-            elif max(len(row["prompt"]), len(row["chosen"])) > cfg.max_len:
-                report.drop(f"longer than {cfg.max_len} characters")
+            reason = drop_reason(row, cfg.max_len)
+            if reason:
+                report.drop(reason)
             else:
                 keep.append(row)
         if keep:
