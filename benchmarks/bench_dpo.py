@@ -54,6 +54,26 @@ def run(cmd: list, log: Path) -> float:
     return time.time() - start
 
 
+def start(workdir: str, name: str, model_config: Path) -> tuple[Path, Path, list[str], dict]:
+    """A new run directory with its log, the review corpus, a tokenizer trained on it and a
+    random model of `model_config` in init/; returns (directory, log, reviews, walls)."""
+    import torch
+
+    from model.chat_model import build_model, load_tokenizer, save_model
+
+    work = new_run_dir(workdir, name + "_", "--workdir")
+    print(f"this run's files: {work}", flush=True)
+    log = work / f"{name}.log"
+    log.write_text("")
+    lines = reviews()
+    (work / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    walls = {"tokenizer": run([sys.executable, "train_tokenizer.py", "--corpus_file", work / "corpus.txt",
+                               "--vocab_size", 6000, "--output_dir", work / "tokenizer"], log)}
+    torch.manual_seed(0)
+    save_model(build_model(model_config), work / "init", load_tokenizer(work / "tokenizer"))
+    return work, log, lines, walls
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/bench_dpo")
@@ -69,25 +89,12 @@ def main() -> None:
         return ref_cache_timing(args)
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import torch
 
-    from model.chat_model import build_model, load_tokenizer, save_model
-
-    work = new_run_dir(args.workdir, "bench_dpo_", "--workdir")
-    print(f"this run's files: {work}", flush=True)
-    log = work / "bench_dpo.log"
-    log.write_text("")
+    work, log, lines, walls = start(args.workdir, "bench_dpo", ROOT / "model_config_tiny.json")
     py = sys.executable
-    lines = reviews()
-    (work / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     sft_rows, dpo_rows = lines[: len(lines) // 2], lines[len(lines) // 2:][: args.dpo_rows]
     for name, rows in (("sft.parquet", sft_rows), ("dpo_instructions.parquet", dpo_rows)):
         pq.write_table(pa.table({"prompt": [r[:10] for r in rows], "response": [r[10:22] for r in rows]}), work / name)
-    walls = {}
-    walls["tokenizer"] = run([py, "train_tokenizer.py", "--corpus_file", work / "corpus.txt", "--vocab_size", 6000,
-                              "--output_dir", work / "tokenizer"], log)
-    torch.manual_seed(0)
-    save_model(build_model(ROOT / "model_config_tiny.json"), work / "init", load_tokenizer(work / "tokenizer"))
     walls["sft"] = run([py, "sft_train.py", "--finetune_from_ckp_file", work / "init", "--tokenizer_dir",
                         work / "tokenizer", "--sft_train_file", work / "sft.parquet", "--output_dir", work / "sft",
                         "--max_steps", args.sft_steps, "--batch_size", 32, "--gradient_accumulation_steps", 1,
@@ -132,21 +139,8 @@ def main() -> None:
 
 
 def ref_cache_timing(args) -> None:
-    import torch
-
-    from model.chat_model import build_model, load_tokenizer, save_model
-
-    work = new_run_dir(args.workdir, "bench_dpo_ref_cache_", "--workdir")
-    print(f"this run's files: {work}", flush=True)
-    log = work / "bench_dpo_ref_cache.log"
-    log.write_text("")
+    work, log, lines, _ = start(args.workdir, "bench_dpo_ref_cache", Path(args.model_config_file).resolve())
     py = sys.executable
-    lines = reviews()
-    (work / "corpus.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    run([py, "train_tokenizer.py", "--corpus_file", work / "corpus.txt", "--vocab_size", 6000,
-         "--output_dir", work / "tokenizer"], log)
-    torch.manual_seed(0)
-    save_model(build_model(Path(args.model_config_file).resolve()), work / "init", load_tokenizer(work / "tokenizer"))
     pairs = [{"prompt": r[:10], "chosen": r[10:22], "rejected": r[10:22][::-1]} for r in lines[: args.dpo_rows]]
     (work / "pairs.json").write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
     times = {}
