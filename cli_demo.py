@@ -14,12 +14,10 @@ from utils.cli import parse_config, run_cli
 def main() -> None:
     _, config = parse_config(InferConfig, description=__doc__)
     from rich.console import Console
-    from transformers.utils import logging as hf_logging
 
     from model.infer import ChatBot, find_model
     from utils.chat_console import run_chat
 
-    hf_logging.disable_progress_bar()  # the spinner below shows the loading; keep the chat screen clean
     console = Console(highlight=False)
     config.model_dir = str(find_model(config))
     with console.status(f"loading {config.model_dir} …"):

@@ -38,8 +38,16 @@ from safetensors.torch import load_file as load_safetensors
 
 from model.common import UserError
 
+from transformers.utils import logging as hf_logging
+
 from .configuration_chat_model import TextToTextModelConfig
 from .modeling_chat_model import SEARCH_TYPES, TextToTextModel  # noqa: F401 (re-export)
+
+# transformers 5 draws a progress bar for every load and save ("Loading weights", "Writing
+# model shards") of what is here one local file read or written in milliseconds: 22 such
+# bars in one quickstart's stage logs, between the training lines. Off for every script that
+# loads or saves through this module (the Trainer's own step bar is not affected).
+hf_logging.disable_progress_bar()
 
 # transformers 5.15+ runs T5 attention (relative position bias as an additive mask) through
 # PyTorch's scaled_dot_product_attention ("sdpa"), its default for T5 in 5.25;

@@ -336,3 +336,13 @@ def test_sdpa_is_the_default_and_matches_eager(tokenizer_dir):
     assert torch.allclose(la, lb, atol=1e-5, rtol=1e-4)
     for name in ga:
         assert torch.allclose(ga[name], gb[name], atol=1e-6, rtol=1e-3), name
+
+
+def test_save_and_load_draw_no_progress_bars(tiny_model_dir, tmp_path, capfd):
+    """transformers 5 drew 'Loading weights' and 'Writing model shards' bars into every log."""
+    from model.chat_model import load_model, load_tokenizer, save_model
+
+    capfd.readouterr()
+    save_model(load_model(tiny_model_dir), tmp_path / "copy", load_tokenizer(tiny_model_dir))
+    out, err = capfd.readouterr()
+    assert "Loading weights" not in err + out and "Writing model shards" not in err + out
