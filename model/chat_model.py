@@ -197,6 +197,8 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None) -> P
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     use_cache = model.config.use_cache
+    if tokenizer is not None:
+        fill_special_token_ids(model, tokenizer)  # configs that agree with the tokenizer written beside them
     try:
         model.config.use_cache = True  # off while training; the saved model generates with the cache
         model.save_pretrained(str(tmp))
@@ -342,6 +344,16 @@ def load_model_and_tokenizer(model_path: str | Path, tokenizer_dir: str | Path, 
     tokenizer = load_tokenizer(tokenizer_dir)
     check_vocab(tokenizer, model.config, str(model_path))
     return model, tokenizer
+
+
+def fill_special_token_ids(model, tokenizer) -> None:
+    """Give the model's config and generation config the tokenizer's [BOS] id where they have
+    none. T5 never uses it (decoding starts from [PAD]), but the HF Trainer fills it in itself
+    and says so in a warning at every run ("The tokenizer has new PAD/BOS/EOS tokens that
+    differ from the model config ..."). A differing id is left for the Trainer to report."""
+    for config in (model.config, getattr(model, "generation_config", None)):
+        if config is not None and getattr(config, "bos_token_id", None) is None:
+            config.bos_token_id = tokenizer.bos_token_id
 
 
 def check_vocab(tokenizer, model_config, where: str = "") -> None:

@@ -36,8 +36,8 @@ import torch
 
 from model.common import UserError, is_given, require_file
 
-from .chat_model import (build_model, check_vocab, count_parameters, load_model, load_tokenizer,
-                         save_model)
+from .chat_model import (build_model, check_vocab, count_parameters, fill_special_token_ids, load_model,
+                         load_tokenizer, save_model)
 from .checkpoint import begin_run, checkpoint_name, is_checkpoint_dir, read_state
 from .dataset import encode_batch
 from .harness import StopOnSignal, resolve_precision, training_device
@@ -326,6 +326,7 @@ def _load(job: Seq2SeqJob):
     else:
         model = build_model(job.model_config_file)
         check_vocab(tokenizer, model.config, job.model_config_file)
+    fill_special_token_ids(model, tokenizer)
     model.set_attn_implementation(job.attn_implementation)
     train_ds = tokenize_pairs(train_ds, tokenizer, job.max_seq_len, "train")
     if eval_ds is not None:

@@ -28,13 +28,15 @@ class TextToTextModel(T5ForConditionalGeneration):
     config_class = TextToTextModelConfig
 
     def generation_config_for(self, search_type: str, max_seq_len: int) -> GenerationConfig:
-        """The original's decoding settings for greedy, beam and sampling; [EOS], [PAD] and the
-        decoder's start token are the model config's, as contrastive search reads them."""
+        """The original's decoding settings for greedy, beam and sampling; [EOS], [PAD], [BOS] and
+        the decoder's start token are the model config's, as contrastive search reads them (and
+        the HF Trainer checks them against the tokenizer's, chat_model.fill_special_token_ids)."""
         if search_type not in SEARCH_TYPES:
             raise ValueError(f"search_type must be one of {SEARCH_TYPES}, got {search_type!r}")
         cfg = self.config
         gc = GenerationConfig(
             eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+            bos_token_id=getattr(cfg, "bos_token_id", None),  # T5Config defines none of its own
             decoder_start_token_id=cfg.decoder_start_token_id,
             max_new_tokens=max_seq_len, remove_invalid_values=True,
         )

@@ -346,3 +346,22 @@ def test_save_and_load_draw_no_progress_bars(tiny_model_dir, tmp_path, capfd):
     save_model(load_model(tiny_model_dir), tmp_path / "copy", load_tokenizer(tiny_model_dir))
     out, err = capfd.readouterr()
     assert "Loading weights" not in err + out and "Writing model shards" not in err + out
+
+
+def test_the_trainer_finds_the_tokenizers_special_ids_already_in_the_config(tiny_model_dir, monkeypatch):
+    """Without fill_special_token_ids the HF Trainer warned at every SFT run that it had put
+    the tokenizer's [BOS] id into the model's configs."""
+    from transformers import trainer_utils
+
+    from model.chat_model import fill_special_token_ids, load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+    warned = []
+    monkeypatch.setattr(trainer_utils.logger, "warning", lambda msg, *a, **k: warned.append(msg))
+    fill_special_token_ids(model, tokenizer)
+    trainer_utils.align_special_tokens(model, tokenizer)
+    assert warned == []
+    assert model.config.bos_token_id == model.generation_config.bos_token_id == tokenizer.bos_token_id
+    model.config.bos_token_id = model.generation_config.bos_token_id = None  # as saved by train.py
+    trainer_utils.align_special_tokens(model, tokenizer)
+    assert warned and "bos_token_id" in warned[0]  # the check can fail
