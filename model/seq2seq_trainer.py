@@ -52,3 +52,21 @@ class CountingSeq2SeqTrainer(Seq2SeqTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.trained_tokens += int(inputs["attention_mask"].sum()) + int((inputs["labels"] != -100).sum())
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _issue_warnings_after_load(self, load_result):
+        # A checkpoint holds shared.weight once: the encoder's and decoder's embeddings and the
+        # tied lm_head are that same tensor and are never saved, and load_state_dict fills them
+        # through it. transformers (5.25) still reports them as "missing keys" whenever it loads
+        # the best model or resumes; only keys that are missing indeed are passed on.
+        super()._issue_warnings_after_load(load_result._replace(
+            missing_keys=truly_missing(self.model, load_result.missing_keys)))
+
+
+def truly_missing(model, missing_keys: list[str]) -> list[str]:
+    """The keys of `missing_keys` that no other name of the same (tied) parameter loaded."""
+    names_of = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    missing = set(missing_keys)
+    loaded_through = {name for names in names_of.values() if not set(names) <= missing for name in names}
+    return [key for key in missing_keys if key not in loaded_through]

@@ -321,3 +321,20 @@ def test_pre_train_passes_torch_compile_to_the_trainer(tokenizer_dir, data, tmp_
     bad = _run("pre_train.py", _pretrain_args(tokenizer_dir, data, tmp_path / "bad", torch_compile=True,
                                               torch_compile_backend="turbo"), tmp_path)
     assert bad.returncode == 2 and "--torch_compile_backend must be one of" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_tied_embeddings_are_not_reported_missing_when_the_trainer_loads_a_checkpoint(tiny_model_dir):
+    """transformers warned 'There were missing keys in the checkpoint model loaded:
+    [encoder.embed_tokens.weight, decoder.embed_tokens.weight, lm_head.weight]' at the end of
+    every SFT run: they are shared.weight, saved once and loaded through it."""
+    from model.chat_model import load_model
+    from model.seq2seq_trainer import truly_missing
+
+    model = load_model(tiny_model_dir)
+    state = model.state_dict()
+    tied = ["encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"]
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in tied}, strict=False)
+    assert sorted(result.missing_keys) == sorted(tied) and truly_missing(model, result.missing_keys) == []
+    lost = [k for k in state if k not in tied][1:]  # everything but shared.weight: these are missing indeed
+    result = model.load_state_dict({"shared.weight": state["shared.weight"]}, strict=False)
+    assert sorted(truly_missing(model, result.missing_keys)) == sorted(lost)
