@@ -18,6 +18,8 @@ checkpoint saved, as in every stage (model/harness.py).
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,6 +66,15 @@ def lora_config(cfg):
                       bias="none")
 
 
+@contextmanager
+def _peft_wrapping():
+    """peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model,
+    a FutureWarning in every LoRA train and merge log that no setting of ours can answer."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
@@ -82,7 +93,8 @@ def load_adapter_model(adapter_dir: str | Path, base_model_dir: str | Path, trai
         raise UserError(f"unreadable {ADAPTER_CONFIG} in {adapter_dir}") from None
     if recorded and Path(recorded).exists() and Path(recorded).resolve() != Path(base_model_dir).resolve():
         print(f"warning: the adapter was trained on {recorded}, applying it to {base_model_dir}")
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+    with _peft_wrapping():
+        return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
 
 
 def _read_pairs(cfg) -> tuple[list[dict], list[dict] | None]:
@@ -115,7 +127,8 @@ def _policy_and_reference(cfg, tokenizer):
     if cfg.use_lora:
         from peft import get_peft_model
 
-        policy = get_peft_model(policy, lora_config(cfg))
+        with _peft_wrapping():
+            policy = get_peft_model(policy, lora_config(cfg))
         policy.print_trainable_parameters()
         return policy, None
     ref_model = load_model(cfg.sft_model_file)
