@@ -150,64 +150,93 @@ def sample_corpus(corpus_file: str | Path, max_bytes: int, seed: int = 0, phases
     path = Path(corpus_file)
     rng = random.Random(seed)
     chunk_chars = min(max(max_bytes // 8192, 2048), 1 << 19)
-    heap: list[tuple[float, int, str, int]] = []  # (-key, seq, text, nbytes): largest key on top
     seen = np.zeros(0x110000, dtype=bool)
     sample = CorpusSample(max_bytes=max_bytes)
+    reservoir = _BottomK(sample, slack=4 * chunk_chars)
     consumed = seq = 0
     seen_text = False
-    carry = b""
     with open(path, "rb") as fh:
-        while True:
-            block = fh.read(READ_BLOCK_BYTES)
-            data = carry + block
-            if block:
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:  # a line longer than a block: read on until it ends
-                    carry = data
-                    continue
-                data, carry = data[:cut], data[cut:]
-            elif not data:
-                break
-            else:
-                carry = b""
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise UserError(f"corpus file is not UTF-8 text: {path}: invalid byte 0x{data[exc.start]:02x} at "
-                                f"byte offset {consumed + exc.start} (convert it first, e.g. "
-                                "iconv -f GBK -t UTF-8)") from None
+        for data in _whole_line_blocks(fh):
+            text = _decode_block(data, path, consumed)
             consumed += len(data)
             seen[np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)] = True
             if "\r" in text:  # as text mode's universal newlines did
                 text = text.replace("\r\n", "\n").replace("\r", "\n")
             seen_text = seen_text or not text.isspace()
-            start = 0
-            while start < len(text):
-                end = text.find("\n", start + chunk_chars) + 1 or len(text)
-                piece, start, seq = text[start:end], end, seq + 1
-                key = rng.random()
-                if heap and key >= -heap[0][0] and sample.sample_bytes >= max_bytes - 4 * chunk_chars:
-                    sample.is_whole_corpus = False  # full, and this key is larger than all kept
-                    continue
-                nbytes = len(piece.encode("utf-8"))
-                if sample.sample_bytes + nbytes <= max_bytes or (heap and key < -heap[0][0]):
-                    heapq.heappush(heap, (-key, seq, piece, nbytes))
-                    sample.sample_bytes += nbytes
-                    while sample.sample_bytes > max_bytes:
-                        sample.sample_bytes -= heapq.heappop(heap)[3]
-                        sample.is_whole_corpus = False
-                else:
-                    sample.is_whole_corpus = False
+            for piece in _chunks(text, chunk_chars):
+                seq += 1
+                reservoir.offer(rng.random(), seq, piece)
             if phases is not None:
                 phases.advance(len(data))
     if not seen_text:
         raise UserError(f"corpus file has no text (only whitespace): {path}")
     # file order (seq): a corpus that fits is given to the trainer as it was written
-    sample.chunks = [item[2] for item in sorted(heap, key=lambda item: item[1])]
+    sample.chunks = [item[2] for item in sorted(reservoir.heap, key=lambda item: item[1])]
     sample.corpus_bytes = consumed
     seen[[ord("\n"), ord("\r")]] = False
     sample.alphabet = "".join(map(chr, np.flatnonzero(seen).tolist()))
     return sample
+
+
+def _whole_line_blocks(fh) -> Iterator[bytes]:
+    """The file's bytes in blocks of about READ_BLOCK_BYTES, each ending at a line break (the
+    last one where the file ends); a line longer than a block is read on until it ends."""
+    carry = b""
+    while True:
+        block = fh.read(READ_BLOCK_BYTES)
+        if not block:
+            if carry:
+                yield carry
+            return
+        data = carry + block
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            carry = data
+            continue
+        yield data[:cut]
+        carry = data[cut:]
+
+
+def _decode_block(data: bytes, path: Path, offset: int) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"corpus file is not UTF-8 text: {path}: invalid byte 0x{data[exc.start]:02x} at "
+                        f"byte offset {offset + exc.start} (convert it first, e.g. "
+                        "iconv -f GBK -t UTF-8)") from None
+
+
+def _chunks(text: str, chunk_chars: int) -> Iterator[str]:
+    """`text` in runs of whole lines of at least `chunk_chars` characters (the last may be shorter)."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start + chunk_chars) + 1 or len(text)
+        yield text[start:end]
+        start = end
+
+
+class _BottomK:
+    """The chunks with the smallest random keys that fit in the sample's max_bytes, in a heap
+    of (-key, seq, text, nbytes) with the largest kept key on top (see sample_corpus)."""
+
+    def __init__(self, sample: CorpusSample, slack: int) -> None:
+        self.sample, self.slack = sample, slack
+        self.heap: list[tuple[float, int, str, int]] = []
+
+    def offer(self, key: float, seq: int, piece: str) -> None:
+        sample, heap = self.sample, self.heap
+        if heap and key >= -heap[0][0] and sample.sample_bytes >= sample.max_bytes - self.slack:
+            sample.is_whole_corpus = False  # full, and this key is larger than all kept
+            return
+        nbytes = len(piece.encode("utf-8"))
+        if sample.sample_bytes + nbytes > sample.max_bytes and not (heap and key < -heap[0][0]):
+            sample.is_whole_corpus = False
+            return
+        heapq.heappush(heap, (-key, seq, piece, nbytes))
+        sample.sample_bytes += nbytes
+        while sample.sample_bytes > sample.max_bytes:
+            sample.sample_bytes -= heapq.heappop(heap)[3]
+            sample.is_whole_corpus = False
 
 
 class Phases:
