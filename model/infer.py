@@ -234,22 +234,26 @@ class Batcher:
             self.queue.remove(job)
         return batch
 
+    def _next_batch(self) -> list[_Job] | None:
+        """The next batch, marked running; None once the batcher is closed and its queue empty.
+
+        A batch waits to fill up until batch_wait_ms after its oldest job arrived: clients that
+        get their answers together ask again a few ms apart (an HTTP round trip), and without
+        the wait the first one would start a batch of its own."""
+        with self.cond:
+            while True:
+                while not self.queue:
+                    if self.closed:
+                        return None
+                    self.cond.wait()
+                left = self.queue[0].submitted + self.batch_wait - time.monotonic()
+                if len(self.queue) >= self.max_batch_size or left <= 0:
+                    self.running = self._take()
+                    return self.running
+                self.cond.wait(left)
+
     def _loop(self) -> None:
-        while True:
-            with self.cond:
-                # Wait for the batch to fill up to batch_wait_ms after its oldest job arrived:
-                # clients that get their answers together ask again a few ms apart (an HTTP round
-                # trip), and without the wait the first one would start a batch of its own.
-                while True:
-                    while not self.queue:
-                        if self.closed:
-                            return
-                        self.cond.wait()
-                    left = self.queue[0].submitted + self.batch_wait - time.monotonic()
-                    if len(self.queue) >= self.max_batch_size or left <= 0:
-                        break
-                    self.cond.wait(left)
-                batch = self.running = self._take()
+        while (batch := self._next_batch()) is not None:
             try:
                 self.bot._generate_batch(batch)
             except BaseException as exc:  # handed to each waiting reader; the thread carries on
