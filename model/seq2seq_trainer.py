@@ -58,8 +58,9 @@ class CountingSeq2SeqTrainer(Seq2SeqTrainer):
         # tied lm_head are that same tensor and are never saved, and load_state_dict fills them
         # through it. transformers (5.25) still reports them as "missing keys" whenever it loads
         # the best model or resumes; only keys that are missing indeed are passed on.
-        super()._issue_warnings_after_load(load_result._replace(
-            missing_keys=truly_missing(self.model, load_result.missing_keys)))
+        if hasattr(load_result, "_replace"):  # torch's _IncompatibleKeys (FSDP loads may return other things)
+            load_result = load_result._replace(missing_keys=truly_missing(self.model, load_result.missing_keys))
+        super()._issue_warnings_after_load(load_result)
 
 
 def truly_missing(model, missing_keys: list[str]) -> list[str]:
