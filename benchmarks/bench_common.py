@@ -1,4 +1,4 @@
-"""Where a benchmark writes: a new directory of the run's own, removed only by the run that made it.
+"""What the benchmarks share: where a run writes, and how it stops a server it started.
 
     from bench_common import new_run_dir, run_dir
     with run_dir(args.work_dir, "bench_data_", keep=args.keep) as work:
@@ -51,3 +51,15 @@ def run_dir(parent: str | None, prefix: str, keep: bool = False, what: str = "--
             print(f"this run's files: {work}", flush=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def stop_process(proc, timeout: float = 20) -> None:
+    """End a server started by a benchmark or a test: SIGTERM, then SIGKILL if it lingers."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

