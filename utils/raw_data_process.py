@@ -179,14 +179,45 @@ def split_counts(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, 
     return n - n_valid - n_test, n_valid, n_test
 
 
+def _scatter(pairs, buckets: list, rng: random.Random) -> tuple[int, int]:
+    """Write each distinct pair to a random bucket; returns (pairs written, exact duplicates)."""
+    import hashlib
+
+    seen: set[bytes] = set()
+    n = exact_dups = 0
+    for prompt, response in pairs:
+        key = hashlib.blake2b(f"{prompt}\x00{response}".encode("utf-8"), digest_size=8).digest()
+        if key in seen:
+            exact_dups += 1
+            continue
+        seen.add(key)
+        buckets[rng.randrange(len(buckets))].write(prompt, response)
+        n += 1
+    for b in buckets:
+        b.commit()
+    return n, exact_dups
+
+
+def _deal(buckets: list, writers: list, bounds: list[int], rng: random.Random) -> None:
+    """Each bucket shuffled in memory, its rows dealt in order: the first bounds[0] rows of all
+    to writers[0], up to bounds[1] to writers[1], the rest to writers[2]."""
+    from utils.parquet_io import iter_parquet_rows
+
+    i = 0
+    for b in buckets:
+        rows = [(p, r) for _, p, r in iter_parquet_rows(b.path)]
+        rng.shuffle(rows)
+        for row in rows:
+            writers[0 if i < bounds[0] else 1 if i < bounds[1] else 2].write(*row)
+            i += 1
+
+
 def cmd_split(cfg: DataProcessConfig) -> None:
     """Seeded shuffle and split, streaming: rows go to random buckets on disk, then each
     bucket is shuffled in memory and dealt out to train / valid / test in that order, so
     every row lands in exactly one split. Exact duplicate rows are dropped on the way so
     the same row cannot appear in two splits."""
-    import hashlib
-
-    from utils.parquet_io import PairWriter, iter_parquet_rows
+    from utils.parquet_io import PairWriter
 
     t0 = time.time()
     ratios = (cfg.train_ratio, cfg.valid_ratio, cfg.test_ratio)  # each in [0, 1], adding up to 1: config.py
@@ -199,36 +230,16 @@ def cmd_split(cfg: DataProcessConfig) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     n_buckets = max(1, math.ceil(path.stat().st_size / (cfg.shuffle_bucket_mb * 2**20)))
     rng = random.Random(cfg.seed)
-    seen: set[bytes] = set()
-    exact_dups = 0
     tmp_dir = Path(tempfile.mkdtemp(prefix=".split-", dir=out_dir))
     try:
         buckets = [PairWriter(tmp_dir / f"bucket{i}.parquet", cfg.row_group_size) for i in range(n_buckets)]
         counted = _Counted(pairs)
-        n = 0
-        for prompt, response in counted:
-            key = hashlib.blake2b(f"{prompt}\x00{response}".encode("utf-8"), digest_size=8).digest()
-            if key in seen:
-                exact_dups += 1
-                continue
-            seen.add(key)
-            buckets[rng.randrange(n_buckets)].write(prompt, response)
-            n += 1
-        for b in buckets:
-            b.commit()
+        n, exact_dups = _scatter(counted, buckets, rng)
         _finish_reading(bad, counted, path)
         counts = split_counts(n, ratios)
-        bounds = [counts[0], counts[0] + counts[1], n]
         writers = [PairWriter(out_dir / f"{name}.parquet", cfg.row_group_size) for name in names]
         try:
-            i = 0
-            for b in buckets:
-                rows = [(p, r) for _, p, r in iter_parquet_rows(b.path)]
-                rng.shuffle(rows)
-                for row in rows:
-                    k = 0 if i < bounds[0] else 1 if i < bounds[1] else 2
-                    writers[k].write(*row)
-                    i += 1
+            _deal(buckets, writers, [counts[0], counts[0] + counts[1], n], rng)
         except BaseException:
             for w in writers:
                 w.abort()
