@@ -354,6 +354,19 @@ def _requests() -> list[tuple[str, str, object]]:
             ("too_many_tokens", "/v1/chat/completions", {**chat, "max_tokens": 10 ** 6})]
 
 
+def _send(client, path: str, body) -> int | str:
+    """One request of the mixed load: its status, or "truncated" for a stream that ended without [DONE]."""
+    if body is None:
+        return client.get(path).status_code
+    if isinstance(body, bytes):
+        return client.post(path, content=body, headers={"Content-Type": "application/json"}).status_code
+    if body.get("stream"):
+        with client.stream("POST", path, json=body) as r:
+            text = "".join(r.iter_text())
+            return r.status_code if "[DONE]" in text or r.status_code != 200 else "truncated"
+    return client.post(path, json=body).status_code
+
+
 def mixed_load(base: str, clients: int, total: int, seconds: float) -> dict:
     import httpx
 
@@ -373,17 +386,7 @@ def mixed_load(base: str, clients: int, total: int, seconds: float) -> dict:
                 kind, path, body = kinds[i % len(kinds)]
                 t0 = time.perf_counter()
                 try:
-                    if body is None:
-                        status = client.get(path).status_code
-                    elif isinstance(body, bytes):
-                        status = client.post(path, content=body, headers={"Content-Type": "application/json"}
-                                             ).status_code
-                    elif body.get("stream"):
-                        with client.stream("POST", path, json=body) as r:
-                            text = "".join(r.iter_text())
-                            status = r.status_code if "[DONE]" in text or r.status_code != 200 else "truncated"
-                    else:
-                        status = client.post(path, json=body).status_code
+                    status = _send(client, path, body)
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
                 with lock:
