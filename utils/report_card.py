@@ -131,66 +131,76 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
+TRAINING_STAGES = (("pretrain (train.py)", "pretrain"), ("SFT (sft_train.py)", "sft"),
+                   ("DPO, LoRA (dpo_train.py)", "dpo"))  # (row name, stage and output directory name)
+
+
 def write_report(workdir: Path, state: dict, small: bool) -> Path:
+    from model.common import atomic_write_text
+    from utils.embedded_corpus import pretrain_objective_of
+
     saves, data = workdir / "model_save", workdir / "data" / "demo"
     report_dir = saves / "report"
     ev = report_dir / "eval"
     report_dir.mkdir(parents=True, exist_ok=True)
-    stats = _read_json(data / "stats.json")
-    stages = {"pretrain (train.py)": _stage("pretrain", saves / "pretrain", report_dir),
-              "SFT (sft_train.py)": _stage("sft", saves / "sft", report_dir),
-              "DPO, LoRA (dpo_train.py)": _stage("dpo", saves / "dpo", report_dir)}
-    bleu = _read_json(saves / "pretrain" / "test_results.json")
-    ev_json = {name: _read_json(ev / f"{name}.json") for name in
-               ("sft_sentiment", "sft_entity", "final_sentiment", "final_entity", "dpo_before", "dpo_after",
-                "pretrain_lm", "final_chat")}
-
     lines = ["# Report card: the whole pipeline on the embedded corpus", ""]
     if small:
         lines += ["**Cut-down run (`--small`)**: a check that every stage works, not a measurement.", ""]
-    lines += ["## Corpus", "", "| file | rows | characters |", "| --- | ---: | ---: |"]
-    files = stats.get("files", stats)
-    for name, info in files.items():
+    lines += _corpus_section(_read_json(data / "stats.json"))
+    lines += _training_section(saves, report_dir, state)
+    lines += [""] + _pretraining_section(_read_json(ev / "pretrain_lm.json"),
+                                         _read_json(saves / "pretrain" / "test_results.json"),
+                                         pretrain_objective_of(data))
+    lines += _evaluation_section(ev)
+    lines += [""] + _chat_section(_read_json(ev / "final_chat.json"))
+    lines += _wall_times_section(state)
+    lines += ["## Software and machine", "", f"- {_versions()}", f"- {_machine()}", ""]
+    return atomic_write_text(report_dir / "report.md", "\n".join(lines))
+
+
+def _corpus_section(stats: dict) -> list[str]:
+    lines = ["## Corpus", "", "| file | rows | characters |", "| --- | ---: | ---: |"]
+    for name, info in stats.get("files", stats).items():
         if isinstance(info, dict) and "rows" in info:
             lines.append(f"| {name} | {_fmt(info['rows'])} | {_fmt(info.get('chars'))} |")
-    lines += ["", "## Training", "",
-              "| stage | steps | tokens | tokens/s | final train loss | validation loss of the saved model | wall time |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    walls = {"pretrain (train.py)": "pretrain", "SFT (sft_train.py)": "sft", "DPO, LoRA (dpo_train.py)": "dpo"}
-    for name, s in stages.items():
-        wall = state.get(walls[name], {}).get("wall_s")
+    return lines
+
+
+def _training_section(saves: Path, report_dir: Path, state: dict) -> list[str]:
+    lines = ["", "## Training", "",
+             "| stage | steps | tokens | tokens/s | final train loss | validation loss of the saved model | wall time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    stages = {name: _stage(stage, saves / stage, report_dir) for name, stage in TRAINING_STAGES}
+    for name, stage in TRAINING_STAGES:
+        s, wall = stages[name], state.get(stage, {}).get("wall_s")
         lines.append(f"| {name} | {_fmt(s['steps'])} | {_fmt(s['tokens'])} | {_fmt(s['tokens_per_s'], 0)} | "
                      f"{_fmt(s['train_loss'])} | {_fmt(s['valid_loss'])} | {_fmt(wall, 0)} s |")
     lines.append("")
-    for name, s in stages.items():
-        if s["png"]:
-            lines.append(f"![{name} loss]({Path(s['png']).name})")
-    from utils.embedded_corpus import pretrain_objective_of
+    lines += [f"![{name} loss]({Path(s['png']).name})" for name, s in stages.items() if s["png"]]
+    return lines
 
-    lines += [""] + _pretraining_section(ev_json["pretrain_lm"], bleu, pretrain_objective_of(data))
-    lines += ["## Evaluation", "", "| what | model | result |", "| --- | --- | --- |"]
+
+def _evaluation_section(ev: Path) -> list[str]:
+    lines = ["## Evaluation", "", "| what | model | result |", "| --- | --- | --- |"]
     for tag, label in (("sft", "SFT"), ("final", "DPO (merged)")):
-        s = ev_json[f"{tag}_sentiment"]
+        s = _read_json(ev / f"{tag}_sentiment.json")
         lines.append(f"| sentiment accuracy, held-out reviews | {label} | {_fmt(s.get('accuracy'))} "
                      f"(majority baseline {_fmt(s.get('majority_baseline'))}, {_fmt(s.get('rows'))} rows) |")
     for tag, label in (("sft", "SFT"), ("final", "DPO (merged)")):
-        e = ev_json[f"{tag}_entity"]
+        e = _read_json(ev / f"{tag}_entity.json")
         lines.append(f"| entity extraction F1 / P / R, held-out sentences | {label} | {_fmt(e.get('f1'))} / "
                      f"{_fmt(e.get('precision'))} / {_fmt(e.get('recall'))} ({_fmt(e.get('rows'))} rows) |")
     for tag, label in (("dpo_before", "SFT (before DPO)"), ("dpo_after", "DPO (merged)")):
-        d = ev_json[tag]
+        d = _read_json(ev / f"{tag}.json")
         lines.append(f"| preference accuracy (log p(chosen) > log p(rejected)), held-out pairs | {label} | "
                      f"{_fmt(d.get('logp_accuracy'))} (per-token {_fmt(d.get('logp_accuracy_per_token'))}; "
                      f"DPO reward accuracy {_fmt(d.get('reward_accuracy'))}, margin {_fmt(d.get('reward_margin'))}; "
                      f"{_fmt(d.get('pairs'))} pairs) |")
-    lines += [""] + _chat_section(ev_json["final_chat"])
-    lines += ["## Stage wall times", "", "| stage | seconds |", "| --- | ---: |"]
-    total = 0.0
-    for name, info in state.items():
-        lines.append(f"| {name} | {info['wall_s']:.0f} |")
-        total += info["wall_s"]
-    lines += [f"| **total** | **{total:.0f}** |", "", "## Software and machine", "",
-              f"- {_versions()}", f"- {_machine()}", ""]
-    from model.common import atomic_write_text
+    return lines
 
-    return atomic_write_text(report_dir / "report.md", "\n".join(lines))
+
+def _wall_times_section(state: dict) -> list[str]:
+    lines = ["## Stage wall times", "", "| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {name} | {info['wall_s']:.0f} |" for name, info in state.items()]
+    total = sum(info["wall_s"] for info in state.values())
+    return lines + [f"| **total** | **{total:.0f}** |", ""]
