@@ -253,20 +253,7 @@ class ChatTrainer:
                  rank, world, accelerator.distributed_type, accelerator.device, accelerator.mixed_precision,
                  type(source).__name__, batches_per_epoch)
         if resume is not None:
-            saved = ckpt_io.read_state(resume)
-            for key in ("world_size", "batch_size_per_gpu", "gradient_accumulation_steps", "seed", "streaming",
-                        "group_by_length"):
-                if saved.get(key) != state[key]:
-                    raise UserError(f"cannot resume {resume} exactly: it was trained with {key}={saved.get(key)}, "
-                                    f"this run has {key}={state[key]}")
-            ckpt_io.load_optimizer_and_scheduler(accelerator, resume, optimizer, scheduler)
-            state.update({k: saved[k] for k in ("global_step", "epoch", "batch_in_epoch", "best_bleu",
-                                                 "last_eval_step")})
-            if saved["total_steps"] != total_steps:
-                log.warning("resuming with total_steps %d, the checkpoint's schedule has %d",
-                            total_steps, saved["total_steps"])
-            log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["global_step"],
-                     state["epoch"], state["batch_in_epoch"])
+            self._resume_state(resume, state, optimizer, scheduler, log)
         self.run_log = RunLog(self.out, eval_extra=("bleu4", "n_samples"))
         if accelerator.is_main_process:
             # evaluations up to the checkpoint's last one: a run killed after an evaluation but
@@ -283,6 +270,23 @@ class ChatTrainer:
             h.close()
             log.removeHandler(h)
         return summary
+
+    def _resume_state(self, resume: Path, state: dict, optimizer, scheduler, log) -> None:
+        """Load the optimiser and scheduler of checkpoint `resume` and its place in the data into
+        `state`, after checking it was trained with the settings that decide the data order."""
+        saved = ckpt_io.read_state(resume)
+        for key in ("world_size", "batch_size_per_gpu", "gradient_accumulation_steps", "seed", "streaming",
+                    "group_by_length"):
+            if saved.get(key) != state[key]:
+                raise UserError(f"cannot resume {resume} exactly: it was trained with {key}={saved.get(key)}, "
+                                f"this run has {key}={state[key]}")
+        ckpt_io.load_optimizer_and_scheduler(self.accelerator, resume, optimizer, scheduler)
+        state.update({k: saved[k] for k in ("global_step", "epoch", "batch_in_epoch", "best_bleu", "last_eval_step")})
+        if saved["total_steps"] != state["total_steps"]:
+            log.warning("resuming with total_steps %d, the checkpoint's schedule has %d",
+                        state["total_steps"], saved["total_steps"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume, state["global_step"],
+                 state["epoch"], state["batch_in_epoch"])
 
     def _model_source(self, resume: Path | None) -> tuple[Path | None, object, str | None]:
         """(what to load the model from, None for a fresh one; its config; the config file that
