@@ -34,7 +34,6 @@ from typing import Callable, NoReturn
 
 import torch
 
-from config import OPTIMIZERS  # noqa: F401 (the one list is in config.py)
 from model.common import UserError, atomic_write_text, is_given, require_file
 
 from . import checkpoint as ckpt_io
