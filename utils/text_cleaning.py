@@ -21,6 +21,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Iterable, Iterator
 
+
 def unpaired_surrogate(text: str) -> str | None:
     """What makes `text` impossible to encode as UTF-8, or None. A lone surrogate is what JSON's
     "\\ud800" escapes and, read with Python's surrogateescape, bytes that are not UTF-8 become;
