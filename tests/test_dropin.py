@@ -387,3 +387,18 @@ def test_clean_drops_the_originals_translation_and_table_tasks_from_belle(tmp_pa
     _pairs_parquet(tmp_path / "pairs.parquet", [(r["instruction"], r["output"]) for r in BELLE_ROWS])
     _clean(tmp_path / "pairs.parquet", tmp_path / "pairs_out.parquet")
     assert pq.read_table(tmp_path / "pairs_out.parquet").num_rows == len(BELLE_ROWS)
+
+
+@pytest.mark.parametrize("cwd", [".", "utils"])
+def test_the_data_scripts_run_as_files_as_the_original_runs_them(tmp_path, cwd):
+    """The original runs its data scripts as files from utils/ (`cd utils && python
+    raw_data_process.py`); `python utils/raw_data_process.py` is the other habit. Both put utils/,
+    not the project, first on the path: `import config` failed with a traceback."""
+    src = tmp_path / "belle.json"
+    src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in BELLE_ROWS), encoding="utf-8")
+    script = (ROOT / "utils" / "raw_data_process.py").relative_to(ROOT / cwd)
+    # two workers: the spawned processes re-import the script by its path too
+    _run(script, ["clean", "--input", src, "--output", tmp_path / "out.parquet", "--num_workers", 2], ROOT / cwd)
+    assert pq.read_table(tmp_path / "out.parquet").column("prompt").to_pylist() == ["感冒了要怎么办", "介绍一下北京"]
+    dpo = _run((ROOT / "utils" / "dpo_data_process.py").relative_to(ROOT / cwd), ["--help"], ROOT / cwd)
+    assert "--instruction_file" in dpo.stdout

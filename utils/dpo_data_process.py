@@ -36,8 +36,14 @@ import hashlib
 import json
 import os
 import random
+import sys
 from pathlib import Path
 from typing import Callable, Iterable
+
+if not __package__ and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # Run as a file, from utils/ as the original does or as `python utils/dpo_data_process.py`: the project,
+    # not utils/, goes first on the path (the project's packages were not found: a traceback).
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from model.pairs import PAIR_FIELDS, Report, preference_problem, read_instruction_file, read_preference_file
 from utils.cli import UserError, parse_config, require_writable, run_cli

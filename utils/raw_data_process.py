@@ -37,6 +37,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
+if not __package__ and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+    # Run as a file, from utils/ as the original does or as `python utils/raw_data_process.py`: the project,
+    # not utils/, goes first on the path (the project's packages were not found: a traceback).
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 from config import DATA_DIR, DataProcessConfig
 from utils.cli import UserError, parse_config, require_writable, run_cli
 from utils.data_readers import BadRows, detect_format, read_pairs
