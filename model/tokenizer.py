@@ -370,8 +370,9 @@ def train_hf(sample: CorpusSample, vocab_size: int, token_type: str, phases: Pha
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                       initial_alphabet=EXTRA_CHARS, show_progress=False,
                                       # a corpus with more distinct characters than the
-                                      # vocabulary keeps the most frequent ones ([UNK] else)
-                                      limit_alphabet=vocab_size - len(SPECIAL_TOKENS) - len(EXTRA_CHARS))
+                                      # vocabulary keeps the most frequent ones ([UNK] else);
+                                      # the limit counts the initial alphabet (tab, newline) too
+                                      limit_alphabet=vocab_size - len(SPECIAL_TOKENS))
     elif token_type == "byte":
         tok = Tokenizer(models.BPE())
         tok.normalizer = normalizers.NFKC()

@@ -242,3 +242,15 @@ def test_a_vocabulary_smaller_than_the_alphabet_is_said(small_corpus, capsys):
     assert "note: more distinct characters than --vocab_size 60: the " in out, out
     rare = [c for c in set("".join(lines)) if not c.isspace()]
     assert any(tok.unk_token_id in tok(c, add_special_tokens=False)["input_ids"] for c in rare)
+
+
+def test_the_smallest_vocabulary_keeps_tab_newline_and_the_commonest_characters(tmp_path):
+    """tokenizers counts its initial alphabet (tab, newline) inside limit_alphabet: the hf path
+    reserved their two places twice, so --vocab_size 10 (the smallest allowed) saved 8 tokens,
+    without newline and without any character of the corpus."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("甲甲甲甲乙乙乙丙丙丁\n" * 50, encoding="utf-8")
+    n = len(SPECIAL_TOKENS) + 2 + 2  # room for tab, newline and two characters
+    vocab = train_tokenizer(corpus, vocab_size=n, library="hf", progress=False).get_vocab()
+    assert len(vocab) == n
+    assert {"\t", "\n", "甲", "乙"} <= set(vocab), sorted(vocab)
