@@ -39,8 +39,12 @@ def test_every_training_config_has_max_steps_and_root_relative_paths():
 def test_unknown_command_and_flag():
     with pytest.raises(UserError, match="unknown command 'trian'"):
         parse_config(TrainConfig, ["trian"], commands=["train", "test"])
-    with pytest.raises(UserError, match="--epoch"):  # a prefix of --epochs is not accepted
-        parse_config(TrainConfig, ["--epoch", "3"])
+    with pytest.raises(UserError, match=r"^unknown setting --epoch \(did you mean --epochs\?\): "):
+        parse_config(TrainConfig, ["--epoch", "3"])  # a prefix of --epochs is not accepted
+    with pytest.raises(UserError, match=r"^unknown settings --nonsense_x, --other: "):
+        parse_config(TrainConfig, ["--nonsense_x", "1", "--other=2"])
+    with pytest.raises(UserError, match=r"^unexpected argument 'stray': settings are given as --name value"):
+        parse_config(TrainConfig, ["--epochs", "3", "stray"])
     with pytest.raises(SystemExit) as exc:  # argparse's own one-line error for a bad value
         parse_config(TrainConfig, ["--epochs", "three"])
     assert exc.value.code == 2

@@ -61,14 +61,27 @@ def parse_config(config_cls: type[T], argv: Sequence[str] | None = None,
             action.help = "(default: %(default)s)"
     if commands:
         parser.usage = f"%(prog)s [{'|'.join(commands)}] [--field value ...]"
-    try:
-        (cfg,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
-    except ValueError as exc:  # unknown flags
-        raise UserError(str(exc)) from None
+    cfg, rest = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False,
+                                                   return_remaining_strings=True)
     options = parser._option_string_actions  # argparse's map of "--flag" to its action
+    if rest:
+        raise UserError(_unknown_arguments(rest, options, parser.prog))
     setattr(cfg, _GIVEN, frozenset(options[a.split("=", 1)[0]].dest for a in argv
                                    if a.startswith("--") and a.split("=", 1)[0] in options))
     return command, cfg
+
+
+def _unknown_arguments(rest: list[str], options, prog: str) -> str:
+    """One line naming what was not understood, with the nearest setting's name for a typo."""
+    import difflib
+
+    flags = [a.split("=", 1)[0] for a in rest if a.startswith("-")]
+    if not flags:
+        return f"unexpected argument {rest[0]!r}: settings are given as --name value (`{prog} --help` lists them)"
+    near = difflib.get_close_matches(flags[0], [o for o in options if o.startswith("--")], n=1)
+    hint = f" (did you mean {near[0]}?)" if near else ""
+    return (f"unknown setting{'s' if len(flags) > 1 else ''} {', '.join(flags)}{hint}: "
+            f"`{prog} --help` lists every setting")
 
 
 def config_fields(config_cls) -> list[str]:
