@@ -95,6 +95,16 @@ def test_json_array_not_utf8_is_one_line_error(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_gbk_json_lines_file_is_said_to_be_gbk_not_of_unknown_format(tmp_path, capsys):
+    """Every line of a GBK file fails to decode, so format detection found no record and said
+    "cannot tell the format of ...; pass --input_format", which sends the user the wrong way."""
+    from utils.raw_data_process import main
+
+    src = _bytes_file(tmp_path / "raw.jsonl", *[(json.dumps(GOOD, ensure_ascii=False) + "\n").encode("gbk")] * 3)
+    line = one_line_error(capsys, main, ["clean", "--input", str(src), "--output", str(tmp_path / "out.parquet")])
+    assert f"input file {src} is not UTF-8 text: line 1, byte 0x" in line and "iconv -f GBK" in line, line
+
+
 def test_dpo_and_eval_readers_reject_invalid_utf8(tmp_path):
     from model.pairs import read_rows
     from utils.dpo_data_process import Report, read_preference_file

@@ -151,15 +151,23 @@ def _read_csv(path: Path, bad: BadRows) -> Iterator[tuple[str, str]]:
 
 
 def _first_json_object(path: Path) -> dict | None:
+    """The first JSON object among the first 101 lines; an error if none is found and a line
+    there is not UTF-8 (a GBK file is not of an unknown format)."""
+    not_utf8 = ""
     for lineno, line, problem in iter_utf8_lines(path):
         if lineno > 101:
             break
+        if problem:
+            not_utf8 = not_utf8 or f"line {lineno}, {problem.removeprefix('not UTF-8: ')}"
+            continue
         try:
-            obj = ujson.loads(line) if not problem else None
+            obj = ujson.loads(line)
         except ValueError:
             continue
         if isinstance(obj, dict):
             return obj
+    if not_utf8:
+        raise UserError(f"input file {path} is not UTF-8 text: {not_utf8}; {HINT}")
     return None
 
 
