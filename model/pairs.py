@@ -372,7 +372,7 @@ def read_rows(path: str | Path, columns: Sequence[str], what: str = "file", null
             text_field(rec, c, required=not null_is_empty or not isinstance(rec, dict) or c not in rec)
         return {**rec, **{c: rec[c] or "" for c in columns}}
 
-    p = require_file(path, what)
+    p = require_pair_file(path, what)
     rows = list(read_records(p, row_fn, BadRows(strict=what), columns=columns))
     if not rows:
         raise UserError(f"{what} has no rows: {p}")

@@ -88,3 +88,7 @@ def test_evaluation_rows_are_whole_or_one_line_error(tmp_path):
     empty = _jsonl(tmp_path / "blank.jsonl", [" "])
     with pytest.raises(UserError, match="predictions has no rows"):
         read_rows(empty, ("response",), "predictions")
+    # a CSV (the cleaning stage reads them) was parsed as JSON lines: "line 1: bad JSON"
+    (tmp_path / "test.csv").write_text("prompt,response\n问,答\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^test file must be \.json, \.jsonl or \.parquet: .*test\.csv$"):
+        read_rows(tmp_path / "test.csv", ("prompt", "response"), "test file")
