@@ -205,6 +205,7 @@ def test_tiny_temperature_gives_the_greedy_answer(client, bot):
     ("/v1/chat/completions", b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"temperature\": 5}"),
     ("/v1/chat/completions", b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": \"many\"}"),
     ("/v1/chat/completions", b"{\"messages\": [{\"role\": \"user\""),
+    ("/v1/chat/completions", b"[" * 3000),  # FastAPI's parser gives up: was 422, not OpenAI's 400
 ])
 def test_malformed_bodies_get_4xx(client, path, body):
     """/api/chat: FastAPI's 422; /v1: OpenAI's 400 invalid_request_error."""
@@ -217,6 +218,17 @@ def test_malformed_bodies_get_4xx(client, path, body):
         assert r.status_code == 422, r.text
         message = r.json()["detail"]
     assert message.startswith("invalid request body")
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_a_body_that_is_not_utf8_is_said_to_be_so(client, path):
+    """A GBK body was answered "it could not be parsed as JSON", which hides the cause."""
+    body = '{"input_txt": "你好", "messages": [{"role": "user", "content": "你好"}]}'.encode("gbk")
+    r = client.post(path, headers={**AUTH, "Content-Type": "application/json"}, content=body)
+    assert r.status_code == (400 if path.startswith("/v1/") else 422), r.text
+    message = r.json()["error"]["message"] if path.startswith("/v1/") else r.json()["detail"]
+    assert message == ("invalid request body: it is not UTF-8 (byte 0xc4 at byte offset 15); "
+                       "send JSON as UTF-8"), message
 
 
 @pytest.mark.parametrize("extra,field", [

@@ -60,6 +60,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from config import InferConfig
+from model.text_files import bad_bytes
 from utils.cli import UserError, parse_config
 from utils.text_cleaning import unpaired_surrogate
 
@@ -275,16 +276,22 @@ async def _answer_while_connected(request: Request, bot, *args):
 
 async def _http_error(request: Request, exc: StarletteHTTPException):
     if exc.status_code == 400 and exc.__cause__ is not None:
-        # FastAPI's answer to a body its JSON parser gave up on (e.g. nested too deeply):
-        # still a malformed body, so the same 422 as any other.
-        return error_response(request.url.path, 422, "invalid request body: it could not be parsed as JSON")
+        # FastAPI's answer to a body its JSON parser gave up on (nested too deeply, or bytes
+        # that are not UTF-8): still a malformed body, so the same status as any other.
+        why = "it could not be parsed as JSON"
+        if isinstance(exc.__cause__, UnicodeDecodeError):
+            why = f"it is not UTF-8 ({bad_bytes(exc.__cause__)}); send JSON as UTF-8"
+        return error_response(request.url.path, _bad_body_status(request), f"invalid request body: {why}")
     return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
 
+def _bad_body_status(request: Request) -> int:
+    """OpenAI answers a bad body with 400 invalid_request_error; /api/chat keeps FastAPI's 422."""
+    return 400 if request.url.path.startswith("/v1/") else 422
+
+
 async def _validation_error(request: Request, exc: RequestValidationError):
-    # OpenAI answers a bad body with 400 invalid_request_error; /api/chat keeps FastAPI's 422.
-    status = 400 if request.url.path.startswith("/v1/") else 422
-    return error_response(request.url.path, status, _validation_message(exc))
+    return error_response(request.url.path, _bad_body_status(request), _validation_message(exc))
 
 
 async def _internal_error(request: Request, exc: Exception):
