@@ -231,6 +231,19 @@ def test_a_body_that_is_not_utf8_is_said_to_be_so(client, path):
                        "send JSON as UTF-8"), message
 
 
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+@pytest.mark.parametrize("media_type", ["application/x-www-form-urlencoded", "text/plain"])
+def test_json_sent_without_a_json_content_type_is_told_which_header_to_send(client, path, media_type):
+    """`curl -d '{...}'` without -H sends a form: FastAPI does not read it as JSON (rightly), and
+    the answer was "body: Input should be a valid dictionary or object to extract fields from"."""
+    body = json.dumps({"input_txt": "你好", "messages": [{"role": "user", "content": "你好"}]}).encode()
+    r = client.post(path, headers={**AUTH, "Content-Type": media_type}, content=body)
+    assert r.status_code == (400 if path.startswith("/v1/") else 422), r.text
+    message = r.json()["error"]["message"] if path.startswith("/v1/") else r.json()["detail"]
+    assert message == (f"invalid request body: it was sent as {media_type}; send JSON with the header "
+                       "Content-Type: application/json"), message
+
+
 @pytest.mark.parametrize("extra,field", [
     ({"max_tokens": "2"}, "max_tokens"), ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 2.0}, "max_tokens"),
     ({"stream": "yes"}, "stream"), ({"stream": 1}, "stream"), ({"temperature": "0.5"}, "temperature"),

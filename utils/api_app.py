@@ -291,7 +291,14 @@ def _bad_body_status(request: Request) -> int:
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):
-    return error_response(request.url.path, _bad_body_status(request), _validation_message(exc))
+    message = _validation_message(exc)
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
+        # FastAPI reads only a JSON content type as JSON (a web page could otherwise post one
+        # cross-site without a preflight); `curl -d` sends application/x-www-form-urlencoded
+        message = (f"invalid request body: it was sent as {media_type}; send JSON with the header "
+                   "Content-Type: application/json")
+    return error_response(request.url.path, _bad_body_status(request), message)
 
 
 async def _internal_error(request: Request, exc: Exception):
