@@ -274,6 +274,11 @@ async def _answer_while_connected(request: Request, bot, *args):
             control.stop()
 
 
+def _bad_body_status(request: Request) -> int:
+    """OpenAI answers a bad body with 400 invalid_request_error; /api/chat keeps FastAPI's 422."""
+    return 400 if request.url.path.startswith("/v1/") else 422
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException):
     if exc.status_code == 400 and exc.__cause__ is not None:
         # FastAPI's answer to a body its JSON parser gave up on (nested too deeply, or bytes
@@ -283,11 +288,6 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
             why = f"it is not UTF-8 ({bad_bytes(exc.__cause__)}); send JSON as UTF-8"
         return error_response(request.url.path, _bad_body_status(request), f"invalid request body: {why}")
     return error_response(request.url.path, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
-
-
-def _bad_body_status(request: Request) -> int:
-    """OpenAI answers a bad body with 400 invalid_request_error; /api/chat keeps FastAPI's 422."""
-    return 400 if request.url.path.startswith("/v1/") else 422
 
 
 async def _validation_error(request: Request, exc: RequestValidationError):
