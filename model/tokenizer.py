@@ -31,6 +31,7 @@ from __future__ import annotations
 import heapq
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -430,6 +431,11 @@ def train_sentencepiece(sample: CorpusSample, vocab_size: int, token_type: str, 
                     print(f"note: more distinct characters than --vocab_size {vocab_size}; "
                           "using character_coverage 0.9995")
                     continue
+                needed = re.search(r"required_chars\. \d+ vs (\d+)", message)
+                if needed:  # its own advice names a --character_coverage flag this project does not have
+                    raise UserError(f"--vocab_size {vocab_size} is too small for sentencepiece on this corpus: "
+                                    f"it needs at least {needed.group(1)} (the special tokens, tab, newline and "
+                                    "the characters that make up 99.95% of the text)") from None
                 raise UserError(f"sentencepiece training failed: {message}") from None
         vocab, merges = _spm_bpe_vocab_and_merges(prefix + ".model")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]",

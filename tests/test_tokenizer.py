@@ -254,3 +254,16 @@ def test_the_smallest_vocabulary_keeps_tab_newline_and_the_commonest_characters(
     vocab = train_tokenizer(corpus, vocab_size=n, library="hf", progress=False).get_vocab()
     assert len(vocab) == n
     assert {"\t", "\n", "甲", "乙"} <= set(vocab), sorted(vocab)
+
+
+def test_sentencepiece_below_its_smallest_vocabulary_names_the_smallest(tmp_path):
+    """sentencepiece keeps every character that covers 99.95% of the text; below that its error
+    told the user to pass --character_coverage, a flag this project does not have."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("甲甲甲甲乙乙乙丙丙丁\n" * 50, encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        train_tokenizer(corpus, vocab_size=11, library="sentencepiece", progress=False)
+    assert str(err.value) == ("--vocab_size 11 is too small for sentencepiece on this corpus: it needs at least "
+                              "13 (the special tokens, tab, newline and the characters that make up 99.95% of "
+                              "the text)"), str(err.value)
+    assert len(train_tokenizer(corpus, vocab_size=13, library="sentencepiece", progress=False).get_vocab()) >= 13
