@@ -35,7 +35,7 @@ def main() -> None:
     from model.tokenizer import save_tokenizer, train_tokenizer
 
     _, cfg = parse_config(TokenizerTrainConfig, description=__doc__)
-    check_replaceable(cfg.output_dir)  # before training: a user's directory is never replaced
+    check_replaceable(cfg.output_dir, "tokenizer")  # before training: no user directory or model is replaced
     require_writable(cfg.output_dir, "--output_dir", is_dir=True)
     tokenizer = train_tokenizer(cfg.corpus_file, cfg.vocab_size, cfg.token_type, cfg.library,
                                 max_memory_mb=cfg.max_memory_mb)

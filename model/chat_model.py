@@ -21,8 +21,9 @@
 - `replace_dir(src, dst)`: the one atomic directory replacement (models, tokenizers, LoRA
   adapters). It replaces `dst` only when the project wrote it: a directory carrying the
   marker file `OUTPUT_MARKER` (written into every directory it installs, listing its files),
-  or one holding only files of the known model/tokenizer set. Anything else (a user's
-  directory, a file) is a one-line error naming it, and nothing is touched.
+  or one holding only files of the known model/tokenizer set, and only with what it holds (a
+  tokenizer never replaces a model). Anything else (a user's directory, a file, a model where a
+  tokenizer is written) is a one-line error naming it, and nothing is touched.
 """
 from __future__ import annotations
 
@@ -213,8 +214,24 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None) -> P
     return out_dir
 
 
-def check_replaceable(dst: str | Path) -> None:
-    """A UserError unless `dst` is absent, or a directory this project wrote (see the module doc)."""
+def output_kind(directory: Path) -> str | None:
+    """What a project (or original) output directory holds: "LoRA adapter", "model", "tokenizer"
+    or None (none of these), by its files; an adapter or a model directory holds tokenizer files too."""
+    names = {p.name for p in directory.iterdir()}
+    if "adapter_config.json" in names:
+        return "LoRA adapter"
+    if names & {*WEIGHT_FILES, "config.json", ORIGINAL_CONFIG_NAME}:
+        return "model"
+    if "tokenizer.json" in names or "tokenizer.model" in names:
+        return "tokenizer"
+    return None
+
+
+def check_replaceable(dst: str | Path, kind: str | None = None) -> None:
+    """A UserError unless `dst` is absent, or a directory this project wrote (see the module doc)
+    that holds nothing of another kind than `kind` (when given): both a tokenizer and a model
+    are the project's, but `train_tokenizer.py --output_dir model_save/sft/best` must not
+    delete the model there."""
     dst = Path(dst)
     if not dst.exists() and not dst.is_symlink():
         return
@@ -232,15 +249,20 @@ def check_replaceable(dst: str | Path) -> None:
         raise UserError(f"output directory {dst} holds files this project did not write "
                         f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}): refusing to replace it "
                         "(choose another output directory, or move those files away)")
+    held = output_kind(dst)
+    if kind and held and held != kind:
+        raise UserError(f"output directory {dst} holds a {held}: a {kind} written there would replace it "
+                        "(choose another output directory, or move it away)")
 
 
 def replace_dir(src: Path, dst: Path) -> None:
     """Move directory `src` to `dst`, replacing `dst`; at every instant one complete copy exists.
 
-    `dst` is replaced only when check_replaceable allows it; `src` gets the marker first.
+    `dst` is replaced only when check_replaceable allows it (a directory of the project holding
+    what `src` holds, or nothing); `src` gets the marker first.
     """
     src, dst = Path(src), Path(dst)
-    check_replaceable(dst)
+    check_replaceable(dst, output_kind(src))
     files = sorted(p.name for p in src.iterdir()) + [OUTPUT_MARKER]
     (src / OUTPUT_MARKER).write_text(json.dumps({"written_by": "ChatLM-mini-Chinese", "files": files}, indent=1),
                                      encoding="utf-8")

@@ -238,7 +238,8 @@ def merge(cfg) -> Path:
     if not is_adapter_dir(adapter_dir):
         raise UserError(f"not a LoRA adapter directory (no {ADAPTER_CONFIG}): {adapter_dir}")
     _require_sft(cfg)
-    check_replaceable(cfg.merged_output_dir)  # before the merge: a user's directory is never replaced
+    # before the merge: neither a user's directory nor a tokenizer is ever replaced
+    check_replaceable(cfg.merged_output_dir, "model")
     model = load_adapter_model(adapter_dir, cfg.sft_model_file)
     merged = model.merge_and_unload()
     tokenizer = load_tokenizer(tokenizer_dir_for(

@@ -269,6 +269,38 @@ def test_train_tokenizer_never_replaces_a_users_directory_or_file(corpus_file, t
     assert "tokenizer.json" in json.loads((tmp_path / "tok" / OUTPUT_MARKER).read_text())["files"]
 
 
+def test_a_tokenizer_never_replaces_a_model_directory(corpus_file, tiny_model_dir, tmp_path):
+    """`train_tokenizer.py --output_dir model_save/sft/best` replaced the whole model directory
+    (weights, config) with a tokenizer: the project wrote both, so the replacement was allowed."""
+    from model.chat_model import load_model
+    from model.tokenizer import save_tokenizer, train_tokenizer
+
+    model_dir = tmp_path / "best"
+    shutil.copytree(tiny_model_dir, model_dir)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    proc = subprocess.run([PY, str(ROOT / "train_tokenizer.py"), "--corpus_file", str(corpus_file),
+                           "--vocab_size", "600", "--output_dir", str(model_dir)], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert _one_line_error(proc) == (f"error: output directory {model_dir} holds a model: a tokenizer written "
+                                     "there would replace it (choose another output directory, or move it away)")
+    tokenizer = train_tokenizer(corpus_file, 600, progress=False)
+    with pytest.raises(UserError, match="holds a model: a tokenizer written there would replace it"):
+        save_tokenizer(tokenizer, model_dir)  # the one replacement path checks it too
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+    load_model(model_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]  # no temporary left
+
+
+def test_a_model_never_replaces_a_tokenizer_directory(tiny_model_dir, tokenizer_dir, tmp_path):
+    from model.chat_model import load_model, save_model
+
+    shared = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, shared)
+    with pytest.raises(UserError, match=r"holds a tokenizer: a model written there would replace it"):
+        save_model(load_model(tiny_model_dir), shared)
+    assert sorted(p.name for p in shared.iterdir()) == sorted(p.name for p in tokenizer_dir.iterdir())
+
+
 def test_save_model_replaces_only_project_directories(tiny_model_dir, tmp_path):
     from model.chat_model import OUTPUT_MARKER, load_model, save_model
 
