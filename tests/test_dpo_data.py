@@ -291,3 +291,36 @@ def test_instruction_rows_and_pairs_are_dropped_under_one_name_per_reason(tmp_pa
     report = build(cfg, generate=lambda model, tok, prompts, *a, **k: ["答" for _ in prompts])
     assert report.generated == len(PROMPTS) - 2
     assert report.dropped == {"empty prompt or chosen answer": 2, "longer than 30 characters": 2}
+
+
+def test_outputs_never_replace_an_input_or_a_parquet_file_they_did_not_write(tmp_path, chatty_model_dir):
+    """The .parquet copy beside --train_file replaced whatever file had that name (a user's
+    data, or the instruction file itself: --instruction_file d.parquet --train_file d.json), and
+    --train_file could name an input. Both are refused before anything is read or generated."""
+    instr = _instruction_parquet(tmp_path / "d.parquet", [f"参考答案{i}" for i in range(len(PROMPTS))])
+    before = instr.read_bytes()
+    answer = lambda model, tok, prompts, *a, **k: ["答" for _ in prompts]  # noqa: E731
+    cfg = replace(_cfg(tmp_path, instr, chatty_model_dir), train_file=str(tmp_path / "d.json"))
+    with pytest.raises(UserError, match=r"^the \.parquet copy of --train_file would be .*d\.parquet, which is "
+                                        r"--instruction_file: choose another --train_file$"):
+        build(cfg, generate=answer)
+    prefs = tmp_path / "prefs.json"
+    prefs.write_text(json.dumps([{"prompt": "p", "chosen": "c", "rejected": "r"}]), encoding="utf-8")
+    with pytest.raises(UserError, match=r"^--train_file .*prefs\.json is one of --preference_files: choose another "
+                                        r"--train_file$"):
+        build(replace(cfg, train_file=str(prefs), preference_files=str(prefs)), generate=answer)
+    users = tmp_path / "mine.parquet"
+    users.write_bytes(b"a user's own file")
+    with pytest.raises(UserError, match=r"^the \.parquet copy of --eval_file would replace .*mine\.parquet, which "
+                                        r"this project did not write: move it away, choose another --eval_file, "
+                                        r"or --write_parquet False$"):
+        build(replace(cfg, train_file=str(tmp_path / "t.json"), eval_file=str(tmp_path / "mine.json")),
+              generate=answer)
+    assert instr.read_bytes() == before and users.read_bytes() == b"a user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.parquet", "mine.parquet", "prefs.json"]
+    # its own parquet copies are replaced by a second build
+    ok = replace(cfg, train_file=str(tmp_path / "t.json"), eval_file=str(tmp_path / "e.json"))
+    for _ in range(2):
+        build(ok, generate=answer)
+    assert build(replace(ok, write_parquet=False, eval_file=str(tmp_path / "mine.json")), generate=answer)
+    assert users.read_bytes() == b"a user's own file"

@@ -21,7 +21,9 @@ Inputs
 Generation is resumable: every finished batch is appended (and flushed to disk) to a
 partial file next to the output; a rerun with the same inputs and settings continues after
 the last finished batch, and the outputs are the same as an uninterrupted run's. The final
-files are written atomically and only then is the partial file removed.
+files are written atomically and only then is the partial file removed. No output may be an
+input, and the .parquet copy beside a JSON output replaces only a .parquet copy this command
+wrote (marked in its metadata): a user's file of that name is an error, before any work.
 
 Pairs are dropped, and counted by reason, when the prompt or the chosen answer is empty,
 a text is longer than `--max_len` characters, or the rejected answer equals the chosen one.
@@ -230,21 +232,54 @@ def write_json_atomic(rows: list[dict], path: Path) -> None:
     atomic_write_text(path, json.dumps(rows, ensure_ascii=False, indent=1))
 
 
+PARQUET_MARKER = {b"written_by": b"ChatLM-mini-Chinese utils.dpo_data_process"}  # in the schema metadata
+
+
 def write_parquet_atomic(rows: list[dict], path: Path) -> None:
-    """prompt/chosen/rejected parquet (the pair writer of utils.parquet_io has two columns)."""
+    """prompt/chosen/rejected parquet (the pair writer of utils.parquet_io has two columns),
+    marked as this command's so that a rerun may replace it (check_outputs)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from model.common import temp_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({k: pa.array([r[k] for r in rows], type=pa.string()) for k in PAIR_FIELDS})
+    table = pa.table({k: pa.array([r[k] for r in rows], type=pa.string()) for k in PAIR_FIELDS},
+                     metadata=PARQUET_MARKER)
     tmp = temp_path(path)
     try:
         pq.write_table(table, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _written_here(path: Path) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except Exception:  # noqa: BLE001 (not parquet at all, or unreadable: not ours either way)
+        return False
+    return all(metadata.get(k) == v for k, v in PARQUET_MARKER.items())
+
+
+def check_outputs(cfg, inputs: dict[Path, str]) -> None:
+    """Before anything is read: no output is an input, and the .parquet copies (named by the
+    JSON outputs, not by the user) replace only files this command wrote."""
+    for flag in ("--train_file", "--eval_file"):
+        named = Path(getattr(cfg, flag[2:]))
+        if named.resolve() in inputs:
+            raise UserError(f"{flag} {named} is {inputs[named.resolve()]}: choose another {flag}")
+        if not cfg.write_parquet:
+            continue
+        copy = named.with_suffix(".parquet")
+        if copy.resolve() in inputs:
+            raise UserError(f"the .parquet copy of {flag} would be {copy}, which is {inputs[copy.resolve()]}: "
+                            f"choose another {flag}")
+        if (copy.exists() or copy.is_symlink()) and not (copy.is_file() and _written_here(copy)):
+            raise UserError(f"the .parquet copy of {flag} would replace {copy}, which this project did not write: "
+                            f"move it away, choose another {flag}, or --write_parquet False")
 
 
 # --------------------------------------------------------------------------- the command
@@ -265,6 +300,10 @@ def build(cfg, generate: Callable[..., list[str]] = generate_answers) -> Report:
     extra = [p.strip() for p in cfg.preference_files.split(",") if p.strip()]
     if not cfg.instruction_file and not extra:
         raise UserError("nothing to read: give --instruction_file and/or --preference_files")
+    inputs = {Path(p).resolve(): "one of --preference_files" for p in extra}
+    if cfg.instruction_file:
+        inputs[Path(cfg.instruction_file).resolve()] = "--instruction_file"
+    check_outputs(cfg, inputs)
     # read (and validate) every input before the slow generation starts
     instruction_rows = read_instruction_file(cfg.instruction_file, report, cfg.max_rows) if cfg.instruction_file else []
     extra_rows = [row for p in extra
