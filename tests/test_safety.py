@@ -402,6 +402,21 @@ def test_fresh_dpo_run_refuses_existing_checkpoints(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
 
 
+def test_a_run_never_writes_into_a_model_directory(tiny_model_dir, pairs_dir, tmp_path):  # noqa: F811
+    """--output_dir naming a model directory (model_save/pretrain/best for model_save/sft, say)
+    filled it with checkpoints/, runs/ and logs: it could then never be replaced as a model."""
+    model_dir = tmp_path / "best"
+    shutil.copytree(tiny_model_dir, model_dir)
+    before = sorted(p.name for p in model_dir.iterdir())
+    proc = subprocess.run([PY, str(ROOT / "sft_train.py"), "--finetune_from_ckp_file", str(tiny_model_dir),
+                           "--sft_train_file", str(pairs_dir / "train.parquet"), "--output_dir", str(model_dir),
+                           "--max_steps", "1", "--mixed_precision", "no"], env=_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert _one_line_error(proc) == (f"error: --output_dir {model_dir} is a model directory: a run writes its "
+                                     "best/, checkpoints/ and logs into --output_dir; choose another directory")
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
 def test_eval_row_is_not_logged_twice_after_a_kill_between_eval_and_checkpoint(pairs_dir, tokenizer_dir,  # noqa: F811
                                                                                tmp_path):
     """8 steps = one epoch; the checkpoint at step 8 (save_steps) is written before the epoch's
