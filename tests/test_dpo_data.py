@@ -324,3 +324,11 @@ def test_outputs_never_replace_an_input_or_a_parquet_file_they_did_not_write(tmp
         build(ok, generate=answer)
     assert build(replace(ok, write_parquet=False, eval_file=str(tmp_path / "mine.json")), generate=answer)
     assert users.read_bytes() == b"a user's own file"
+    # a copy written before the marker existed holds the pairs of its JSON: replacing it loses nothing
+    import pyarrow.parquet as pq
+    copy = tmp_path / "t.parquet"
+    pq.write_table(pq.read_table(copy).replace_schema_metadata(None), copy)
+    build(ok, generate=answer)
+    pq.write_table(pq.read_table(copy).replace_schema_metadata(None).slice(1), copy)  # now not the JSON's pairs
+    with pytest.raises(UserError, match=r"would replace .*t\.parquet, which this project did not write"):
+        build(ok, generate=answer)

@@ -254,14 +254,18 @@ def write_parquet_atomic(rows: list[dict], path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _written_here(path: Path) -> bool:
+def _replaceable_copy(copy: Path, named: Path) -> bool:
+    """Whether `copy` is this command's .parquet copy of `named`: marked so in its metadata, or
+    (written before the marker) holding exactly the pairs of `named`, so replacing it loses nothing."""
     import pyarrow.parquet as pq
 
     try:
-        metadata = pq.read_schema(path).metadata or {}
-    except Exception:  # noqa: BLE001 (not parquet at all, or unreadable: not ours either way)
+        if all((pq.read_schema(copy).metadata or {}).get(k) == v for k, v in PARQUET_MARKER.items()):
+            return True
+        return named.is_file() and pq.read_table(copy, columns=list(PAIR_FIELDS)).to_pylist() == json.loads(
+            named.read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 (not parquet, other columns, unreadable JSON: not a copy either way)
         return False
-    return all(metadata.get(k) == v for k, v in PARQUET_MARKER.items())
 
 
 def check_outputs(cfg, inputs: dict[Path, str]) -> None:
@@ -277,7 +281,7 @@ def check_outputs(cfg, inputs: dict[Path, str]) -> None:
         if copy.resolve() in inputs:
             raise UserError(f"the .parquet copy of {flag} would be {copy}, which is {inputs[copy.resolve()]}: "
                             f"choose another {flag}")
-        if (copy.exists() or copy.is_symlink()) and not (copy.is_file() and _written_here(copy)):
+        if (copy.exists() or copy.is_symlink()) and not (copy.is_file() and _replaceable_copy(copy, named)):
             raise UserError(f"the .parquet copy of {flag} would replace {copy}, which this project did not write: "
                             f"move it away, choose another {flag}, or --write_parquet False")
 
