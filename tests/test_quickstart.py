@@ -89,11 +89,42 @@ def test_rerun_skips_and_from_redoes(pipeline):
 
 
 def test_failing_stage_is_named_with_its_command(tmp_path):
-    res = run_quickstart(tmp_path, "--model_config_file", str(tmp_path / "missing.json"), timeout=600)
+    users = tmp_path / "model_save" / "pretrain" / "best"  # not the project's: train.py will not replace it
+    users.mkdir(parents=True)
+    (users / "notes.txt").write_text("mine", encoding="utf-8")
+    res = run_quickstart(tmp_path, timeout=600)
     assert res.returncode == 2
     err = " ".join(res.stderr.split())
     assert "stage 'pretrain' failed" in err
+    assert "holds files this project did not write (notes.txt)" in " ".join(res.stdout.split())  # the log's tail
     assert "rerun it with: cd " in err and "train.py train" in err
+    assert (users / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_the_model_config_is_read_from_the_users_directory_and_checked_first(tmp_path):
+    """A relative --model_config_file was looked up from the project root (where the stages
+    run), and a missing or bad one failed only at the pretrain stage, after the corpus and the
+    tokenizer had been built."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "bad.json").write_text('{"d_model": 3}', encoding="utf-8")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for config, why in [("missing.json", f"model config file not found: {here / 'missing.json'}"),
+                        ("bad.json", f"{here / 'bad.json'}: d_model (3) must equal num_heads * d_kv")]:
+        res = subprocess.run([sys.executable, str(ROOT / "quickstart.py"), "--small", "True", "--workdir", "w",
+                              "--model_config_file", config], cwd=here, capture_output=True, text=True,
+                             timeout=120, env=env)
+        assert res.returncode == 2 and res.stderr.startswith(f"error: {why}"), res.stderr
+        assert not (here / "w" / "data").exists()  # no stage ran
+    from utils.pipeline import QuickstartConfig, build_stages
+
+    os.chdir(here)
+    try:
+        (pretrain,) = [st for st in build_stages(QuickstartConfig(workdir="w", model_config_file="bad.json"))
+                       if st.name == "pretrain"]
+    finally:
+        os.chdir(ROOT)
+    assert pretrain.argv[pretrain.argv.index("--model_config_file") + 1] == str(here / "bad.json")
 
 
 def test_unknown_stage_is_rejected(tmp_path):

@@ -91,6 +91,7 @@ def _sizes(small: bool) -> dict:
 
 def build_stages(cfg: QuickstartConfig) -> list[Stage]:
     w = Path(cfg.workdir).resolve()
+    model_config = Path(cfg.model_config_file).resolve()  # the stages run from the project root
     data, saves = w / "data" / "demo", w / "model_save"
     tok, pre, sft, dpo, final = (saves / "tokenizer", saves / "pretrain", saves / "sft", saves / "dpo",
                                  saves / "final")
@@ -121,7 +122,7 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
                      "--token_type", "char", "--library", "hf", "--output_dir", tok),
               [tok / "tokenizer.json"]),
         Stage("pretrain", "pretrain text-to-text (train.py)",
-              script("train.py", "train", "--model_config_file", cfg.model_config_file, "--tokenizer_dir", tok,
+              script("train.py", "train", "--model_config_file", model_config, "--tokenizer_dir", tok,
                      "--train_file", data / "pretrain_train.parquet",
                      "--validation_file", data / "pretrain_valid.parquet",
                      "--test_file", data / "pretrain_test.parquet", "--output_dir", pre,
@@ -137,7 +138,7 @@ def build_stages(cfg: QuickstartConfig) -> list[Stage]:
         Stage("bleu_pretrain", "BLEU-4 of the pretrained model (train.py test)",
               script("train.py", "test", "--test_model_dir", pre / "best", "--tokenizer_dir", tok,
                      "--test_file", data / "pretrain_test.parquet", "--output_dir", pre,
-                     "--model_config_file", cfg.model_config_file, "--max_seq_len", s["seq"],
+                     "--model_config_file", model_config, "--max_seq_len", s["seq"],
                      "--batch_size_per_gpu", 32, "--eval_max_samples", s["eval_rows"],
                      "--mixed_precision", "no"),
               [pre / "test_results.json"]),
@@ -219,12 +220,13 @@ def _save_state(cfg: QuickstartConfig, state: dict) -> None:
 def run_pipeline(cfg: QuickstartConfig) -> Path:
     from rich.console import Console
 
-    from utils.report_card import write_report
-
+    from model.chat_model import load_model_config
     from model.checkpoint import lock_output_dir
     from model.common import require_writable
+    from utils.report_card import write_report
 
     require_writable(cfg.workdir, "--workdir", is_dir=True)  # before any stage: one line, not a traceback
+    load_model_config(Path(cfg.model_config_file).resolve())  # a bad one must not wait for the pretrain stage
     lock_output_dir(Path(cfg.workdir), "--workdir")  # a second quickstart here would rebuild the corpus under the first
     console = Console()
     stages = build_stages(cfg)
