@@ -385,3 +385,40 @@ def test_dpo_eval_names_a_missing_model_first(tmp_path, capsys):
                           ["eval", "--model", str(tmp_path / "nonexistent"), "--dpo_eval_file", str(tmp_path / "e.json"),
                            "--sft_model_file", str(tmp_path / "sft"), "--tokenizer_dir", str(tmp_path / "tok")])
     assert line.startswith(f"error: policy model not found: {tmp_path / 'nonexistent'} (--model: a model directory")
+
+
+@pytest.mark.parametrize("command, name, message", [
+    ("clean", "out.json", "clean writes parquet: --output must end in .parquet, got "),
+    ("dedup", "out.jsonl", "dedup writes parquet: --output must end in .parquet, got "),
+    ("denoise", "out", "denoise writes parquet: --output must end in .parquet, got "),
+    ("stats", "lengths.jpg", "stats writes a PNG image: --output must end in .png, got "),
+    ("to_text", "corpus.parquet", "to_text writes plain text: --output must not end in .parquet, got "),
+])
+def test_an_output_named_for_another_format_is_refused(tmp_path, capsys, command, name, message):
+    """`clean --output x.json` wrote parquet bytes into x.json (which the next stage then read as
+    JSON and called damaged); stats wrote a PNG into lengths.jpg."""
+    from utils.raw_data_process import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"prompt": "今天天气怎么样", "response": "晴天，适合出门散步。"}, ensure_ascii=False) + "\n",
+                   encoding="utf-8")
+    line = one_line_error(capsys, main, [command, "--input", str(src), "--output", str(tmp_path / name)])
+    assert line == f"error: {message}{tmp_path / name}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_the_triple_data_process_writes_only_parquet(tmp_path, capsys, monkeypatch):
+    """--output_file naming the input JSON replaced it with parquet bytes under its .json name."""
+    import importlib.util
+
+    script = ROOT / "finetune_examples" / "info_extract" / "data_process.py"
+    spec = importlib.util.spec_from_file_location("duie_data_process", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sample = script.parent / "sample_duie.json"
+    src = tmp_path / "duie.json"
+    src.write_bytes(sample.read_bytes())
+    monkeypatch.setattr(sys, "argv", [str(script), "--input_file", str(src), "--output_file", str(src)])
+    line = one_line_error(capsys, lambda argv: module.main(), None)
+    assert line == f"error: --output_file must end in .parquet (the rows are written as parquet), got {src}"
+    assert src.read_bytes() == sample.read_bytes()

@@ -17,7 +17,9 @@ write the project's parquet format (string columns prompt, response) atomically.
 of BELLE input also drops the translation and table tasks the original's SFT data leaves
 out (--keep_translation True / --keep_tables True keep them).
 Every command prints rows in, rows out and rows dropped by reason; malformed input rows
-are reported with file and line; an input with no valid row is an error (exit 2).
+are reported with file and line; an input with no valid row is an error (exit 2). An
+--output is named for what it holds (.parquet for clean, dedup and denoise, .png for stats,
+anything but .parquet for to_text's text).
 `denoise` turns pretraining pairs into denoising pairs (the option `demo --pretrain_objective`
 offers for the embedded corpus): each row's text (prompt + response) is cut at sentence ends
 into chunks of at most --max_response_len characters, and each chunk becomes (the chunk with 15%
@@ -59,8 +61,20 @@ def _need(value: str, flag: str, command: str) -> Path:
     return Path(value)
 
 
+# what each command writes to --output: its name must say so, or the next reader is misled
+# (parquet bytes in a .json file read as damaged JSON)
+OUTPUT_SUFFIX = {"clean": (".parquet", "parquet"), "dedup": (".parquet", "parquet"),
+                 "denoise": (".parquet", "parquet"), "stats": (".png", "a PNG image")}
+
+
 def _output(cfg: DataProcessConfig, command: str) -> Path:
-    return require_writable(_need(cfg.output, "output", command), "--output")
+    out = _need(cfg.output, "output", command)
+    suffix, kind = OUTPUT_SUFFIX.get(command, ("", "plain text"))
+    if suffix and out.suffix.lower() != suffix:
+        raise UserError(f"{command} writes {kind}: --output must end in {suffix}, got {out}")
+    if not suffix and out.suffix.lower() == ".parquet":
+        raise UserError(f"{command} writes {kind}: --output must not end in .parquet, got {out}")
+    return require_writable(out, "--output")
 
 
 def _inputs(cfg: DataProcessConfig, command: str) -> tuple[Iterator[tuple[str, str]], BadRows, Path]:

@@ -76,6 +76,8 @@ def main() -> None:
     _, cfg = parse_config(DuIEProcessConfig, description=__doc__)
     if not cfg.output_file:
         raise UserError("--output_file is required (a .parquet path)")
+    if Path(cfg.output_file).suffix.lower() != ".parquet":  # named .json it could even be the input
+        raise UserError(f"--output_file must end in .parquet (the rows are written as parquet), got {cfg.output_file}")
     require_writable(cfg.output_file, "--output_file")
     rows = convert_file(cfg.input_file, cfg.max_rows)
     write_pairs(cfg.output_file, ((r["prompt"], r["response"]) for r in rows))
