@@ -150,3 +150,18 @@ def test_repetition_penalty_breaks_the_loops_of_greedy_search(chatty_model_dir, 
     assert evaluate_file(cfg)["repetition_penalty"] == 1.3
     with pytest.raises(UserError, match=r"--repetition_penalty must be >= 1 \(1 = plain greedy\), got 0.5"):
         evaluate_file(EvalTasksConfig(**{**cfg.__dict__, "repetition_penalty": 0.5}))
+
+
+def test_an_output_that_names_the_test_file_or_the_other_output_is_refused(tmp_path):
+    """--output_json naming the test file replaced the test rows with the metrics; the metrics
+    and the predictions named alike overwrote each other."""
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"prompt": "问", "response": "积极"}], ensure_ascii=False), encoding="utf-8")
+    before = test.read_bytes()
+    for over, message in [({"output_json": str(test)}, "--output_json and --test_file name the same file"),
+                          ({"predictions_file": str(test)}, "--predictions_file and --test_file name the same file"),
+                          ({"output_json": str(tmp_path / "m.json"), "predictions_file": str(tmp_path / "m.json")},
+                           "--predictions_file and --output_json name the same file")]:
+        with pytest.raises(UserError, match=f"^{message}"):
+            evaluate_file(EvalTasksConfig(model_dir="unused", test_file=str(test), task="sentiment", **over))
+    assert test.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["test.json"]
