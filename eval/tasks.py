@@ -122,7 +122,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, 
 
 def evaluate_file(cfg: EvalTasksConfig) -> dict:
     from model.pairs import read_rows
-    from model.common import atomic_write_text, require_writable
+    from model.common import atomic_write_text, require_distinct, require_writable
 
     from .common import load_model_and_tokenizer
 
@@ -137,12 +137,7 @@ def evaluate_file(cfg: EvalTasksConfig) -> dict:
     out_json = Path(cfg.output_json or PROJECT_ROOT / "model_save" / "eval" /
                     f"{cfg.task}_{Path(cfg.test_file).stem}.json")
     pred_file = Path(cfg.predictions_file or out_json.with_name(out_json.stem + "_predictions.jsonl"))
-    named: dict[Path, str] = {}
-    for flag, path in (("--test_file", Path(cfg.test_file)), ("--output_json", out_json),
-                       ("--predictions_file", pred_file)):
-        other = named.setdefault(path.resolve(), flag)
-        if other != flag:  # an output would replace the test rows, or the other output
-            raise UserError(f"{flag} and {other} name the same file ({path}): give each its own")
+    require_distinct([("--output_json", out_json), ("--predictions_file", pred_file)], [("--test_file", cfg.test_file)])
     require_writable(out_json, "--output_json")  # before the generation, not after it
     require_writable(pred_file, "--predictions_file")
     rows = read_rows(cfg.test_file, ("prompt", "response"), "test file")

@@ -19,11 +19,12 @@ import re
 import tempfile
 from dataclasses import fields
 from pathlib import Path
+from typing import Iterable
 
 from settings import UserError
 
-__all__ = ["UserError", "require_file", "require_writable", "is_given", "temp_path", "temp_pattern",
-           "atomic_write_text", "AtomicTextWriter"]
+__all__ = ["UserError", "require_file", "require_writable", "require_distinct", "is_given", "temp_path",
+           "temp_pattern", "atomic_write_text", "AtomicTextWriter"]
 
 
 def require_writable(path: str | Path, what: str, is_dir: bool = False) -> Path:
@@ -46,6 +47,19 @@ def require_writable(path: str | Path, what: str, is_dir: bool = False) -> Path:
         raise UserError(f"{what} {path} cannot be written: cannot create files in {existing} "
                         f"({exc.strerror or exc}); choose a directory you can write to") from None
     return given
+
+
+def require_distinct(outputs: Iterable[tuple[str, str | Path]], inputs: Iterable[tuple[str, str | Path]] = ()) -> None:
+    """(flag, path) pairs of a command's outputs and inputs: no output may be an input or
+    another output (written over, it would be lost); inputs may coincide. A one-line UserError
+    naming both flags. Empty paths (not given) are skipped."""
+    seen = {Path(p).resolve(): flag for flag, p in inputs if str(p)}
+    for flag, path in outputs:
+        if not str(path):
+            continue
+        other = seen.setdefault(Path(path).resolve(), flag)
+        if other != flag:
+            raise UserError(f"{flag} and {other} name the same file ({path}): give each its own")
 
 
 def require_file(path: str | Path, what: str) -> Path:

@@ -301,14 +301,16 @@ def test_outputs_never_replace_an_input_or_a_parquet_file_they_did_not_write(tmp
     before = instr.read_bytes()
     answer = lambda model, tok, prompts, *a, **k: ["答" for _ in prompts]  # noqa: E731
     cfg = replace(_cfg(tmp_path, instr, chatty_model_dir), train_file=str(tmp_path / "d.json"))
-    with pytest.raises(UserError, match=r"^the \.parquet copy of --train_file would be .*d\.parquet, which is "
-                                        r"--instruction_file: choose another --train_file$"):
+    with pytest.raises(UserError, match=r"^the \.parquet copy of --train_file and --instruction_file name the same "
+                                        r"file \(.*d\.parquet\): give each its own$"):
         build(cfg, generate=answer)
     prefs = tmp_path / "prefs.json"
     prefs.write_text(json.dumps([{"prompt": "p", "chosen": "c", "rejected": "r"}]), encoding="utf-8")
-    with pytest.raises(UserError, match=r"^--train_file .*prefs\.json is one of --preference_files: choose another "
-                                        r"--train_file$"):
+    with pytest.raises(UserError, match=r"^--train_file and --preference_files name the same file "
+                                        r"\(.*prefs\.json\): give each its own$"):
         build(replace(cfg, train_file=str(prefs), preference_files=str(prefs)), generate=answer)
+    with pytest.raises(UserError, match=r"^--eval_file and --train_file name the same file"):
+        build(replace(cfg, train_file=str(tmp_path / "t.json"), eval_file=str(tmp_path / "t.json")), generate=answer)
     users = tmp_path / "mine.parquet"
     users.write_bytes(b"a user's own file")
     with pytest.raises(UserError, match=r"^the \.parquet copy of --eval_file would replace .*mine\.parquet, which "

@@ -147,3 +147,15 @@ def test_evaluate_checks_its_output_first(tmp_path, monkeypatch):
                                       "--output_json", str(tmp_path / "afile" / "m.json")])
     with pytest.raises(UserError, match=r"^--output_json .*m\.json cannot be written: .*afile is a file"):
         ev.main()
+
+
+def test_evaluate_never_writes_over_its_inputs(tmp_path, monkeypatch):
+    """--output_json naming the reference file replaced the references with the metrics."""
+    ev = _load("evaluate")
+    gold = tmp_path / "gold.jsonl"
+    gold.write_text('{"response": "[(a,b,c)]"}\n', encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--pred_file", str(gold), "--gold_file", str(gold),
+                                      "--output_json", str(gold)])
+    with pytest.raises(UserError, match=r"^--output_json and --gold_file name the same file"):
+        ev.main()
+    assert gold.read_text(encoding="utf-8") == '{"response": "[(a,b,c)]"}\n'

@@ -47,6 +47,7 @@ if not __package__ and Path(sys.path[0]).resolve() == Path(__file__).resolve().p
     # not utils/, goes first on the path (the project's packages were not found: a traceback).
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from model.common import require_distinct
 from model.pairs import PAIR_FIELDS, Report, preference_problem, read_instruction_file, read_preference_file
 from utils.cli import UserError, parse_config, require_writable, run_cli
 
@@ -268,20 +269,16 @@ def _replaceable_copy(copy: Path, named: Path) -> bool:
         return False
 
 
-def check_outputs(cfg, inputs: dict[Path, str]) -> None:
-    """Before anything is read: no output is an input, and the .parquet copies (named by the
-    JSON outputs, not by the user) replace only files this command wrote."""
-    for flag in ("--train_file", "--eval_file"):
-        named = Path(getattr(cfg, flag[2:]))
-        if named.resolve() in inputs:
-            raise UserError(f"{flag} {named} is {inputs[named.resolve()]}: choose another {flag}")
-        if not cfg.write_parquet:
-            continue
-        copy = named.with_suffix(".parquet")
-        if copy.resolve() in inputs:
-            raise UserError(f"the .parquet copy of {flag} would be {copy}, which is {inputs[copy.resolve()]}: "
-                            f"choose another {flag}")
-        if (copy.exists() or copy.is_symlink()) and not (copy.is_file() and _replaceable_copy(copy, named)):
+def check_outputs(cfg, extra: list[str]) -> None:
+    """Before anything is read: no output is an input (or the other output), and the .parquet
+    copies (named by the JSON outputs, not by the user) replace only files this command wrote."""
+    outputs = [("--train_file", Path(cfg.train_file)), ("--eval_file", Path(cfg.eval_file))]
+    copies = [(f"the .parquet copy of {flag}", path.with_suffix(".parquet")) for flag, path in outputs]
+    require_distinct(outputs + (copies if cfg.write_parquet else []),
+                     [("--instruction_file", cfg.instruction_file), *[("--preference_files", p) for p in extra]])
+    for (flag, named), (_, copy) in zip(outputs, copies):
+        if cfg.write_parquet and (copy.exists() or copy.is_symlink()) and not (
+                copy.is_file() and _replaceable_copy(copy, named)):
             raise UserError(f"the .parquet copy of {flag} would replace {copy}, which this project did not write: "
                             f"move it away, choose another {flag}, or --write_parquet False")
 
@@ -294,20 +291,15 @@ def build(cfg, generate: Callable[..., list[str]] = generate_answers) -> Report:
     train_path, eval_path = Path(cfg.train_file), Path(cfg.eval_file)
     if train_path.suffix.lower() != ".json" or eval_path.suffix.lower() != ".json":
         raise UserError("--train_file and --eval_file must end in .json (a .parquet copy is written beside them)")
-    if train_path.resolve() == eval_path.resolve():
-        raise UserError("--train_file and --eval_file must differ")
+    extra = [p.strip() for p in cfg.preference_files.split(",") if p.strip()]
+    if not cfg.instruction_file and not extra:
+        raise UserError("nothing to read: give --instruction_file and/or --preference_files")
+    check_outputs(cfg, extra)
     for flag, path in (("--train_file", train_path), ("--eval_file", eval_path)):
         require_writable(path, flag)
     from model.checkpoint import lock_output_dir
 
     lock_output_dir(train_path, "--train_file")  # two runs on one output would append to one partial file
-    extra = [p.strip() for p in cfg.preference_files.split(",") if p.strip()]
-    if not cfg.instruction_file and not extra:
-        raise UserError("nothing to read: give --instruction_file and/or --preference_files")
-    inputs = {Path(p).resolve(): "one of --preference_files" for p in extra}
-    if cfg.instruction_file:
-        inputs[Path(cfg.instruction_file).resolve()] = "--instruction_file"
-    check_outputs(cfg, inputs)
     # read (and validate) every input before the slow generation starts
     instruction_rows = read_instruction_file(cfg.instruction_file, report, cfg.max_rows) if cfg.instruction_file else []
     extra_rows = [row for p in extra

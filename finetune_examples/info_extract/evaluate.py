@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from model.pairs import read_rows  # noqa: E402
 from utils.cli import UserError, parse_config, require_writable, run_cli  # noqa: E402
 from utils.metrics import tuple_prf  # noqa: E402
-from model.common import atomic_write_text  # noqa: E402
+from model.common import atomic_write_text, require_distinct  # noqa: E402
 
 
 @dataclass
@@ -47,6 +47,7 @@ def main() -> None:
     if not cfg.pred_file or not cfg.gold_file:
         raise UserError("--pred_file and --gold_file are required")
     out = Path(cfg.output_json) if cfg.output_json else Path(cfg.pred_file).with_suffix(".metrics.json")
+    require_distinct([("--output_json", out)], [("--pred_file", cfg.pred_file), ("--gold_file", cfg.gold_file)])
     require_writable(out, "--output_json")
     metrics = evaluate(cfg.pred_file, cfg.gold_file, cfg.arity)
     atomic_write_text(out, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
