@@ -367,20 +367,28 @@ def lock_output_dir(out_dir: str | Path, flag: str = "--output_dir") -> None:
     _held_locks[out] = fd
 
 
+def check_run_dir(out_dir: str | Path, writes: str = "its best/, checkpoints/ and logs") -> None:
+    """--output_dir must not be a model, tokenizer or adapter directory: what a run writes there
+    would mix into the model, which no later save could then replace (not its own files)."""
+    from .chat_model import output_kind
+
+    held = output_kind(Path(out_dir)) if Path(out_dir).is_dir() else None
+    if held:
+        raise UserError(f"--output_dir {out_dir} is a {held} directory: a run writes {writes} into --output_dir; "
+                        "choose another directory")
+
+
 def begin_run(out_dir: str | Path, ckpt_root: str | Path, resume_spec: str | Path, overwrite: bool,
               continue_flag: str, own_outputs: tuple[str, ...] = ()) -> Path | None:
     """Before any stage trains: the checkpoint to continue from (resolve_resume), or, for a fresh
     run, the check that it does not mix with an earlier run's files (start_fresh, on one rank).
     Rank 0 holds the output directory's run lock (lock_output_dir) from here on."""
-    from .chat_model import check_replaceable, output_kind
+    from .chat_model import check_replaceable
 
     if resume_spec and overwrite:
         raise UserError(f"{continue_flag.split()[0]} continues a run, --overwrite_output_dir True starts over: "
                         "choose one")
-    held = output_kind(Path(out_dir)) if Path(out_dir).is_dir() else None
-    if held:  # its checkpoints and logs would mix into the model, which could then never be replaced
-        raise UserError(f"--output_dir {out_dir} is a {held} directory: a run writes its best/, checkpoints/ "
-                        "and logs into --output_dir; choose another directory")
+    check_run_dir(out_dir)
     check_replaceable(Path(out_dir) / "best")  # now, not after training
     if os.environ.get("RANK", "0") == "0":
         lock_output_dir(out_dir)

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from model.common import UserError
+from model.common import UserError, require_distinct
 
 from .chat_model import check_replaceable, check_vocab, load_model, load_tokenizer, save_model
+from .checkpoint import check_run_dir
 from .dpo_trainer import (METRIC_NAMES, PreferenceCollator, Seq2SeqDPOTrainer, disable_dropout, encode_pairs,
                           preference_metrics, score_pairs)
 from .harness import StopOnSignal, resolve_precision, training_device
@@ -260,6 +261,10 @@ def evaluate(cfg) -> dict:
                         f"directory; default <output_dir>/best)")
     if not cfg.dpo_eval_file:
         raise UserError("--dpo_eval_file is required for eval")
+    out = Path(cfg.eval_output_file) if cfg.eval_output_file else Path(cfg.output_dir) / "preference_eval.json"
+    if not cfg.eval_output_file:
+        check_run_dir(cfg.output_dir, "preference_eval.json")
+    require_distinct([("--eval_output_file", out)], [("--dpo_eval_file", cfg.dpo_eval_file)])
     rows = load_preference_pairs(cfg.dpo_eval_file, cfg.max_eval_pairs, what="DPO eval file")
     _require_sft(cfg)
     device = training_device()  # fp32: the models are not cast
@@ -277,7 +282,6 @@ def evaluate(cfg) -> dict:
     scores = score_pairs(policy, tokenizer, rows, cfg.max_seq_len, cfg.eval_batch_size, reference, device)
     metrics = {"policy": str(policy_path), "reference": str(cfg.sft_model_file), "eval_file": str(cfg.dpo_eval_file),
                **preference_metrics(scores, cfg.beta)}
-    out = Path(cfg.eval_output_file) if cfg.eval_output_file else Path(cfg.output_dir) / "preference_eval.json"
     _write_json(metrics, out)
     print_metrics(metrics)
     print(f"wrote {out}")

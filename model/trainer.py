@@ -538,6 +538,7 @@ class ChatTrainer:
         model_dir = Path(cfg.test_model_dir) if cfg.test_model_dir else self.out / "best"
         if not model_dir.exists():
             raise UserError(f"model to test not found: {model_dir} (set --test_model_dir)")
+        ckpt_io.check_run_dir(self.out, "test_results.json")
         check_parquet(cfg.test_file, "test data (--test_file)")
         model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_dir_for(model_dir, cfg))
         self.accelerator = acc = self._accelerator()

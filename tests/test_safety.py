@@ -417,6 +417,30 @@ def test_a_run_never_writes_into_a_model_directory(tiny_model_dir, pairs_dir, tm
     assert sorted(p.name for p in model_dir.iterdir()) == before
 
 
+def test_test_and_eval_commands_never_write_into_a_model_or_over_their_input(run4, tiny_model_dir, tmp_path):
+    """`train.py test --output_dir <a model>` put test_results.json into the model directory;
+    `dpo_train.py eval --eval_output_file` naming the eval pairs replaced them with the report."""
+    from config import DpoConfig
+    from model import dpo
+    from model.trainer import ChatTrainer
+
+    model_dir = tmp_path / "best"
+    shutil.copytree(tiny_model_dir, model_dir)
+    before = sorted(p.name for p in model_dir.iterdir())
+    with pytest.raises(UserError, match=r"is a model directory: a run writes test_results\.json into --output_dir"):
+        ChatTrainer(replace(run4, output_dir=str(model_dir), test_model_dir=str(Path(run4.output_dir) / "best"))).test()
+    pairs = tmp_path / "pairs.json"
+    pairs.write_text(json.dumps([{"prompt": "今天天气", "chosen": "晴朗", "rejected": "下雨"}], ensure_ascii=False))
+    cfg = replace(DpoConfig(), sft_model_file=str(tiny_model_dir), tokenizer_dir=str(tiny_model_dir),
+                  model=str(tiny_model_dir), dpo_eval_file=str(pairs), output_dir=str(model_dir))
+    with pytest.raises(UserError, match=r"is a model directory: a run writes preference_eval\.json"):
+        dpo.evaluate(cfg)
+    with pytest.raises(UserError, match=r"^--eval_output_file and --dpo_eval_file name the same file"):
+        dpo.evaluate(replace(cfg, eval_output_file=str(pairs)))
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+    assert json.loads(pairs.read_text()) == [{"prompt": "今天天气", "chosen": "晴朗", "rejected": "下雨"}]
+
+
 def test_eval_row_is_not_logged_twice_after_a_kill_between_eval_and_checkpoint(pairs_dir, tokenizer_dir,  # noqa: F811
                                                                                tmp_path):
     """8 steps = one epoch; the checkpoint at step 8 (save_steps) is written before the epoch's
