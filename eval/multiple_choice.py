@@ -315,6 +315,7 @@ def run(bench: Benchmark, cfg: MultipleChoiceConfig, scorer=None) -> list[Catego
 
     `scorer` defaults to a ModelScorer over cfg.model_dir.
     """
+    from model.checkpoint import check_run_dir
     from model.common import atomic_write_text, require_writable
 
     from .common import load_model_and_tokenizer
@@ -325,6 +326,7 @@ def run(bench: Benchmark, cfg: MultipleChoiceConfig, scorer=None) -> list[Catego
     if cfg.batch_size < 1 or cfg.max_seq_len < 2:
         raise UserError("--batch_size must be >= 1 and --max_seq_len >= 2")
     require_writable(cfg.output_dir, "--output_dir", is_dir=True)
+    check_run_dir(cfg.output_dir, "its result tables")
     data_dir = resolve_data_dir(bench, cfg.data_dir)
     subjects = [s.strip() for s in cfg.subjects.split(",") if s.strip()]
     by_subject = load_questions(bench, data_dir, split, subjects)

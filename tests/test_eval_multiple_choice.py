@@ -141,3 +141,15 @@ def test_c_eval_script_main_from_another_directory(tiny_model_dir, tmp_path, mon
     with pytest.raises(SystemExit) as exc:
         run_cli(script.main)
     assert exc.value.code == 2 and "C-Eval data directory not found" in capsys.readouterr().err
+
+
+def test_results_never_go_into_a_model_directory(tiny_model_dir, tmp_path):
+    """--output_dir model_save/sft/best put the two result CSVs into the model directory."""
+    import shutil
+
+    model_dir = tmp_path / "best"
+    shutil.copytree(tiny_model_dir, model_dir)
+    before = sorted(p.name for p in model_dir.iterdir())
+    with pytest.raises(UserError, match=r"is a model directory: a run writes its result tables into --output_dir"):
+        run(CEVAL, MultipleChoiceConfig(data_dir=str(FIXTURES / "ceval"), output_dir=str(model_dir)), scorer=always("A"))
+    assert sorted(p.name for p in model_dir.iterdir()) == before
