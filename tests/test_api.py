@@ -391,7 +391,7 @@ def test_their_defaults_are_accepted(client, extra):
     assert completion(client, max_tokens=2, **extra).status_code == 200
 
 
-def test_serve_names_a_taken_port_or_a_bad_host_before_loading_the_model(tmp_path):
+def test_serve_names_a_taken_port_or_a_bad_host_before_loading_the_model(tmp_path, capsys):
     """uvicorn found these only after the model had loaded, and exited 3 after "serving ... at";
     the model directory here does not exist: the address is checked first."""
     import socket
@@ -408,3 +408,5 @@ def test_serve_names_a_taken_port_or_a_bad_host_before_loading_the_model(tmp_pat
             serve(InferConfig(model_dir=no_model, port=port))
     with pytest.raises(UserError, match=r"^--host '999\.1\.1\.1' does not resolve"):
         serve(InferConfig(model_dir=no_model, host="999.1.1.1"))
+    # and no warning about serving without a key on a host it cannot serve on
+    assert "warning" not in capsys.readouterr().err

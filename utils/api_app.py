@@ -602,10 +602,10 @@ def serve(config: InferConfig) -> None:
     import uvicorn
 
     resolve_api_key(config)
+    check_bindable(config.host, config.port)  # first: no warning about a host it cannot serve on
     if not config.api_key and not _is_loopback(config.host):
         print(f"warning: serving on {config.host} without an API key: anyone who can reach this port can use "
               f"the model (set {API_KEY_ENV} or --api_key_file)", file=sys.stderr, flush=True)
-    check_bindable(config.host, config.port)
     from model.infer import find_model
 
     config.model_dir = str(find_model(config))  # printed below: the model being served
