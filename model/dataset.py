@@ -16,17 +16,33 @@ from config import STREAMING
 from model.common import UserError
 from model.pairs import check_parquet, parquet_pair_batches
 
-def encode_texts(tokenizer, texts: Sequence[str], max_seq_len: int) -> list[list[int]]:
-    """Token ids of each text, truncated so that with the appended [EOS] it fits max_seq_len."""
+def _encode(tokenizer, texts: Sequence[str], max_seq_len: int) -> tuple[list[list[int]], list[bool]]:
     eos = tokenizer.eos_token_id
     ids = tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
-    return [x[: max_seq_len - 1] + [eos] for x in ids]
+    return [x[: max_seq_len - 1] + [eos] for x in ids], [len(x) >= max_seq_len for x in ids]
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_seq_len: int) -> list[list[int]]:
+    """Token ids of each text, truncated so that with the appended [EOS] it fits max_seq_len."""
+    return _encode(tokenizer, texts, max_seq_len)[0]
 
 
 def encode_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_seq_len: int) -> dict:
-    """{'input_ids': [...], 'labels': [...]}, unpadded, for a batch of pairs."""
-    return {"input_ids": encode_texts(tokenizer, prompts, max_seq_len),
-            "labels": encode_texts(tokenizer, responses, max_seq_len)}
+    """{'input_ids': [...], 'labels': [...], 'prompt_cut': [...], 'response_cut': [...]}, unpadded,
+    for a batch of pairs (the *_cut flags say which texts max_seq_len cut: cut_note)."""
+    input_ids, prompt_cut = _encode(tokenizer, prompts, max_seq_len)
+    labels, response_cut = _encode(tokenizer, responses, max_seq_len)
+    return {"input_ids": input_ids, "labels": labels, "prompt_cut": prompt_cut, "response_cut": response_cut}
+
+
+def cut_note(what: str, rows: int, prompts_cut: int, responses_cut: int, max_seq_len: int) -> str | None:
+    """The line that says how much of a data set --max_seq_len cuts, or None when it cuts nothing:
+    a cut answer teaches the model to stop mid-sentence, and nothing else would say so."""
+    if not prompts_cut and not responses_cut:
+        return None
+    share = lambda n: f"{n:,} ({100 * n / max(rows, 1):.1f}%)"  # noqa: E731
+    return (f"note: --max_seq_len {max_seq_len} cuts {share(prompts_cut)} of the {rows:,} {what} prompts and "
+            f"{share(responses_cut)} of the responses ([EOS] included)")
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,6 +151,7 @@ class TokenizedPairs:
         self.path = check_parquet(path)
         ids = {"input_ids": [], "labels": []}
         self.texts_response: list[str] = []  # the references, kept for evaluation only
+        self.cut = {"prompt_cut": 0, "response_cut": 0}  # texts max_seq_len cut (cut_note)
         n_rows = 0
         for prompts, responses in parquet_pair_batches(self.path, chunk_rows):
             if max_rows is not None:
@@ -145,6 +162,8 @@ class TokenizedPairs:
             enc = encode_batch(tokenizer, prompts, responses, max_seq_len)
             for key in ids:
                 ids[key].extend(np.asarray(x, dtype=np.int32) for x in enc[key])
+            for key in self.cut:
+                self.cut[key] += sum(enc[key])
             self.texts_response.extend(responses if keep_texts else ())
             n_rows += len(responses)
         self.offsets, self.flat = {}, {}
@@ -392,6 +411,9 @@ def open_training_data(path: str | Path, tokenizer, max_seq_len: int, batch_size
     if choose_streaming(streaming, path):
         return StreamingBatches(path, batch_size, seed, buffer_size, rank, world, group_by_length, shuffle)
     data = TokenizedPairs(path, tokenizer, max_seq_len)
+    note = cut_note("training", len(data), data.cut["prompt_cut"], data.cut["response_cut"], max_seq_len)
+    if note and rank == 0:
+        print(note, flush=True)
     if len(data) < world:
         raise UserError(f"{path} has {len(data)} rows, fewer than the {world} processes")
     return InMemoryBatches(data, batch_size, seed, rank, world, group_by_length, shuffle)

@@ -142,3 +142,25 @@ def test_prefetcher_stops_early_and_raises_source_errors(parquet, tok, tmp_path)
     with pytest.raises(UserError, match="rows have a null 'prompt' \\(first: row 2\\)"):
         with Prefetcher(StreamingBatches(tmp_path / "null.parquet", 1, 0, 1).batches(0), collate) as batches:
             list(batches)
+
+
+def test_how_much_max_seq_len_cuts_is_said_by_both_trainers(tok, tmp_path, capsys):
+    """Training data longer than --max_seq_len was cut without a word (a cut answer teaches the
+    model to stop mid-sentence); both trainers now say how many prompts and responses are cut."""
+    from model.dataset import TokenizedPairs, open_training_data
+    from model.hf_seq2seq import load_pair_dataset, tokenize_pairs
+
+    path = tmp_path / "pairs.parquet"
+    pd.DataFrame({"prompt": ["你好", "今天天气很好啊我们去公园散步吧", "好"],
+                  "response": ["好", "好", "是的是的是的是的是的"]}).to_parquet(path)
+    lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in ["今天天气很好啊我们去公园散步吧", "是的是的是的是的是的"]]
+    max_len = min(lengths) - 1  # both long texts are cut, the short ones are not
+    assert TokenizedPairs(path, tok, max_len).cut == {"prompt_cut": 1, "response_cut": 1}
+    open_training_data(path, tok, max_len, batch_size=2, seed=0, streaming="no")
+    expected = (f"note: --max_seq_len {max_len} cuts 1 (33.3%) of the 3 training prompts and 1 (33.3%) of the "
+                "responses ([EOS] included)")
+    assert capsys.readouterr().out.strip() == expected
+    ds = tokenize_pairs(load_pair_dataset(path, "train"), tok, max_len, "training")
+    assert capsys.readouterr().out.strip() == expected and ds.column_names == ["input_ids", "labels"]
+    tokenize_pairs(load_pair_dataset(path, "train"), tok, 512, "training")
+    assert "note" not in capsys.readouterr().out  # nothing cut: nothing said
