@@ -16,7 +16,8 @@ from config import STREAMING
 from model.common import UserError
 from model.pairs import check_parquet, parquet_pair_batches
 
-def _encode(tokenizer, texts: Sequence[str], max_seq_len: int) -> tuple[list[list[int]], list[bool]]:
+def encode_texts_cut(tokenizer, texts: Sequence[str], max_seq_len: int) -> tuple[list[list[int]], list[bool]]:
+    """encode_texts, and whether max_seq_len cut each text (for cut_note)."""
     eos = tokenizer.eos_token_id
     ids = tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
     return [x[: max_seq_len - 1] + [eos] for x in ids], [len(x) >= max_seq_len for x in ids]
@@ -24,25 +25,27 @@ def _encode(tokenizer, texts: Sequence[str], max_seq_len: int) -> tuple[list[lis
 
 def encode_texts(tokenizer, texts: Sequence[str], max_seq_len: int) -> list[list[int]]:
     """Token ids of each text, truncated so that with the appended [EOS] it fits max_seq_len."""
-    return _encode(tokenizer, texts, max_seq_len)[0]
+    return encode_texts_cut(tokenizer, texts, max_seq_len)[0]
 
 
 def encode_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_seq_len: int) -> dict:
     """{'input_ids': [...], 'labels': [...], 'prompt_cut': [...], 'response_cut': [...]}, unpadded,
     for a batch of pairs (the *_cut flags say which texts max_seq_len cut: cut_note)."""
-    input_ids, prompt_cut = _encode(tokenizer, prompts, max_seq_len)
-    labels, response_cut = _encode(tokenizer, responses, max_seq_len)
+    input_ids, prompt_cut = encode_texts_cut(tokenizer, prompts, max_seq_len)
+    labels, response_cut = encode_texts_cut(tokenizer, responses, max_seq_len)
     return {"input_ids": input_ids, "labels": labels, "prompt_cut": prompt_cut, "response_cut": response_cut}
 
 
-def cut_note(what: str, rows: int, prompts_cut: int, responses_cut: int, max_seq_len: int) -> str | None:
-    """The line that says how much of a data set --max_seq_len cuts, or None when it cuts nothing:
-    a cut answer teaches the model to stop mid-sentence, and nothing else would say so."""
+def cut_note(what: str, rows: int, prompts_cut: int, responses_cut: int | None, max_seq_len: int) -> str | None:
+    """The line that says how much of a data set --max_seq_len cuts (responses_cut None: only
+    prompts are encoded), or None when it cuts nothing. A cut answer teaches the model to stop
+    mid-sentence, a cut test prompt may lose what the answer depends on: nothing else says so."""
     if not prompts_cut and not responses_cut:
         return None
     share = lambda n: f"{n:,} ({100 * n / max(rows, 1):.1f}%)"  # noqa: E731
-    return (f"note: --max_seq_len {max_seq_len} cuts {share(prompts_cut)} of the {rows:,} {what} prompts and "
-            f"{share(responses_cut)} of the responses ([EOS] included)")
+    responses = "" if responses_cut is None else f" and {share(responses_cut)} of the responses"
+    return (f"note: --max_seq_len {max_seq_len} cuts {share(prompts_cut)} of the {rows:,} {what} prompts{responses} "
+            "([EOS] included)")
 
 
 # ---------------------------------------------------------------------------------------
