@@ -84,12 +84,15 @@ def pair_logps(model, batch: dict, start_id: int, pad_id: int) -> dict:
 
 
 def encode_pairs(tokenizer, prompts, chosen, rejected, max_seq_len: int) -> dict:
-    """Token ids for `datasets.map`: prompt + [EOS] for the encoder, answers + [EOS] as labels."""
+    """Token ids for `datasets.map`: prompt + [EOS] for the encoder, answers + [EOS] as labels
+    (and which texts max_seq_len cut, as model.dataset.encode_batch)."""
     from model.dataset import encode_batch
 
     enc_c = encode_batch(tokenizer, prompts, chosen, max_seq_len)
     enc_r = encode_batch(tokenizer, prompts, rejected, max_seq_len)
-    return {"input_ids": enc_c["input_ids"], "chosen_labels": enc_c["labels"], "rejected_labels": enc_r["labels"]}
+    return {"input_ids": enc_c["input_ids"], "chosen_labels": enc_c["labels"], "rejected_labels": enc_r["labels"],
+            "prompt_cut": enc_c["prompt_cut"],  # for cut_note: an answer cut is either of the two
+            "response_cut": [c or r for c, r in zip(enc_c["response_cut"], enc_r["response_cut"])]}
 
 
 class PreferenceCollator:

@@ -246,3 +246,17 @@ def test_lora_dpo_is_the_same_run_for_the_same_seed(tiny_model_dir, pair_file, t
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]
     for key in adapters[0]:
         assert torch.equal(adapters[0][key], adapters[1][key]), key
+
+
+def test_dpo_says_how_many_pairs_max_seq_len_cuts(tiny_model_dir, capsys):
+    from model import dpo
+    from model.chat_model import load_tokenizer
+
+    tok = load_tokenizer(tiny_model_dir)
+    rows = [{"prompt": "今天天气怎么样我们出去走走吧", "chosen": "好", "rejected": "不"},
+            {"prompt": "好", "chosen": "今天天气很好适合出门散步", "rejected": "不"},
+            {"prompt": "好", "chosen": "好", "rejected": "今天天气不好不要出门了"}]
+    ds = dpo._dataset(rows, tok, 6)
+    assert capsys.readouterr().out.strip() == ("note: --max_seq_len 6 cuts 1 (33.3%) of the 3 preference prompts and "
+                                               "2 (66.7%) of the responses ([EOS] included)")
+    assert ds.column_names == ["input_ids", "chosen_labels", "rejected_labels"]
