@@ -157,5 +157,7 @@ def ref_cache_timing(args) -> None:
 
 
 if __name__ == "__main__":
+    from utils.cli import run_cli
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main()
+    run_cli(main)  # a UserError (a missing model, say) is one line, not a traceback

@@ -484,4 +484,6 @@ def _print(r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import run_cli
+
+    run_cli(main)  # a UserError (a missing model, say) is one line, not a traceback

@@ -162,6 +162,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from utils.cli import run_cli
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    run_cli(main)  # a UserError (a missing model, say) is one line, not a traceback

@@ -216,4 +216,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from utils.cli import run_cli
+
+    run_cli(main)  # a UserError (a missing model, say) is one line, not a traceback

@@ -188,3 +188,17 @@ def test_bench_reliability_keeps_what_was_in_its_work_dir(tmp_path, monkeypatch)
                                       "--work_dir", str(tmp_path)])
     bench_reliability.main()
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("script, args, error", [
+    ("bench_generate.py", ["--model_dir", "no_model"], "error: model not found: no_model"),
+])
+def test_a_benchmark_given_a_missing_input_says_so_in_one_line(tmp_path, script, args, error):
+    """bench_generate.py --model_dir <missing> ended in a traceback of the project's UserError:
+    the benchmarks' mains now run under run_cli as every script's do."""
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().startswith(error) and len(r.stderr.strip().splitlines()) == 1, r.stderr
