@@ -278,9 +278,14 @@ def test_workers_get_the_key_neither_in_argv_nor_environment(chatty_model_dir, t
     (["--max_connections", "0"], {}, "error: --max_connections must be an integer >= 1, got 0"),
 ])
 def test_server_startup_messages(args, env, expected, tmp_path):
+    import socket
     import sys
 
-    out = subprocess.run([sys.executable, "api_demo.py", "--model_dir", str(tmp_path / "none"), *args],
+    with socket.socket() as s:  # a free port: the address is checked before the warning
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "api_demo.py", "--model_dir", str(tmp_path / "none"), "--port", str(port),
+                          *args],
                          cwd=str(PROJECT_ROOT), capture_output=True, text=True, timeout=120,
                          env={**{k: v for k, v in os.environ.items() if k != "CHATLM_API_KEY"}, **env})
     assert out.returncode == 2 and "Traceback" not in out.stderr
