@@ -334,3 +334,27 @@ def test_outputs_never_replace_an_input_or_a_parquet_file_they_did_not_write(tmp
     pq.write_table(pq.read_table(copy).replace_schema_metadata(None).slice(1), copy)  # now not the JSON's pairs
     with pytest.raises(UserError, match=r"would replace .*t\.parquet, which this project did not write"):
         build(ok, generate=answer)
+
+
+def test_the_partial_file_is_never_a_file_it_did_not_write(tmp_path, chatty_model_dir):
+    """--partial_file naming another file (the instruction JSON, say) was overwritten: a first
+    line that did not parse counted as a torn header, "start over"; --restart True overwrote
+    any file. Now only a log of this command, or an empty one, is reused or restarted."""
+    instr = tmp_path / "alpaca.json"
+    instr.write_text(json.dumps([{"instruction": p, "input": "", "output": f"参考答案{i}"}
+                                 for i, p in enumerate(PROMPTS)], ensure_ascii=False, indent=1), encoding="utf-8")
+    before = instr.read_bytes()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n", encoding="utf-8")
+    answer = lambda model, tok, prompts, *a, **k: ["答" for _ in prompts]  # noqa: E731
+    cfg = _cfg(tmp_path, instr, chatty_model_dir)
+    with pytest.raises(UserError, match=r"^--partial_file and --instruction_file name the same file"):
+        build(replace(cfg, partial_file=str(instr)), generate=answer)
+    for restart in (False, True):
+        with pytest.raises(UserError, match=r"^--partial_file .*notes\.txt is not a generation log of this command"):
+            build(replace(cfg, partial_file=str(notes), restart=restart), generate=answer)
+    assert instr.read_bytes() == before and notes.read_text(encoding="utf-8") == "my notes\n"
+    # its own log, torn in its header by a kill, is started over
+    torn = tmp_path / "torn.jsonl"
+    torn.write_bytes(b'{"finger')
+    assert build(replace(cfg, partial_file=str(torn)), generate=answer).generated == len(PROMPTS)

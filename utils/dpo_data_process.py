@@ -93,9 +93,17 @@ class PartialLog:
     file restarted with `restart`), so answers never get attached to the wrong prompts.
     """
 
+    HEADER = b'{"fingerprint"'
+
     def __init__(self, path: Path, fingerprint: dict, restart: bool = False) -> None:
         self.path = path
         self.answers: list[str] = []
+        if path.exists():
+            with open(path, "rb") as fh:
+                head = fh.read(len(self.HEADER))
+            if not self.HEADER.startswith(head):  # ours start so (or are empty, or torn in it by a kill)
+                raise UserError(f"--partial_file {path} is not a generation log of this command (it does not start "
+                                "with its header): refusing to overwrite it; choose another --partial_file or move it")
         if path.exists() and not restart:
             self._load(fingerprint)
         else:
@@ -274,7 +282,7 @@ def check_outputs(cfg, extra: list[str]) -> None:
     copies (named by the JSON outputs, not by the user) replace only files this command wrote."""
     outputs = [("--train_file", Path(cfg.train_file)), ("--eval_file", Path(cfg.eval_file))]
     copies = [(f"the .parquet copy of {flag}", path.with_suffix(".parquet")) for flag, path in outputs]
-    require_distinct(outputs + (copies if cfg.write_parquet else []),
+    require_distinct(outputs + (copies if cfg.write_parquet else []) + [("--partial_file", partial_path(cfg))],
                      [("--instruction_file", cfg.instruction_file), *[("--preference_files", p) for p in extra]])
     for (flag, named), (_, copy) in zip(outputs, copies):
         if cfg.write_parquet and (copy.exists() or copy.is_symlink()) and not (
