@@ -114,13 +114,11 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], batch_size: int, 
                      max_new_tokens: int | None = None, repetition_penalty: float = 1.0) -> list[str]:
     """Greedy answers, batched by similar prompt length (less padding), in input order, stripped;
     says how many prompts --max_seq_len cuts."""
-    from model.dataset import cut_note, encode_texts_cut
+    from model.dataset import encode_texts_cut, report_cuts
     from model.generation import generate_batch
 
     ids, cut = encode_texts_cut(tokenizer, prompts, max_seq_len)
-    note = cut_note("test", len(prompts), sum(cut), None, max_seq_len)
-    if note:
-        print(note, flush=True)
+    report_cuts("test", len(prompts), sum(cut), None, max_seq_len)
     answers = generate_batch(model, tokenizer, ids, max_new_tokens or max_seq_len, batch_size=batch_size,
                              repetition_penalty=repetition_penalty)
     return [text.strip() for text in answers]

@@ -5,6 +5,7 @@ text; the end-of-sequence token is appended here, to prompt and response alike.
 """
 from __future__ import annotations
 
+import os
 import queue
 import random
 import threading
@@ -17,7 +18,7 @@ from model.common import UserError
 from model.pairs import check_parquet, parquet_pair_batches
 
 def encode_texts_cut(tokenizer, texts: Sequence[str], max_seq_len: int) -> tuple[list[list[int]], list[bool]]:
-    """encode_texts, and whether max_seq_len cut each text (for cut_note)."""
+    """encode_texts, and whether max_seq_len cut each text (for report_cuts)."""
     eos = tokenizer.eos_token_id
     ids = tokenizer(list(texts), add_special_tokens=False, truncation=False)["input_ids"]
     return [x[: max_seq_len - 1] + [eos] for x in ids], [len(x) >= max_seq_len for x in ids]
@@ -30,22 +31,31 @@ def encode_texts(tokenizer, texts: Sequence[str], max_seq_len: int) -> list[list
 
 def encode_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], max_seq_len: int) -> dict:
     """{'input_ids': [...], 'labels': [...], 'prompt_cut': [...], 'response_cut': [...]}, unpadded,
-    for a batch of pairs (the *_cut flags say which texts max_seq_len cut: cut_note)."""
+    for a batch of pairs (the *_cut flags say which texts max_seq_len cut: report_cuts)."""
     input_ids, prompt_cut = encode_texts_cut(tokenizer, prompts, max_seq_len)
     labels, response_cut = encode_texts_cut(tokenizer, responses, max_seq_len)
     return {"input_ids": input_ids, "labels": labels, "prompt_cut": prompt_cut, "response_cut": response_cut}
 
 
-def cut_note(what: str, rows: int, prompts_cut: int, responses_cut: int | None, max_seq_len: int) -> str | None:
-    """The line that says how much of a data set --max_seq_len cuts (responses_cut None: only
-    prompts are encoded), or None when it cuts nothing. A cut answer teaches the model to stop
+def report_cuts(what: str, rows: int, prompts_cut: int, responses_cut: int | None, max_seq_len: int) -> None:
+    """Print (on rank 0) how much of a data set --max_seq_len cuts (responses_cut None: only
+    prompts are encoded); nothing when it cuts nothing. A cut answer teaches the model to stop
     mid-sentence, a cut test prompt may lose what the answer depends on: nothing else says so."""
-    if not prompts_cut and not responses_cut:
-        return None
+    if (not prompts_cut and not responses_cut) or os.environ.get("RANK", "0") != "0":
+        return
     share = lambda n: f"{n:,} ({100 * n / max(rows, 1):.1f}%)"  # noqa: E731
     responses = "" if responses_cut is None else f" and {share(responses_cut)} of the responses"
-    return (f"note: --max_seq_len {max_seq_len} cuts {share(prompts_cut)} of the {rows:,} {what} prompts{responses} "
-            "([EOS] included)")
+    print(f"note: --max_seq_len {max_seq_len} cuts {share(prompts_cut)} of the {rows:,} {what} prompts{responses} "
+          "([EOS] included)", flush=True)
+
+
+def report_dataset_cuts(ds, what: str, max_seq_len: int):
+    """report_cuts for a `datasets` set mapped with encode_batch's *_cut columns; returns it without them."""
+    import pyarrow.compute as pc
+
+    cut = {c: pc.sum(ds.data.column(c)).as_py() or 0 for c in ("prompt_cut", "response_cut")}
+    report_cuts(what, len(ds), cut["prompt_cut"], cut["response_cut"], max_seq_len)
+    return ds.remove_columns(list(cut))
 
 
 # ---------------------------------------------------------------------------------------
@@ -154,7 +164,7 @@ class TokenizedPairs:
         self.path = check_parquet(path)
         ids = {"input_ids": [], "labels": []}
         self.texts_response: list[str] = []  # the references, kept for evaluation only
-        self.cut = {"prompt_cut": 0, "response_cut": 0}  # texts max_seq_len cut (cut_note)
+        self.cut = {"prompt_cut": 0, "response_cut": 0}  # texts max_seq_len cut (report_cuts)
         n_rows = 0
         for prompts, responses in parquet_pair_batches(self.path, chunk_rows):
             if max_rows is not None:
@@ -414,9 +424,7 @@ def open_training_data(path: str | Path, tokenizer, max_seq_len: int, batch_size
     if choose_streaming(streaming, path):
         return StreamingBatches(path, batch_size, seed, buffer_size, rank, world, group_by_length, shuffle)
     data = TokenizedPairs(path, tokenizer, max_seq_len)
-    note = cut_note("training", len(data), data.cut["prompt_cut"], data.cut["response_cut"], max_seq_len)
-    if note and rank == 0:
-        print(note, flush=True)
+    report_cuts("training", len(data), data.cut["prompt_cut"], data.cut["response_cut"], max_seq_len)
     if len(data) < world:
         raise UserError(f"{path} has {len(data)} rows, fewer than the {world} processes")
     return InMemoryBatches(data, batch_size, seed, rank, world, group_by_length, shuffle)

@@ -51,15 +51,12 @@ def _require_sft(cfg) -> None:
 def _dataset(rows: list[dict], tokenizer, max_seq_len: int):
     from datasets import Dataset
 
-    from .dataset import cut_note
+    from .dataset import report_dataset_cuts
 
     ds = Dataset.from_list(rows)
     ds = ds.map(lambda b: encode_pairs(tokenizer, b["prompt"], b["chosen"], b["rejected"], max_seq_len),
                 batched=True, remove_columns=ds.column_names, desc="tokenising pairs")
-    note = cut_note("preference", len(ds), sum(ds["prompt_cut"]), sum(ds["response_cut"]), max_seq_len)
-    if note:
-        print(note, flush=True)
-    return ds.remove_columns(["prompt_cut", "response_cut"])
+    return report_dataset_cuts(ds, "preference", max_seq_len)
 
 
 def lora_config(cfg):

@@ -91,7 +91,7 @@ def encode_pairs(tokenizer, prompts, chosen, rejected, max_seq_len: int) -> dict
     enc_c = encode_batch(tokenizer, prompts, chosen, max_seq_len)
     enc_r = encode_batch(tokenizer, prompts, rejected, max_seq_len)
     return {"input_ids": enc_c["input_ids"], "chosen_labels": enc_c["labels"], "rejected_labels": enc_r["labels"],
-            "prompt_cut": enc_c["prompt_cut"],  # for cut_note: an answer cut is either of the two
+            "prompt_cut": enc_c["prompt_cut"],  # for report_cuts: an answer cut is either of the two
             "response_cut": [c or r for c, r in zip(enc_c["response_cut"], enc_r["response_cut"])]}
 
 

@@ -28,7 +28,6 @@ Ctrl+C or SIGTERM stops after the current optimiser step with a checkpoint saved
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from model.common import UserError, is_given, require_file
 from .chat_model import (build_model, check_vocab, count_parameters, fill_special_token_ids, load_model,
                          load_tokenizer, save_model)
 from .checkpoint import begin_run, checkpoint_name, is_checkpoint_dir, read_state
-from .dataset import cut_note, encode_batch
+from .dataset import encode_batch, report_dataset_cuts
 from .harness import StopOnSignal, resolve_precision, training_device
 from .pairs import REQUIRED_COLUMNS, BadRows, check_no_nulls, check_parquet, iter_pairs, pair_table, require_rows
 from .run_log import EVAL_CSV, PLOT_FILE, TRAIN_CSV, last_value, plot_losses
@@ -228,13 +227,10 @@ def load_pair_dataset(path: str | Path, what: str):
 
 
 def tokenize_pairs(ds, tokenizer, max_seq_len: int, what: str):
-    """The tokenised set; says how many texts --max_seq_len cuts (cut_note)."""
+    """The tokenised set; says how many texts --max_seq_len cuts (report_dataset_cuts)."""
     ds = ds.map(lambda b: encode_batch(tokenizer, b["prompt"], b["response"], max_seq_len),
                 batched=True, remove_columns=ds.column_names, desc=f"tokenising {what}")
-    note = cut_note(what, len(ds), sum(ds["prompt_cut"]), sum(ds["response_cut"]), max_seq_len)
-    if note and os.environ.get("RANK", "0") == "0":
-        print(note, flush=True)
-    return ds.remove_columns(["prompt_cut", "response_cut"])
+    return report_dataset_cuts(ds, what, max_seq_len)
 
 
 # --- Trainer pieces -------------------------------------------------------------------------
